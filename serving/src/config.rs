@@ -1,0 +1,187 @@
+//! Configuration shared by both services: one typed struct read once at startup from flags and
+//! environment variables, and the one-line errors that end the process with status 2.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The exit status for invalid configuration, as for any usage error.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// Settings every service has besides its main listener address.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address of the admin listener: plain HTTP with /livez, /readyz and /metrics.
+    #[arg(long, env = "ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    pub admin_addr: SocketAddr,
+
+    /// PEM file with the certificate chain the main listener serves (leaf first).
+    #[arg(long, env = "TLS_CERT_FILE", value_name = "TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM file with the private key for TLS_CERT_FILE (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "TLS_KEY_FILE", value_name = "TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// PEM file with the CA certificates that client certificates must chain to. When set,
+    /// the main listener requires a client certificate (mutual TLS).
+    #[arg(long, env = "TLS_CLIENT_CA_FILE", value_name = "TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+
+    /// How often the TLS files are checked for changes; a changed set is loaded without a
+    /// restart (0 turns reloading off).
+    #[arg(long, env = "TLS_RELOAD_INTERVAL_SECONDS", default_value_t = 10)]
+    pub tls_reload_interval_seconds: u64,
+
+    /// After SIGTERM, how long the main listener keeps serving while /readyz answers 503, so
+    /// that load balancers stop sending traffic first.
+    #[arg(long, env = "SHUTDOWN_DELAY_SECONDS", default_value_t = 5)]
+    pub shutdown_delay_seconds: u64,
+
+    /// After the delay, how long requests in flight may take to finish before the process exits.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 20)]
+    pub shutdown_timeout_seconds: u64,
+
+    /// Log format on stdout: `json` (one object per line) or `text`. Filter with RUST_LOG.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+}
+
+impl ServeArgs {
+    /// The timing of graceful shutdown.
+    pub fn shutdown_timing(&self) -> crate::shutdown::Timing {
+        crate::shutdown::Timing {
+            delay: Duration::from_secs(self.shutdown_delay_seconds),
+            drain_timeout: Duration::from_secs(self.shutdown_timeout_seconds),
+        }
+    }
+
+    /// The TLS files of the main listener: `None` when neither file is set, an error naming the
+    /// missing variable when only one is.
+    pub fn tls_files(&self) -> Result<Option<crate::tls::ServerFiles>, ConfigError> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (None, None) => {
+                if self.tls_client_ca_file.is_some() {
+                    return Err(ConfigError::new(
+                        "TLS_CLIENT_CA_FILE",
+                        "is set but TLS_CERT_FILE and TLS_KEY_FILE are not; mutual TLS needs TLS",
+                    ));
+                }
+                Ok(None)
+            }
+            (Some(_), None) => Err(ConfigError::new(
+                "TLS_KEY_FILE",
+                "is not set, but TLS_CERT_FILE is; set both or neither",
+            )),
+            (None, Some(_)) => Err(ConfigError::new(
+                "TLS_CERT_FILE",
+                "is not set, but TLS_KEY_FILE is; set both or neither",
+            )),
+            (Some(cert), Some(key)) => Ok(Some(crate::tls::ServerFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca_file.clone(),
+                reload_interval: match self.tls_reload_interval_seconds {
+                    0 => None,
+                    secs => Some(Duration::from_secs(secs)),
+                },
+            })),
+        }
+    }
+}
+
+/// The log formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line, for log collectors.
+    Json,
+    /// Human-readable lines, for a terminal.
+    Text,
+}
+
+/// Invalid configuration: which variable to fix, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}: {problem}")]
+pub struct ConfigError {
+    /// The environment variable (the flag has the same name in kebab case).
+    pub var: &'static str,
+    /// What is wrong, in words an operator can act on.
+    pub problem: String,
+}
+
+impl ConfigError {
+    /// An error about the variable `var`.
+    pub fn new(var: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            var,
+            problem: problem.into(),
+        }
+    }
+
+    /// Prints the error as one line on stderr and returns the configuration exit status.
+    pub fn exit(&self) -> ExitCode {
+        eprintln!("error: {self}");
+        ExitCode::from(EXIT_CONFIG)
+    }
+}
+
+/// Parses the command line and environment. `--help` and `--version` print and exit 0; any
+/// other problem prints one line on stderr (no usage dump) and exits with status 2.
+pub fn parse<T: Parser>() -> T {
+    match T::try_parse() {
+        Ok(parsed) => parsed,
+        Err(err) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                err.exit();
+            }
+            eprintln!("{}", one_line(&err.render().to_string()));
+            std::process::exit(i32::from(EXIT_CONFIG));
+        }
+    }
+}
+
+/// Folds clap's multi-line error into one line, dropping the usage and help hints.
+fn one_line(rendered: &str) -> String {
+    rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more information"))
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_errors_fold_into_one_line() {
+        let rendered = "error: invalid value 'xml' for '--log-format <LOG_FORMAT>'\n  [possible values: json, text]\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            one_line(rendered),
+            "error: invalid value 'xml' for '--log-format <LOG_FORMAT>' [possible values: json, text]"
+        );
+    }
+
+    #[test]
+    fn half_a_tls_pair_names_the_missing_variable() {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let cli = Cli::try_parse_from(["x", "--tls-cert-file", "/c.pem"]).expect("parses");
+        let err = cli.serve.tls_files().expect_err("half a pair is an error");
+        assert_eq!(err.var, "TLS_KEY_FILE");
+    }
+}

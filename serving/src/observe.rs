@@ -1,0 +1,150 @@
+//! The middleware every main listener runs: request ids, the header-size limit, metrics and one
+//! log line per request.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::header::{CONTENT_TYPE, HeaderName};
+use http::{HeaderMap, HeaderValue, StatusCode};
+
+use crate::metrics::{HttpLabels, HttpMetrics, method_label};
+
+/// The request id header: taken from the request when it is sane, made up otherwise, and
+/// always returned on the response.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The W3C trace context header that Klaus passes on to Petra.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// The most request-header bytes (names and values) a request may carry: 8 KiB, as nginx's
+/// default. More is answered with 431.
+pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+
+/// The longest request id taken from a client; a longer one is replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Adds request ids, the header limit, metrics and request logs to a router. Call it after the
+/// routes are added, so that the route template is known.
+pub fn layer(router: axum::Router, metrics: HttpMetrics) -> axum::Router {
+    router.layer(axum::middleware::from_fn_with_state(
+        Arc::new(metrics),
+        observe,
+    ))
+}
+
+async fn observe(
+    State(metrics): State<Arc<HttpMetrics>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let request_id = match request.headers().get(&REQUEST_ID) {
+        Some(id) if is_sane_id(id) => id.clone(),
+        _ => {
+            let id = new_request_id();
+            request.headers_mut().insert(REQUEST_ID, id.clone());
+            id
+        }
+    };
+    let method = method_label(request.method());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(Cow::Borrowed("unmatched"), |path| {
+            Cow::Owned(path.as_str().to_owned())
+        });
+
+    let mut response = if header_bytes(request.headers()) > MAX_HEADER_BYTES {
+        plain(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request headers too large\n",
+        )
+    } else {
+        next.run(request).await
+    };
+    response
+        .headers_mut()
+        .insert(REQUEST_ID, request_id.clone());
+
+    let elapsed = started.elapsed().as_secs_f64();
+    let status = response.status().as_u16();
+    tracing::info!(
+        target: "http",
+        method,
+        route = &*route,
+        status,
+        latency_ms = elapsed * 1000.0,
+        request_id = request_id.to_str().unwrap_or_default(),
+        "request"
+    );
+    metrics.record(
+        &HttpLabels {
+            route,
+            method,
+            status,
+        },
+        elapsed,
+    );
+    response
+}
+
+/// A short plain-text response.
+pub fn plain(status: StatusCode, body: &'static str) -> Response {
+    (
+        status,
+        [(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// The 404 answer for paths no route serves.
+pub async fn not_found() -> Response {
+    plain(StatusCode::NOT_FOUND, "not found\n")
+}
+
+/// The 405 answer for a known path with a method it does not serve.
+pub async fn method_not_allowed() -> Response {
+    plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+}
+
+fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum()
+}
+
+fn is_sane_id(id: &HeaderValue) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID_LEN
+        && id.as_bytes().iter().all(|b| b.is_ascii_graphic())
+}
+
+fn new_request_id() -> HeaderValue {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_checked() {
+        assert!(is_sane_id(&HeaderValue::from_static("abc-123")));
+        assert!(!is_sane_id(&HeaderValue::from_static("")));
+        assert!(!is_sane_id(&HeaderValue::from_static("has space")));
+        let long = "x".repeat(MAX_REQUEST_ID_LEN + 1);
+        assert!(!is_sane_id(&HeaderValue::from_str(&long).expect("ascii")));
+        assert_eq!(new_request_id().len(), 36);
+    }
+}

@@ -1,0 +1,316 @@
+//! The HTTP server: binds the main and admin listeners, accepts connections (TLS or plain),
+//! serves HTTP/1.1 and HTTP/2 with server-side timeouts, and shuts down gracefully.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
+use hyper_util::service::TowerToHyperService;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, Health};
+use crate::config::ConfigError;
+use crate::shutdown::Timing;
+use crate::tls::{ReloadingConfig, ServerFiles};
+
+/// Limits that keep a slow, idle or hostile client from holding a connection or task forever.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Time a client has to finish the TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Time a client has to send a request's headers, counted from when the server waits for
+    /// them; this also closes idle HTTP/1.1 keep-alive connections.
+    pub header_read_timeout: Duration,
+    /// The HTTP/1.1 read buffer, which bounds the request head; beyond it hyper answers 431.
+    pub max_buf_size: usize,
+    /// The HTTP/2 header list limit.
+    pub max_header_list_size: u32,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Interval of HTTP/2 keep-alive pings, which find dead peers.
+    pub h2_keep_alive_interval: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            max_buf_size: 64 * 1024,
+            max_header_list_size: 64 * 1024,
+            max_concurrent_streams: 256,
+            h2_keep_alive_interval: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Everything a service hands to the server.
+#[derive(Debug)]
+pub struct Service {
+    /// The service's name, for logs.
+    pub name: &'static str,
+    /// The main listener's routes, with [`crate::observe::layer`] applied.
+    pub router: axum::Router,
+    /// The main listener's address.
+    pub listen_addr: SocketAddr,
+    /// The admin listener's address.
+    pub admin_addr: SocketAddr,
+    /// TLS for the main listener; `None` serves plain HTTP.
+    pub tls: Option<ServerFiles>,
+    /// The metrics the admin listener serves.
+    pub registry: Registry,
+    /// Graceful shutdown pacing.
+    pub timing: Timing,
+    /// Connection limits.
+    pub limits: Limits,
+}
+
+/// A service whose TLS files are loaded and whose listeners are bound, ready to serve.
+#[derive(Debug)]
+pub struct Bound {
+    name: &'static str,
+    router: axum::Router,
+    main: TcpListener,
+    admin: TcpListener,
+    tls: Option<Arc<ReloadingConfig>>,
+    registry: Arc<Registry>,
+    health: Health,
+    timing: Timing,
+    limits: Limits,
+}
+
+impl Service {
+    /// Loads and checks the TLS files, then binds both listeners. Every failure names the
+    /// variable to fix.
+    pub async fn bind(self) -> Result<Bound, ConfigError> {
+        let tls = self.tls.map(ReloadingConfig::load).transpose()?;
+        let main = bind("LISTEN_ADDR", self.listen_addr).await?;
+        let admin = bind("ADMIN_ADDR", self.admin_addr).await?;
+        Ok(Bound {
+            name: self.name,
+            router: self.router,
+            main,
+            admin,
+            tls,
+            registry: Arc::new(self.registry),
+            health: Health::default(),
+            timing: self.timing,
+            limits: self.limits,
+        })
+    }
+}
+
+async fn bind(var: &'static str, addr: SocketAddr) -> Result<TcpListener, ConfigError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|err| ConfigError::new(var, format!("cannot listen on {addr}: {err}")))
+}
+
+impl Bound {
+    /// The main listener's address (with the real port when 0 was asked for).
+    pub fn main_addr(&self) -> SocketAddr {
+        self.main.local_addr().unwrap_or_else(|_| unspecified())
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or_else(|_| unspecified())
+    }
+
+    /// The readiness flag, for callers that watch it.
+    pub fn health(&self) -> Health {
+        self.health.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then: readiness false at once; the main listener keeps
+    /// serving for the shutdown delay; it stops accepting and waits up to the drain timeout
+    /// for requests in flight; the admin listener stops last.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let (main_addr, admin_addr) = (self.main_addr(), self.admin_addr());
+        let stop_main = CancellationToken::new();
+        let stop_admin = CancellationToken::new();
+        if let Some(tls) = &self.tls {
+            tls.spawn_reloader(stop_admin.clone());
+        }
+        let admin_router = admin::router(self.health.clone(), Arc::clone(&self.registry));
+        let admin = tokio::spawn(accept_loop(
+            self.admin,
+            None,
+            admin_router,
+            self.limits,
+            stop_admin.clone(),
+            Duration::from_secs(1),
+        ));
+        let main = tokio::spawn(accept_loop(
+            self.main,
+            self.tls.clone(),
+            self.router,
+            self.limits,
+            stop_main.clone(),
+            self.timing.drain_timeout,
+        ));
+        self.health.set_ready(true);
+        tracing::info!(
+            service = self.name,
+            %main_addr,
+            %admin_addr,
+            tls = self.tls.is_some(),
+            "serving"
+        );
+
+        shutdown.await;
+        self.health.set_ready(false);
+        tracing::info!(
+            delay_s = self.timing.delay.as_secs_f64(),
+            "readiness is now false; serving on until the delay ends"
+        );
+        tokio::time::sleep(self.timing.delay).await;
+        stop_main.cancel();
+        let _ = main.await;
+        stop_admin.cancel();
+        let _ = admin.await;
+        tracing::info!(service = self.name, "stopped");
+    }
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+/// Accepts connections until `stop`, then asks each open connection to finish its requests and
+/// close, and waits up to `drain_timeout` for them.
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<Arc<ReloadingConfig>>,
+    router: axum::Router,
+    limits: Limits,
+    stop: CancellationToken,
+    drain_timeout: Duration,
+) {
+    let tracker = TaskTracker::new();
+    let service = TowerToHyperService::new(router);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off briefly instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let stop = stop.clone();
+        let tls = tls.as_ref().map(|tls| tls.current());
+        tracker.spawn(async move {
+            match tls {
+                None => serve_http1(stream, service, &limits, &stop).await,
+                Some(config) => serve_tls(stream, peer, config, service, &limits, &stop).await,
+            }
+        });
+    }
+    drop(listener);
+    tracker.close();
+    let open = tracker.len();
+    if open > 0
+        && tokio::time::timeout(drain_timeout, tracker.wait())
+            .await
+            .is_err()
+    {
+        tracing::warn!(
+            connections = tracker.len(),
+            "drain timeout reached; closing connections still open"
+        );
+    }
+}
+
+type HyperService = TowerToHyperService<axum::Router>;
+
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+    service: HyperService,
+    limits: &Limits,
+    stop: &CancellationToken,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let handshake = tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream));
+    let stream = tokio::select! {
+        () = stop.cancelled() => return,
+        result = handshake => match result {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        },
+    };
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    if h2 {
+        serve_http2(stream, service, limits, stop).await;
+    } else {
+        serve_http1(stream, service, limits, stop).await;
+    }
+}
+
+async fn serve_http1<IO>(io: IO, service: HyperService, limits: &Limits, stop: &CancellationToken)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_buf_size)
+        .serve_connection(TokioIo::new(io), service);
+    drive(conn, stop).await;
+}
+
+async fn serve_http2<IO>(io: IO, service: HyperService, limits: &Limits, stop: &CancellationToken)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_list_size)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .keep_alive_interval(limits.h2_keep_alive_interval)
+        .serve_connection(TokioIo::new(io), service);
+    drive(conn, stop).await;
+}
+
+/// Runs a connection to its end; when `stop` fires, lets the requests in flight finish and
+/// closes it.
+async fn drive<C>(conn: C, stop: &CancellationToken)
+where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    let mut conn = pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(err) = result {
+        tracing::debug!(error = %err, "connection ended with an error");
+    }
+}

@@ -1,0 +1,323 @@
+//! TLS for the main listener: PEM files loaded and checked before binding, TLS 1.2 and 1.3 only,
+//! HTTP/2 and HTTP/1.1 by ALPN, optional client-certificate verification, and reloading of
+//! rotated files (as cert-manager or a Secret update writes them) without a restart.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ConfigError;
+
+/// The crypto provider both services use: ring, so that the build needs no C toolchain beyond
+/// what ring itself compiles, and never OpenSSL.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The protocol versions offered: TLS 1.3 and 1.2, nothing older.
+pub const PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// The files a TLS listener is made from.
+#[derive(Debug, Clone)]
+pub struct ServerFiles {
+    /// Certificate chain, PEM, leaf first (TLS_CERT_FILE).
+    pub cert: PathBuf,
+    /// Private key, PEM (TLS_KEY_FILE).
+    pub key: PathBuf,
+    /// CA certificates for client certificates, PEM (TLS_CLIENT_CA_FILE); `None` for no
+    /// client authentication.
+    pub client_ca: Option<PathBuf>,
+    /// How often to look for changed files; `None` never reloads.
+    pub reload_interval: Option<Duration>,
+}
+
+/// Reads a file, naming the variable it came from when it cannot be read.
+fn read(var: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path)
+        .map_err(|err| ConfigError::new(var, format!("cannot read {}: {err}", path.display())))
+}
+
+/// Parses every certificate in a PEM file; an empty or malformed file is an error.
+pub fn load_certs(
+    var: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    parse_certs(var, path, &read(var, path)?)
+}
+
+fn parse_certs(
+    var: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| {
+            ConfigError::new(var, format!("{} is not valid PEM: {err}", path.display()))
+        })?;
+    if certs.is_empty() {
+        return Err(ConfigError::new(
+            var,
+            format!(
+                "{} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(certs)
+}
+
+/// Parses the first private key in a PEM file: PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
+pub fn load_key(var: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, ConfigError> {
+    parse_key(var, path, &read(var, path)?)
+}
+
+fn parse_key(
+    var: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<PrivateKeyDer<'static>, ConfigError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|err| {
+        let what = match err {
+            rustls::pki_types::pem::Error::NoItemsFound => {
+                "holds no PEM private key (expected PKCS#8, PKCS#1 or SEC1)".to_owned()
+            }
+            other => format!("is not a valid PEM private key: {other}"),
+        };
+        ConfigError::new(var, format!("{} {what}", path.display()))
+    })
+}
+
+/// Loads CA certificates into a root store.
+pub fn load_roots(var: &'static str, path: &Path) -> Result<RootCertStore, ConfigError> {
+    roots_from(var, path, load_certs(var, path)?)
+}
+
+fn roots_from(
+    var: &'static str,
+    path: &Path,
+    certs: Vec<CertificateDer<'static>>,
+) -> Result<RootCertStore, ConfigError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert).map_err(|err| {
+            ConfigError::new(
+                var,
+                format!(
+                    "{} holds a certificate that is not a usable CA: {err}",
+                    path.display()
+                ),
+            )
+        })?;
+    }
+    Ok(roots)
+}
+
+/// A certificate chain and its key, checked to belong together.
+#[derive(Debug)]
+pub struct Identity {
+    /// The chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key of the leaf.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Identity {
+    /// Loads a chain and key, naming `cert_var` or `key_var` in any error, and checks that the
+    /// key is the one the leaf certificate was issued for.
+    pub fn load(
+        cert_var: &'static str,
+        cert: &Path,
+        key_var: &'static str,
+        key: &Path,
+    ) -> Result<Self, ConfigError> {
+        let cert_pem = read(cert_var, cert)?;
+        let key_pem = read(key_var, key)?;
+        Self::parse(cert_var, cert, &cert_pem, key_var, key, &key_pem)
+    }
+
+    fn parse(
+        cert_var: &'static str,
+        cert: &Path,
+        cert_pem: &[u8],
+        key_var: &'static str,
+        key: &Path,
+        key_pem: &[u8],
+    ) -> Result<Self, ConfigError> {
+        let chain = parse_certs(cert_var, cert, cert_pem)?;
+        let private = parse_key(key_var, key, key_pem)?;
+        let signing = provider()
+            .key_provider
+            .load_private_key(private.clone_key())
+            .map_err(|err| {
+                ConfigError::new(
+                    key_var,
+                    format!("{} is not a usable private key: {err}", key.display()),
+                )
+            })?;
+        rustls::sign::CertifiedKey::new(chain.clone(), signing)
+            .keys_match()
+            .map_err(|_| {
+                ConfigError::new(
+                    key_var,
+                    format!(
+                        "the key in {} does not match the certificate in {} ({cert_var})",
+                        key.display(),
+                        cert.display()
+                    ),
+                )
+            })?;
+        Ok(Self {
+            chain,
+            key: private,
+        })
+    }
+}
+
+/// Builds the server configuration from the files, checking everything an operator could get
+/// wrong before the listener binds.
+pub fn server_config(files: &ServerFiles) -> Result<ServerConfig, ConfigError> {
+    let contents = FileSet::read(files)?;
+    contents.server_config(files)
+}
+
+/// The bytes of a listener's TLS files, read together so that a reload sees one consistent set.
+struct FileSet {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+impl FileSet {
+    fn read(files: &ServerFiles) -> Result<Self, ConfigError> {
+        Ok(Self {
+            cert: read("TLS_CERT_FILE", &files.cert)?,
+            key: read("TLS_KEY_FILE", &files.key)?,
+            client_ca: files
+                .client_ca
+                .as_deref()
+                .map(|path| read("TLS_CLIENT_CA_FILE", path))
+                .transpose()?,
+        })
+    }
+
+    fn fingerprint(&self) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        (&self.cert, &self.key, &self.client_ca).hash(&mut hasher);
+        hasher.finish()
+    }
+
+    fn server_config(&self, files: &ServerFiles) -> Result<ServerConfig, ConfigError> {
+        let identity = Identity::parse(
+            "TLS_CERT_FILE",
+            &files.cert,
+            &self.cert,
+            "TLS_KEY_FILE",
+            &files.key,
+            &self.key,
+        )?;
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(PROTOCOL_VERSIONS)
+            .map_err(|err| ConfigError::new("TLS_CERT_FILE", format!("TLS setup failed: {err}")))?;
+        let builder = match (&files.client_ca, &self.client_ca) {
+            (Some(path), Some(pem)) => {
+                let var = "TLS_CLIENT_CA_FILE";
+                let roots = roots_from(var, path, parse_certs(var, path, pem)?)?;
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                        .build()
+                        .map_err(|err| {
+                            ConfigError::new(var, format!("{}: {err}", path.display()))
+                        })?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(identity.chain, identity.key)
+            .map_err(|err| {
+                ConfigError::new(
+                    "TLS_CERT_FILE",
+                    format!("{} cannot be served: {err}", files.cert.display()),
+                )
+            })?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
+/// The TLS configuration a listener uses for each new connection. It is swapped whole when the
+/// files change, so connections already open keep the configuration they started with.
+#[derive(Debug)]
+pub struct ReloadingConfig {
+    current: ArcSwap<ServerConfig>,
+    files: ServerFiles,
+}
+
+impl ReloadingConfig {
+    /// Loads the files once; an error here is a configuration error.
+    pub fn load(files: ServerFiles) -> Result<Arc<Self>, ConfigError> {
+        let config = server_config(&files)?;
+        Ok(Arc::new(Self {
+            current: ArcSwap::from_pointee(config),
+            files,
+        }))
+    }
+
+    /// The configuration for the next connection.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.current.load_full()
+    }
+
+    /// Checks the files every `reload_interval` until `stop` is cancelled. A changed set that
+    /// is valid replaces the configuration; an invalid one is logged and the old one kept, so a
+    /// half-written rotation never takes the listener down.
+    pub fn spawn_reloader(self: &Arc<Self>, stop: CancellationToken) {
+        let Some(interval) = self.files.reload_interval else {
+            return;
+        };
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut last = FileSet::read(&this.files).map(|set| set.fingerprint()).ok();
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = ticks.tick() => {}
+                }
+                let set = match FileSet::read(&this.files) {
+                    Ok(set) => set,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "TLS files unreadable; keeping the loaded certificate");
+                        continue;
+                    }
+                };
+                let fingerprint = set.fingerprint();
+                if last == Some(fingerprint) {
+                    continue;
+                }
+                match set.server_config(&this.files) {
+                    Ok(config) => {
+                        this.current.store(Arc::new(config));
+                        last = Some(fingerprint);
+                        tracing::info!(cert = %this.files.cert.display(), "reloaded changed TLS files");
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "changed TLS files are not valid yet; keeping the loaded certificate");
+                    }
+                }
+            }
+        });
+    }
+}

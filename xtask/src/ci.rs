@@ -1,0 +1,54 @@
+//! `cargo xtask ci`: every check, in the order that fails fastest; and `test` and `certs`.
+
+use anyhow::Context;
+use xshell::cmd;
+
+use crate::util::{shell, step};
+
+/// Runs every check CI runs. Any failure fails the whole run.
+pub(crate) fn ci() -> anyhow::Result<()> {
+    let sh = shell()?;
+    step("cargo fmt --check", || {
+        cmd!(sh, "cargo fmt --all --check").run()?;
+        Ok(())
+    })?;
+    step("cargo clippy", || {
+        cmd!(
+            sh,
+            "cargo clippy --workspace --all-targets --locked -- -D warnings"
+        )
+        .run()?;
+        Ok(())
+    })?;
+    step("tests", test)?;
+    Ok(())
+}
+
+/// Runs the workspace's tests with cargo-nextest, or `cargo test` where nextest is not installed.
+pub(crate) fn test() -> anyhow::Result<()> {
+    let sh = shell()?;
+    let has_nextest = cmd!(sh, "cargo nextest --version")
+        .quiet()
+        .ignore_stdout()
+        .ignore_stderr()
+        .run()
+        .is_ok();
+    if has_nextest {
+        cmd!(sh, "cargo nextest run --workspace --locked --no-fail-fast").run()?;
+    } else {
+        cmd!(sh, "cargo test --workspace --locked --no-fail-fast").run()?;
+    }
+    Ok(())
+}
+
+/// Writes a private CA and the service certificates with the project's own tool (`petra certs`).
+pub(crate) fn certs(args: &[String]) -> anyhow::Result<()> {
+    let sh = shell()?;
+    cmd!(
+        sh,
+        "cargo run --quiet --locked --package petra -- certs {args...}"
+    )
+    .run()
+    .context("petra certs failed")?;
+    Ok(())
+}

@@ -1,0 +1,47 @@
+//! `cargo xtask <task>`: the project's automation, one module per task; CI runs `cargo xtask ci`.
+
+mod ci;
+mod images;
+mod util;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <task>
+
+tasks:
+  ci       every check CI runs: fmt, clippy, tests, manifests, images and end-to-end tests
+  test     the Rust tests only (cargo nextest, or cargo test where nextest is missing)
+  images   build petra:dev and klaus:dev from Dockerfile.petra and Dockerfile.klaus
+  e2e      build the images, bring up both compose topologies and check them end to end
+  k8s      render every kustomize overlay and component, validate and policy-check them
+  bench    load-test Petra and Klaus and check the performance budget
+  certs    write a private CA and the service certificates: cargo xtask certs --out DIR
+";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let task = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    let result = match task.as_str() {
+        "ci" => ci::ci(),
+        "test" => ci::test(),
+        "certs" => ci::certs(&rest),
+        "images" => images::images(),
+        "" | "help" | "-h" | "--help" => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        other => {
+            eprint!("error: unknown task '{other}'\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask {task} failed: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
