@@ -1,0 +1,109 @@
+//! Klaus, the edge service: answers `GET /` with Petra's `hello` followed by ` world`, calling
+//! Petra over HTTPS with mutual TLS through one pooled client.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header::CONTENT_TYPE};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use clap::{CommandFactory, Parser, Subcommand};
+use prometheus_client::registry::Registry;
+use serving::metrics::HttpMetrics;
+use serving::observe;
+use serving::{ConfigError, ServeArgs, Service};
+
+pub mod petra;
+
+pub use petra::{PetraArgs, PetraClient, PetraError};
+
+/// Klaus's command line; every option is also an environment variable.
+#[derive(Debug, Parser)]
+#[command(
+    name = "klaus",
+    version,
+    about = "Klaus calls Petra over HTTPS with mutual TLS and answers GET / with `hello world`.",
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    /// Address of the main listener: plain HTTP, or HTTPS when TLS_CERT_FILE and TLS_KEY_FILE
+    /// are set.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub serve: ServeArgs,
+
+    #[command(flatten)]
+    pub petra: PetraArgs,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Klaus's subcommands; without one, Klaus serves.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Probe this service's own /livez on ADMIN_ADDR; exit 0 when healthy, 1 otherwise.
+    Healthcheck,
+    /// Print the service's contract (ports, admin paths, environment variables) as JSON.
+    #[command(hide = true)]
+    Contract,
+}
+
+/// What Klaus appends to Petra's answer.
+pub const SUFFIX: &str = " world";
+
+/// Klaus's routes, with request ids, metrics and logs.
+pub fn router(petra: PetraClient, metrics: HttpMetrics) -> Router {
+    let routes = Router::new()
+        .route("/", get(hello))
+        .fallback(observe::not_found)
+        .method_not_allowed_fallback(observe::method_not_allowed)
+        .with_state(petra);
+    observe::layer(routes, metrics)
+}
+
+async fn hello(State(petra): State<PetraClient>, headers: HeaderMap) -> Result<Response, PetraError> {
+    let mut text = petra.hello(&headers).await?;
+    text.push_str(SUFFIX);
+    Ok((
+        StatusCode::OK,
+        [(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"))],
+        text,
+    )
+        .into_response())
+}
+
+/// Builds the service from its configuration: the Petra client (checked now, so that a bad
+/// URL or certificate fails at startup, not on the first request) and the routes.
+pub fn service(listen_addr: SocketAddr, serve: &ServeArgs, petra: &PetraArgs) -> Result<Service, ConfigError> {
+    let tls = serve.tls_files()?;
+    let mut registry = Registry::default();
+    let metrics = HttpMetrics::register(&mut registry);
+    let client = PetraClient::new(petra, petra::PetraMetrics::register(&mut registry))?;
+    Ok(Service {
+        name: "klaus",
+        router: router(client, metrics),
+        listen_addr,
+        admin_addr: serve.admin_addr,
+        tls,
+        registry,
+        timing: serve.shutdown_timing(),
+        limits: serving::server::Limits::default(),
+    })
+}
+
+/// Runs the command line: serve, or one of the subcommands.
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Some(Command::Healthcheck) => serving::healthcheck::run(cli.serve.admin_addr),
+        Some(Command::Contract) => {
+            println!("{}", serving::contract::describe("klaus", &Cli::command()));
+            ExitCode::SUCCESS
+        }
+        None => serving::run(|| service(cli.listen_addr, &cli.serve, &cli.petra), &cli.serve),
+    }
+}

@@ -1,0 +1,531 @@
+//! The client Klaus calls Petra with: one pooled `reqwest::Client` built at startup (trust
+//! anchors, client identity, timeouts), Petra's base URL, and the errors a call can end in,
+//! each answered as an RFC 9457 problem that tells an operator what to fix.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header::CONTENT_TYPE};
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use rustls::{AlertDescription, CertificateError};
+use serving::ConfigError;
+use serving::observe::{REQUEST_ID, TRACEPARENT};
+use url::Url;
+
+/// The largest body Klaus accepts from Petra.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The W3C trace state header, passed on with `traceparent`.
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// Headers of the incoming request that Klaus passes on to Petra.
+const FORWARDED: [HeaderName; 3] = [TRACEPARENT, TRACESTATE, REQUEST_ID];
+
+/// How Klaus reaches Petra.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PetraArgs {
+    /// Petra's base URL, https only: https://HOST[:PORT][/PREFIX]. Klaus calls
+    /// `GET {PETRA_URL}/`.
+    #[arg(long, env = "PETRA_URL", required = true)]
+    pub petra_url: Option<String>,
+
+    /// PEM file with extra CA certificates trusted for Petra's certificate, on top of the
+    /// system roots. Verification cannot be turned off.
+    #[arg(long, env = "PETRA_CA_FILE")]
+    pub petra_ca_file: Option<PathBuf>,
+
+    /// PEM certificate chain Klaus presents to Petra (mutual TLS).
+    #[arg(long, env = "PETRA_CLIENT_CERT_FILE")]
+    pub petra_client_cert_file: Option<PathBuf>,
+
+    /// PEM private key for PETRA_CLIENT_CERT_FILE (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "PETRA_CLIENT_KEY_FILE")]
+    pub petra_client_key_file: Option<PathBuf>,
+
+    /// Deadline in milliseconds for the whole call to Petra; connecting gets half of it.
+    #[arg(long, env = "PETRA_TIMEOUT_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub petra_timeout_ms: u64,
+}
+
+/// Checks PETRA_URL: absolute, https, a host, no credentials, query or fragment. The result
+/// ends in `/`, so that it is the URL Klaus calls.
+pub fn parse_url(raw: &str) -> Result<Url, ConfigError> {
+    const VAR: &str = "PETRA_URL";
+    let mut url = Url::parse(raw.trim())
+        .map_err(|err| ConfigError::new(VAR, format!("'{raw}' is not an absolute URL ({err}); expected https://HOST[:PORT]")))?;
+    match url.scheme() {
+        "https" => {}
+        "http" => {
+            return Err(ConfigError::new(
+                VAR,
+                format!("'{raw}' uses http; Klaus calls Petra over https only (use https://)"),
+            ));
+        }
+        other => {
+            return Err(ConfigError::new(VAR, format!("'{raw}' has scheme '{other}'; use https://")));
+        }
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(ConfigError::new(VAR, format!("'{raw}' has no host")));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::new(VAR, "must not carry credentials; Klaus authenticates with its client certificate"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(ConfigError::new(VAR, format!("'{raw}' must not have a query or fragment")));
+    }
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    Ok(url)
+}
+
+/// Calls to Petra by outcome, and their latency.
+#[derive(Debug, Clone)]
+pub struct PetraMetrics {
+    calls: Family<OutcomeLabel, Counter>,
+    duration: Family<OutcomeLabel, Histogram, fn() -> Histogram>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+impl PetraMetrics {
+    /// Registers `petra_calls_total` and `petra_call_duration_seconds`, labelled by outcome.
+    pub fn register(registry: &mut Registry) -> Self {
+        let this = Self {
+            calls: Family::default(),
+            duration: Family::new_with_constructor(serving::metrics::latency_histogram),
+        };
+        registry.register("petra_calls", "Calls from Klaus to Petra, by outcome", this.calls.clone());
+        registry.register(
+            "petra_call_duration_seconds",
+            "Duration of calls from Klaus to Petra, by outcome",
+            this.duration.clone(),
+        );
+        this
+    }
+
+    fn record(&self, outcome: &'static str, elapsed: Duration) {
+        let label = OutcomeLabel { outcome };
+        self.calls.get_or_create(&label).inc();
+        self.duration.get_or_create(&label).observe(elapsed.as_secs_f64());
+    }
+}
+
+/// The one client Klaus uses for Petra, built at startup and shared by every request, so that
+/// connections (and TLS sessions) are reused.
+#[derive(Debug, Clone)]
+pub struct PetraClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    http: reqwest::Client,
+    url: Url,
+    timeout_ms: u64,
+    metrics: PetraMetrics,
+}
+
+impl PetraClient {
+    /// Checks the settings and builds the client. Every error names the variable to fix.
+    pub fn new(args: &PetraArgs, metrics: PetraMetrics) -> Result<Self, ConfigError> {
+        let raw = args.petra_url.as_deref().ok_or_else(|| {
+            ConfigError::new("PETRA_URL", "is not set; set it to Petra's https:// URL")
+        })?;
+        let url = parse_url(raw)?;
+        let timeout = Duration::from_millis(args.petra_timeout_ms);
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .min_tls_version(reqwest::tls::Version::TLS_1_2)
+            .https_only(true)
+            .redirect(reqwest::redirect::Policy::none())
+            // Service-to-service calls go straight to Petra, whatever HTTPS_PROXY says.
+            .no_proxy()
+            .timeout(timeout)
+            .connect_timeout(timeout / 2)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(50))
+            .user_agent(concat!("klaus/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &args.petra_ca_file {
+            let certs = serving::tls::load_certs("PETRA_CA_FILE", path)?;
+            // Checks that each is a usable trust anchor before handing them to reqwest.
+            serving::tls::load_roots("PETRA_CA_FILE", path)?;
+            for der in certs {
+                let cert = reqwest::Certificate::from_der(&der).map_err(|err| {
+                    ConfigError::new("PETRA_CA_FILE", format!("{}: {err}", path.display()))
+                })?;
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        match (&args.petra_client_cert_file, &args.petra_client_key_file) {
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "PETRA_CLIENT_KEY_FILE",
+                    "is not set, but PETRA_CLIENT_CERT_FILE is; set both or neither",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "PETRA_CLIENT_CERT_FILE",
+                    "is not set, but PETRA_CLIENT_KEY_FILE is; set both or neither",
+                ));
+            }
+            (Some(cert), Some(key)) => {
+                serving::tls::Identity::load("PETRA_CLIENT_CERT_FILE", cert, "PETRA_CLIENT_KEY_FILE", key)?;
+                let mut pem = std::fs::read(cert).map_err(|err| {
+                    ConfigError::new("PETRA_CLIENT_CERT_FILE", format!("cannot read {}: {err}", cert.display()))
+                })?;
+                pem.push(b'\n');
+                pem.extend(std::fs::read(key).map_err(|err| {
+                    ConfigError::new("PETRA_CLIENT_KEY_FILE", format!("cannot read {}: {err}", key.display()))
+                })?);
+                let identity = reqwest::Identity::from_pem(&pem).map_err(|err| {
+                    ConfigError::new("PETRA_CLIENT_CERT_FILE", format!("{} cannot be used: {err}", cert.display()))
+                })?;
+                builder = builder.identity(identity);
+            }
+        }
+        let http = builder
+            .build()
+            .map_err(|err| ConfigError::new("PETRA_CA_FILE", format!("cannot build the HTTPS client: {err}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                url,
+                timeout_ms: args.petra_timeout_ms,
+                metrics,
+            }),
+        })
+    }
+
+    /// The URL Klaus calls.
+    pub fn url(&self) -> &Url {
+        &self.inner.url
+    }
+
+    /// Calls `GET {PETRA_URL}/`, passing on the trace context and request id of `incoming`,
+    /// and returns Petra's body.
+    pub async fn hello(&self, incoming: &HeaderMap) -> Result<String, PetraError> {
+        let started = Instant::now();
+        let result = self.call(incoming).await;
+        let outcome = result.as_ref().map_or_else(PetraError::outcome, |_| "ok");
+        self.inner.metrics.record(outcome, started.elapsed());
+        result
+    }
+
+    async fn call(&self, incoming: &HeaderMap) -> Result<String, PetraError> {
+        let inner = &*self.inner;
+        let mut request = inner.http.get(inner.url.clone());
+        for name in FORWARDED {
+            if let Some(value) = incoming.get(&name) {
+                request = request.header(name, value.clone());
+            }
+        }
+        let mut response = request.send().await.map_err(|err| self.classify(err))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(PetraError::Status(status));
+        }
+        if response.content_length().is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+            return Err(PetraError::TooLarge);
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|err| self.classify(err))? {
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(PetraError::TooLarge);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        String::from_utf8(body).map_err(|_| PetraError::NotText)
+    }
+
+    fn classify(&self, err: reqwest::Error) -> PetraError {
+        let url = &self.inner.url;
+        let target = format!("{}:{}", url.host_str().unwrap_or_default(), url.port_or_known_default().unwrap_or(443));
+        classify(err, target, self.inner.timeout_ms)
+    }
+}
+
+/// What went wrong with a TLS connection to Petra.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsProblem {
+    /// Petra's certificate does not chain to a trusted CA.
+    UnknownCa,
+    /// Petra's certificate is not valid for the host in PETRA_URL.
+    WrongName,
+    /// Petra's certificate has expired.
+    Expired,
+    /// Petra's certificate is not valid yet.
+    NotYetValid,
+    /// Petra asked for a client certificate and Klaus has none.
+    ClientCertRequired,
+    /// Petra refused Klaus's client certificate.
+    ClientCertRefused,
+    /// Any other handshake failure.
+    Other,
+}
+
+impl TlsProblem {
+    fn of(err: &rustls::Error) -> Self {
+        match err {
+            rustls::Error::InvalidCertificate(cert) => match cert {
+                CertificateError::UnknownIssuer | CertificateError::BadSignature => Self::UnknownCa,
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                    Self::WrongName
+                }
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => Self::Expired,
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => Self::NotYetValid,
+                _ => Self::Other,
+            },
+            rustls::Error::AlertReceived(AlertDescription::CertificateRequired) => Self::ClientCertRequired,
+            rustls::Error::AlertReceived(
+                AlertDescription::BadCertificate
+                | AlertDescription::UnknownCA
+                | AlertDescription::CertificateUnknown
+                | AlertDescription::UnsupportedCertificate
+                | AlertDescription::CertificateExpired
+                | AlertDescription::CertificateRevoked
+                | AlertDescription::AccessDenied,
+            ) => Self::ClientCertRefused,
+            _ => Self::Other,
+        }
+    }
+
+    fn code(self) -> &'static str {
+        match self {
+            Self::UnknownCa => "petra_tls_unknown_ca",
+            Self::WrongName => "petra_tls_wrong_name",
+            Self::Expired => "petra_tls_expired",
+            Self::NotYetValid => "petra_tls_not_yet_valid",
+            Self::ClientCertRequired => "petra_tls_client_cert_required",
+            Self::ClientCertRefused => "petra_tls_client_cert_refused",
+            Self::Other => "petra_tls_failed",
+        }
+    }
+
+    fn detail(self, target: &str) -> String {
+        match self {
+            Self::UnknownCa => format!(
+                "Petra's certificate at {target} is not signed by a CA Klaus trusts; put Petra's CA in PETRA_CA_FILE"
+            ),
+            Self::WrongName => format!(
+                "Petra's certificate is not valid for {target}; make PETRA_URL use a name the certificate carries, or reissue it"
+            ),
+            Self::Expired => format!("Petra's certificate at {target} has expired; renew it"),
+            Self::NotYetValid => {
+                format!("Petra's certificate at {target} is not valid yet; check its dates and the clocks")
+            }
+            Self::ClientCertRequired => format!(
+                "Petra at {target} requires a client certificate; set PETRA_CLIENT_CERT_FILE and PETRA_CLIENT_KEY_FILE"
+            ),
+            Self::ClientCertRefused => format!(
+                "Petra at {target} refused Klaus's client certificate; it must be issued by the CA in Petra's TLS_CLIENT_CA_FILE and be valid"
+            ),
+            Self::Other => format!("the TLS handshake with Petra at {target} failed"),
+        }
+    }
+}
+
+/// Why a call to Petra failed. Each variant's doc names the status Klaus answers with.
+#[derive(Debug, thiserror::Error)]
+pub enum PetraError {
+    /// 504: Petra did not answer within PETRA_TIMEOUT_MS.
+    #[error("Petra did not answer within {timeout_ms} ms")]
+    Timeout {
+        /// The deadline.
+        timeout_ms: u64,
+        /// The client's error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// 502: Petra's certificate, or Klaus's, was not accepted.
+    #[error("TLS with Petra failed: {problem:?}")]
+    Tls {
+        /// What went wrong.
+        problem: TlsProblem,
+        /// Where Klaus tried to connect.
+        target: String,
+        /// The client's error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// 502: Petra could not be reached, or the connection broke.
+    #[error("{detail}")]
+    Unreachable {
+        /// What happened, for the client.
+        detail: String,
+        /// The client's error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// 502: Petra answered with a status other than 2xx.
+    #[error("Petra answered with status {0}")]
+    Status(StatusCode),
+    /// 502: Petra's body was over [`MAX_BODY_BYTES`].
+    #[error("Petra's answer is larger than {MAX_BODY_BYTES} bytes")]
+    TooLarge,
+    /// 502: Petra's body was not UTF-8 text.
+    #[error("Petra's answer is not UTF-8 text")]
+    NotText,
+}
+
+impl PetraError {
+    /// The outcome label in the metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Timeout { .. } => "timeout",
+            Self::Tls { .. } => "tls_error",
+            Self::Unreachable { .. } => "unreachable",
+            Self::Status(_) => "bad_status",
+            Self::TooLarge | Self::NotText => "bad_body",
+        }
+    }
+
+    /// The status Klaus answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// A machine-readable code for the problem body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Timeout { .. } => "petra_timeout",
+            Self::Tls { problem, .. } => problem.code(),
+            Self::Unreachable { .. } => "petra_unreachable",
+            Self::Status(_) => "petra_bad_status",
+            Self::TooLarge => "petra_body_too_large",
+            Self::NotText => "petra_body_not_text",
+        }
+    }
+
+    /// The problem's detail: what went wrong, in words an operator can act on, with no
+    /// internals.
+    pub fn detail(&self) -> String {
+        match self {
+            Self::Timeout { timeout_ms, .. } => {
+                format!("Petra did not answer within {timeout_ms} ms (PETRA_TIMEOUT_MS)")
+            }
+            Self::Tls { problem, target, .. } => problem.detail(target),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Sorts a client error into a [`PetraError`] by looking through its chain of causes.
+fn classify(err: reqwest::Error, target: String, timeout_ms: u64) -> PetraError {
+    if err.is_timeout() {
+        return PetraError::Timeout { timeout_ms, source: err };
+    }
+    let mut io_kind = None;
+    let mut dns = false;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    while let Some(current) = cause {
+        if let Some(tls) = find_rustls(current) {
+            let problem = TlsProblem::of(tls);
+            return PetraError::Tls { problem, target, source: err };
+        }
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            io_kind.get_or_insert(io.kind());
+        }
+        dns |= current.to_string().starts_with("dns error");
+        cause = current.source();
+    }
+    use std::io::ErrorKind;
+    let detail = match io_kind {
+        _ if dns => format!("Petra's host name in {target} does not resolve; check PETRA_URL"),
+        Some(ErrorKind::ConnectionRefused) => {
+            format!("Petra refused the connection at {target}; is Petra running, and is PETRA_URL right?")
+        }
+        Some(ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof) => {
+            format!("the connection to Petra at {target} was closed before Petra answered")
+        }
+        _ if err.is_connect() => format!("Klaus could not connect to Petra at {target}"),
+        _ => format!("the call to Petra at {target} failed before Petra answered"),
+    };
+    PetraError::Unreachable { detail, source: err }
+}
+
+/// The TLS error in `err`, also when it sits inside (nested) `io::Error`s, whose `source` skips
+/// the error they wrap.
+fn find_rustls<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+        return Some(tls);
+    }
+    let inner = err.downcast_ref::<std::io::Error>()?.get_ref()?;
+    find_rustls(inner)
+}
+
+/// The cause chain of an error on one line, for the log.
+struct Chain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(current) = cause {
+            write!(f, ": {current}")?;
+            cause = current.source();
+        }
+        Ok(())
+    }
+}
+
+impl IntoResponse for PetraError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        tracing::warn!(code = self.code(), status = status.as_u16(), error = %Chain(&self), "call to Petra failed");
+        let body = serde_json::json!({
+            "type": "about:blank",
+            "title": status.canonical_reason().unwrap_or("Bad Gateway"),
+            "status": status.as_u16(),
+            "detail": self.detail(),
+            "code": self.code(),
+        });
+        (
+            status,
+            [(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"))],
+            body.to_string(),
+        )
+            .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn petra_url_must_be_https_with_a_host() {
+        assert_eq!(parse_url("https://petra:8443").expect("valid").as_str(), "https://petra:8443/");
+        assert_eq!(parse_url("https://petra/api").expect("valid").as_str(), "https://petra/api/");
+        for (bad, says) in [
+            ("http://petra:8443", "uses http"),
+            ("petra:8443", "scheme 'petra'"),
+            ("not a url", "not an absolute URL"),
+            ("ftp://petra", "scheme 'ftp'"),
+            ("https://user:pw@petra", "credentials"),
+            ("https://petra/?q=1", "query"),
+            ("", "not an absolute URL"),
+        ] {
+            let err = parse_url(bad).expect_err(bad);
+            assert_eq!(err.var, "PETRA_URL");
+            assert!(err.problem.contains(says), "{bad}: {}", err.problem);
+        }
+    }
+}
