@@ -90,8 +90,11 @@ pub struct Bound {
 impl Service {
     /// Loads and checks the TLS files, then binds both listeners. Every failure names the
     /// variable to fix.
-    pub async fn bind(self) -> Result<Bound, ConfigError> {
-        let tls = self.tls.map(ReloadingConfig::load).transpose()?;
+    pub async fn bind(mut self) -> Result<Bound, ConfigError> {
+        let tls = self
+            .tls
+            .map(|files| ReloadingConfig::load(files, &mut self.registry))
+            .transpose()?;
         let main = bind("LISTEN_ADDR", self.listen_addr).await?;
         let admin = bind("ADMIN_ADDR", self.admin_addr).await?;
         Ok(Bound {

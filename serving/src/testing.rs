@@ -142,8 +142,8 @@ impl Running {
     }
 
     /// Waits until the service has stopped.
-    pub async fn stopped(self) {
-        let _ = self.task.await;
+    pub async fn stopped(mut self) {
+        let _ = (&mut self.task).await;
     }
 
     /// `https://localhost:PORT` of the main listener.
@@ -205,4 +205,226 @@ where
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A reqwest client that trusts `ca` and presents `identity` when given.
+pub fn client(ca: &Path, identity: Option<&Files>) -> reqwest::Client {
+    client_builder(ca, identity).build().expect("client")
+}
+
+/// The builder behind [`client`], for tests that change a setting.
+pub fn client_builder(ca: &Path, identity: Option<&Files>) -> reqwest::ClientBuilder {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca).expect("read CA")).expect("CA");
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .no_proxy()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .timeout(Duration::from_secs(10));
+    if let Some(files) = identity {
+        let mut pem = std::fs::read(&files.cert).expect("read cert");
+        pem.extend(std::fs::read(&files.key).expect("read key"));
+        builder = builder.identity(reqwest::Identity::from_pem(&pem).expect("identity"));
+    }
+    builder
+}
+
+/// A plain-HTTP client, for admin ports and plain listeners.
+pub fn plain_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+/// A service binary started by a test, with the addresses it logged when it began serving.
+#[derive(Debug)]
+pub struct Binary {
+    /// The process.
+    pub child: std::process::Child,
+    /// The main listener's address, from the `serving` log line.
+    pub main_addr: SocketAddr,
+    /// The admin listener's address, from the `serving` log line.
+    pub admin_addr: SocketAddr,
+    /// Every stdout line after the `serving` one, as it arrives.
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Binary {
+    /// Starts `exe` with JSON logs, both listeners on free loopback ports and `env`, and waits
+    /// for its `serving` log line.
+    pub fn start(exe: &str, env: &[(&str, &str)]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(exe)
+            .env_clear()
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("ADMIN_ADDR", "127.0.0.1:0")
+            .env("LOG_FORMAT", "json")
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start the binary");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("{exe} did not log `serving` within 20 s"));
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if event["message"] == "serving" {
+                let addr = |key: &str| {
+                    event[key]
+                        .as_str()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or_else(|| panic!("no {key} in {line}"))
+                };
+                return Self {
+                    main_addr: addr("main_addr"),
+                    admin_addr: addr("admin_addr"),
+                    child,
+                    lines,
+                };
+            }
+        }
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`, `KILL`) with `kill(1)`.
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits up to `timeout` for the process to exit and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the process did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `http://ADMIN_ADDR{path}`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin_addr)
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `exe` with `env` (and nothing else from the environment) and returns its exit code
+/// and stderr, for configuration errors.
+pub fn run_to_exit(exe: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let output = std::process::Command::new(exe)
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run the binary");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// What a TLS handshake with a server showed.
+#[derive(Debug)]
+pub struct Handshake {
+    /// The leaf certificate the server presented.
+    pub leaf: rustls::pki_types::CertificateDer<'static>,
+    /// The negotiated protocol version.
+    pub version: Option<rustls::ProtocolVersion>,
+    /// The negotiated ALPN protocol.
+    pub alpn: Option<Vec<u8>>,
+}
+
+/// Connects to `addr` as `localhost` with only the given protocol versions, trusting `ca` and
+/// presenting `identity`, sends an HTTP/1.1 request for `/` and reads the first bytes of the
+/// answer, so that a client certificate refused after a TLS 1.3 handshake shows up as an
+/// error too.
+pub async fn handshake(
+    addr: SocketAddr,
+    ca: &Path,
+    identity: Option<&Files>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    alpn: &[&[u8]],
+) -> Result<Handshake, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let roots = crate::tls::load_roots("CA", ca).map_err(|err| err.to_string())?;
+    let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(versions)
+        .map_err(|err| err.to_string())?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some(files) => {
+            let id = crate::tls::Identity::load("CERT", &files.cert, "KEY", &files.key)
+                .map_err(|err| err.to_string())?;
+            builder
+                .with_client_auth_cert(id.chain, id.key)
+                .map_err(|err| err.to_string())?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|err| err.to_string())?;
+    let name =
+        rustls::pki_types::ServerName::try_from("localhost").map_err(|err| err.to_string())?;
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|err| err.to_string())?;
+    let (_, conn) = tls.get_ref();
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|certs| certs.first().cloned())
+        .ok_or("no server certificate")?;
+    let version = conn.protocol_version();
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    if alpn.as_deref() != Some(b"h2") {
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .map_err(|err| err.to_string())?;
+        let mut first = [0u8; 12];
+        tls.read_exact(&mut first)
+            .await
+            .map_err(|err| err.to_string())?;
+    }
+    Ok(Handshake {
+        leaf,
+        version,
+        alpn,
+    })
 }

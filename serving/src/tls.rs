@@ -9,6 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -262,15 +266,29 @@ impl FileSet {
 pub struct ReloadingConfig {
     current: ArcSwap<ServerConfig>,
     files: ServerFiles,
+    reloads: Family<ResultLabel, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
 }
 
 impl ReloadingConfig {
-    /// Loads the files once; an error here is a configuration error.
-    pub fn load(files: ServerFiles) -> Result<Arc<Self>, ConfigError> {
+    /// Loads the files once (an error here is a configuration error) and registers
+    /// `tls_reloads_total{result="ok|error"}`, which counts changed file sets.
+    pub fn load(files: ServerFiles, registry: &mut Registry) -> Result<Arc<Self>, ConfigError> {
         let config = server_config(&files)?;
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "Changed TLS files seen, by whether they were loaded (ok) or kept out (error)",
+            reloads.clone(),
+        );
         Ok(Arc::new(Self {
             current: ArcSwap::from_pointee(config),
             files,
+            reloads,
         }))
     }
 
@@ -311,10 +329,18 @@ impl ReloadingConfig {
                     Ok(config) => {
                         this.current.store(Arc::new(config));
                         last = Some(fingerprint);
+                        this.reloads
+                            .get_or_create(&ResultLabel { result: "ok" })
+                            .inc();
                         tracing::info!(cert = %this.files.cert.display(), "reloaded changed TLS files");
                     }
                     Err(err) => {
-                        tracing::warn!(error = %err, "changed TLS files are not valid yet; keeping the loaded certificate");
+                        // Counted once per bad set, not on every tick.
+                        last = Some(fingerprint);
+                        this.reloads
+                            .get_or_create(&ResultLabel { result: "error" })
+                            .inc();
+                        tracing::warn!(error = %err, "changed TLS files are not valid; keeping the loaded certificate");
                     }
                 }
             }

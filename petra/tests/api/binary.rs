@@ -1,0 +1,212 @@
+//! The built `petra` binary: every invalid configuration exits 2 with one line naming the
+//! variable, and SIGTERM shuts it down gracefully.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serving::testing::{Binary, TestPki, client, plain_client, run_to_exit};
+
+const EXE: &str = env!("CARGO_BIN_EXE_petra");
+
+#[test]
+fn invalid_configuration_exits_2_with_one_line_naming_the_variable() {
+    let pki = TestPki::new();
+    let garbage = pki.path("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let empty = pki.path("empty.pem");
+    std::fs::write(&empty, "").expect("write");
+    let cert = pki.petra.cert.to_str().expect("utf-8 path");
+    let key = pki.petra.key.to_str().expect("utf-8 path");
+    let other_key = pki.klaus.key.to_str().expect("utf-8 path");
+    let garbage = garbage.to_str().expect("utf-8 path");
+    let empty = empty.to_str().expect("utf-8 path");
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[], "TLS_CERT_FILE, TLS_KEY_FILE: not set"),
+        (&[("TLS_CERT_FILE", cert)], "TLS_KEY_FILE: is not set"),
+        (
+            &[("TLS_CERT_FILE", "/nonexistent.pem"), ("TLS_KEY_FILE", key)],
+            "TLS_CERT_FILE: cannot read /nonexistent.pem",
+        ),
+        (
+            &[("TLS_CERT_FILE", garbage), ("TLS_KEY_FILE", key)],
+            "TLS_CERT_FILE: ",
+        ),
+        (
+            &[("TLS_CERT_FILE", empty), ("TLS_KEY_FILE", key)],
+            "holds no PEM certificate",
+        ),
+        (
+            &[("TLS_CERT_FILE", cert), ("TLS_KEY_FILE", cert)],
+            "TLS_KEY_FILE: ",
+        ),
+        (
+            &[("TLS_CERT_FILE", cert), ("TLS_KEY_FILE", other_key)],
+            "does not match the certificate",
+        ),
+        (
+            &[
+                ("TLS_CERT_FILE", cert),
+                ("TLS_KEY_FILE", key),
+                ("TLS_CLIENT_CA_FILE", empty),
+            ],
+            "TLS_CLIENT_CA_FILE: ",
+        ),
+        (
+            &[
+                ("TLS_CERT_FILE", cert),
+                ("TLS_KEY_FILE", key),
+                ("LISTEN_ADDR", "nowhere"),
+            ],
+            "LISTEN_ADDR",
+        ),
+        (
+            &[
+                ("TLS_CERT_FILE", cert),
+                ("TLS_KEY_FILE", key),
+                ("ADMIN_ADDR", "1.2.3.4:99999"),
+            ],
+            "ADMIN_ADDR",
+        ),
+        (
+            &[
+                ("TLS_CERT_FILE", cert),
+                ("TLS_KEY_FILE", key),
+                ("LOG_FORMAT", "xml"),
+            ],
+            "LOG_FORMAT",
+        ),
+        (
+            &[
+                ("TLS_CERT_FILE", cert),
+                ("TLS_KEY_FILE", key),
+                ("RUST_LOG", "=["),
+            ],
+            "RUST_LOG",
+        ),
+        (
+            &[
+                ("TLS_CERT_FILE", cert),
+                ("TLS_KEY_FILE", key),
+                ("SHUTDOWN_DELAY_SECONDS", "-1"),
+            ],
+            "SHUTDOWN_DELAY_SECONDS",
+        ),
+    ];
+    for (env, expected) in cases {
+        let (code, stderr) = run_to_exit(EXE, env);
+        assert_eq!(code, Some(2), "{env:?} should exit 2; stderr: {stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{env:?}: one line expected, got: {stderr}"
+        );
+        assert!(stderr.starts_with("error: "), "{env:?}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{env:?}: expected {expected:?} in {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{env:?}: {stderr}");
+    }
+}
+
+#[test]
+fn help_and_version_exit_0() {
+    for flag in ["--help", "--version"] {
+        let output = std::process::Command::new(EXE)
+            .arg(flag)
+            .output()
+            .expect("run");
+        assert_eq!(output.status.code(), Some(0), "{flag}");
+    }
+    let help = std::process::Command::new(EXE)
+        .arg("--help")
+        .output()
+        .expect("run");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for var in [
+        "LISTEN_ADDR",
+        "ADMIN_ADDR",
+        "TLS_CERT_FILE",
+        "TLS_KEY_FILE",
+        "TLS_CLIENT_CA_FILE",
+        "SHUTDOWN_DELAY_SECONDS",
+        "SHUTDOWN_TIMEOUT_SECONDS",
+        "LOG_FORMAT",
+    ] {
+        assert!(help.contains(var), "--help does not document {var}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_turns_unready_keeps_serving_through_the_delay_then_exits_0() {
+    let pki = TestPki::new();
+    let env = [
+        ("TLS_CERT_FILE", pki.petra.cert.to_str().expect("path")),
+        ("TLS_KEY_FILE", pki.petra.key.to_str().expect("path")),
+        ("TLS_CLIENT_CA_FILE", pki.ca_file.to_str().expect("path")),
+        ("SHUTDOWN_DELAY_SECONDS", "2"),
+    ];
+    let mut petra = Binary::start(EXE, &env);
+    let admin = plain_client();
+    let readyz = petra.admin_url("/readyz");
+    assert_eq!(
+        admin.get(&readyz).send().await.expect("readyz").status(),
+        StatusCode::OK
+    );
+    // healthcheck probes the same admin port.
+    let health = std::process::Command::new(EXE)
+        .arg("healthcheck")
+        .env("ADMIN_ADDR", petra.admin_addr.to_string())
+        .status()
+        .expect("healthcheck");
+    assert!(health.success());
+
+    petra.signal("TERM");
+    serving::testing::wait_until("/readyz answers 503", Duration::from_secs(5), || async {
+        admin
+            .get(&readyz)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::SERVICE_UNAVAILABLE)
+    })
+    .await;
+    let url = format!("https://localhost:{}", petra.main_addr.port());
+    let hello = client(&pki.ca_file, Some(&pki.klaus))
+        .get(&url)
+        .send()
+        .await
+        .expect("served during the delay");
+    assert_eq!(hello.text().await.expect("body"), "hello");
+
+    let status = tokio::task::block_in_place(|| petra.wait_exit(Duration::from_secs(10)));
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_exits_at_once() {
+    let pki = TestPki::new();
+    let env = [
+        ("TLS_CERT_FILE", pki.petra.cert.to_str().expect("path")),
+        ("TLS_KEY_FILE", pki.petra.key.to_str().expect("path")),
+        ("SHUTDOWN_DELAY_SECONDS", "60"),
+    ];
+    let mut petra = Binary::start(EXE, &env);
+    petra.signal("TERM");
+    let readyz = petra.admin_url("/readyz");
+    let admin = plain_client();
+    serving::testing::wait_until("/readyz answers 503", Duration::from_secs(5), || async {
+        admin
+            .get(&readyz)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::SERVICE_UNAVAILABLE)
+    })
+    .await;
+    petra.signal("INT");
+    let status = tokio::task::block_in_place(|| petra.wait_exit(Duration::from_secs(5)));
+    assert_eq!(status.code(), Some(143));
+}

@@ -1,0 +1,32 @@
+//! Starting Petra in the test process.
+
+use std::path::Path;
+
+use serving::ServeArgs;
+use serving::config::LogFormat;
+use serving::testing::{Running, TestPki, loopback, spawn};
+
+/// Settings for a Petra on free loopback ports serving `pki`'s certificate, requiring client
+/// certificates from `client_ca` when given.
+pub(crate) fn args(pki: &TestPki, client_ca: Option<&Path>) -> ServeArgs {
+    ServeArgs {
+        admin_addr: loopback(),
+        tls_cert_file: Some(pki.petra.cert.clone()),
+        tls_key_file: Some(pki.petra.key.clone()),
+        tls_client_ca_file: client_ca.map(Path::to_path_buf),
+        tls_reload_interval_seconds: 0,
+        shutdown_delay_seconds: 0,
+        shutdown_timeout_seconds: 5,
+        log_format: LogFormat::Text,
+    }
+}
+
+/// Petra with mutual TLS against `pki`'s CA.
+pub(crate) async fn spawn_petra(pki: &TestPki) -> Running {
+    spawn_with(args(pki, Some(&pki.ca_file))).await
+}
+
+/// Petra with the given settings.
+pub(crate) async fn spawn_with(args: ServeArgs) -> Running {
+    spawn(petra::service(loopback(), &args).expect("valid configuration")).await
+}

@@ -1,0 +1,69 @@
+//! Rotated certificate files are served without a restart, and a broken rotation keeps the
+//! old certificate.
+
+use std::time::Duration;
+
+use rustls::version::TLS13;
+use serving::testing::{TestPki, handshake, loopback, server_cert, spawn, wait_until};
+
+#[tokio::test]
+async fn serves_a_rotated_certificate_without_a_restart() {
+    let pki = TestPki::new();
+    let args = crate::helpers::args(&pki, Some(&pki.ca_file));
+    let mut service = petra::service(loopback(), &args).expect("valid configuration");
+    if let Some(tls) = service.tls.as_mut() {
+        tls.reload_interval = Some(Duration::from_millis(50));
+    }
+    let petra = spawn(service).await;
+    let leaf = || async {
+        handshake(
+            petra.main_addr,
+            &pki.ca_file,
+            Some(&pki.klaus),
+            &[&TLS13],
+            &[b"http/1.1"],
+        )
+        .await
+        .expect("handshake")
+        .leaf
+    };
+    let first = leaf().await;
+
+    // A half-written rotation (a key that does not match) keeps the old certificate.
+    let next = server_cert(&pki.ca);
+    std::fs::write(&pki.petra.cert, &next.cert).expect("write cert");
+    let metrics_url = format!("{}/metrics", petra.admin_url());
+    let admin = serving::testing::plain_client();
+    wait_until(
+        "the mismatched pair is seen and refused",
+        Duration::from_secs(5),
+        || async {
+            let text = admin
+                .get(&metrics_url)
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("body");
+            text.contains(r#"tls_reloads_total{result="error"}"#)
+        },
+    )
+    .await;
+    assert_eq!(leaf().await, first, "a mismatched pair must not be loaded");
+
+    std::fs::write(&pki.petra.key, &next.key).expect("write key");
+    wait_until(
+        "the new certificate is served",
+        Duration::from_secs(5),
+        || async { leaf().await != first },
+    )
+    .await;
+    let response = serving::testing::client(&pki.ca_file, Some(&pki.klaus))
+        .get(petra.https_url())
+        .send()
+        .await
+        .expect("request after rotation");
+    assert_eq!(response.text().await.expect("body"), "hello");
+    petra.stop().await;
+}
