@@ -66,12 +66,18 @@ pub fn router(petra: PetraClient, metrics: HttpMetrics) -> Router {
     observe::layer(routes, metrics)
 }
 
-async fn hello(State(petra): State<PetraClient>, headers: HeaderMap) -> Result<Response, PetraError> {
+async fn hello(
+    State(petra): State<PetraClient>,
+    headers: HeaderMap,
+) -> Result<Response, PetraError> {
     let mut text = petra.hello(&headers).await?;
     text.push_str(SUFFIX);
     Ok((
         StatusCode::OK,
-        [(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"))],
+        [(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        )],
         text,
     )
         .into_response())
@@ -79,7 +85,11 @@ async fn hello(State(petra): State<PetraClient>, headers: HeaderMap) -> Result<R
 
 /// Builds the service from its configuration: the Petra client (checked now, so that a bad
 /// URL or certificate fails at startup, not on the first request) and the routes.
-pub fn service(listen_addr: SocketAddr, serve: &ServeArgs, petra: &PetraArgs) -> Result<Service, ConfigError> {
+pub fn service(
+    listen_addr: SocketAddr,
+    serve: &ServeArgs,
+    petra: &PetraArgs,
+) -> Result<Service, ConfigError> {
     let tls = serve.tls_files()?;
     let mut registry = Registry::default();
     let metrics = HttpMetrics::register(&mut registry);
@@ -104,6 +114,9 @@ pub fn main(cli: Cli) -> ExitCode {
             println!("{}", serving::contract::describe("klaus", &Cli::command()));
             ExitCode::SUCCESS
         }
-        None => serving::run(|| service(cli.listen_addr, &cli.serve, &cli.petra), &cli.serve),
+        None => serving::run(
+            || service(cli.listen_addr, &cli.serve, &cli.petra),
+            &cli.serve,
+        ),
     }
 }

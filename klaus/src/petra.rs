@@ -58,8 +58,12 @@ pub struct PetraArgs {
 /// ends in `/`, so that it is the URL Klaus calls.
 pub fn parse_url(raw: &str) -> Result<Url, ConfigError> {
     const VAR: &str = "PETRA_URL";
-    let mut url = Url::parse(raw.trim())
-        .map_err(|err| ConfigError::new(VAR, format!("'{raw}' is not an absolute URL ({err}); expected https://HOST[:PORT]")))?;
+    let mut url = Url::parse(raw.trim()).map_err(|err| {
+        ConfigError::new(
+            VAR,
+            format!("'{raw}' is not an absolute URL ({err}); expected https://HOST[:PORT]"),
+        )
+    })?;
     match url.scheme() {
         "https" => {}
         "http" => {
@@ -69,17 +73,26 @@ pub fn parse_url(raw: &str) -> Result<Url, ConfigError> {
             ));
         }
         other => {
-            return Err(ConfigError::new(VAR, format!("'{raw}' has scheme '{other}'; use https://")));
+            return Err(ConfigError::new(
+                VAR,
+                format!("'{raw}' has scheme '{other}'; use https://"),
+            ));
         }
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(ConfigError::new(VAR, format!("'{raw}' has no host")));
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(ConfigError::new(VAR, "must not carry credentials; Klaus authenticates with its client certificate"));
+        return Err(ConfigError::new(
+            VAR,
+            "must not carry credentials; Klaus authenticates with its client certificate",
+        ));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(ConfigError::new(VAR, format!("'{raw}' must not have a query or fragment")));
+        return Err(ConfigError::new(
+            VAR,
+            format!("'{raw}' must not have a query or fragment"),
+        ));
     }
     if !url.path().ends_with('/') {
         let path = format!("{}/", url.path());
@@ -107,7 +120,11 @@ impl PetraMetrics {
             calls: Family::default(),
             duration: Family::new_with_constructor(serving::metrics::latency_histogram),
         };
-        registry.register("petra_calls", "Calls from Klaus to Petra, by outcome", this.calls.clone());
+        registry.register(
+            "petra_calls",
+            "Calls from Klaus to Petra, by outcome",
+            this.calls.clone(),
+        );
         registry.register(
             "petra_call_duration_seconds",
             "Duration of calls from Klaus to Petra, by outcome",
@@ -119,7 +136,9 @@ impl PetraMetrics {
     fn record(&self, outcome: &'static str, elapsed: Duration) {
         let label = OutcomeLabel { outcome };
         self.calls.get_or_create(&label).inc();
-        self.duration.get_or_create(&label).observe(elapsed.as_secs_f64());
+        self.duration
+            .get_or_create(&label)
+            .observe(elapsed.as_secs_f64());
     }
 }
 
@@ -156,6 +175,10 @@ impl PetraClient {
             .timeout(timeout)
             .connect_timeout(timeout / 2)
             .tcp_nodelay(true)
+            // HTTP/1.1 with a pool of keep-alive connections: a refused client certificate
+            // then surfaces as a TLS alert on the response instead of a closed stream, and
+            // hyper's HTTP/1.1 path costs less CPU per request than HTTP/2 (BENCHMARKS.md).
+            .http1_only()
             .pool_idle_timeout(Duration::from_secs(50))
             .user_agent(concat!("klaus/", env!("CARGO_PKG_VERSION")));
         if let Some(path) = &args.petra_ca_file {
@@ -184,23 +207,40 @@ impl PetraClient {
                 ));
             }
             (Some(cert), Some(key)) => {
-                serving::tls::Identity::load("PETRA_CLIENT_CERT_FILE", cert, "PETRA_CLIENT_KEY_FILE", key)?;
+                serving::tls::Identity::load(
+                    "PETRA_CLIENT_CERT_FILE",
+                    cert,
+                    "PETRA_CLIENT_KEY_FILE",
+                    key,
+                )?;
                 let mut pem = std::fs::read(cert).map_err(|err| {
-                    ConfigError::new("PETRA_CLIENT_CERT_FILE", format!("cannot read {}: {err}", cert.display()))
+                    ConfigError::new(
+                        "PETRA_CLIENT_CERT_FILE",
+                        format!("cannot read {}: {err}", cert.display()),
+                    )
                 })?;
                 pem.push(b'\n');
                 pem.extend(std::fs::read(key).map_err(|err| {
-                    ConfigError::new("PETRA_CLIENT_KEY_FILE", format!("cannot read {}: {err}", key.display()))
+                    ConfigError::new(
+                        "PETRA_CLIENT_KEY_FILE",
+                        format!("cannot read {}: {err}", key.display()),
+                    )
                 })?);
                 let identity = reqwest::Identity::from_pem(&pem).map_err(|err| {
-                    ConfigError::new("PETRA_CLIENT_CERT_FILE", format!("{} cannot be used: {err}", cert.display()))
+                    ConfigError::new(
+                        "PETRA_CLIENT_CERT_FILE",
+                        format!("{} cannot be used: {err}", cert.display()),
+                    )
                 })?;
                 builder = builder.identity(identity);
             }
         }
-        let http = builder
-            .build()
-            .map_err(|err| ConfigError::new("PETRA_CA_FILE", format!("cannot build the HTTPS client: {err}")))?;
+        let http = builder.build().map_err(|err| {
+            ConfigError::new(
+                "PETRA_CA_FILE",
+                format!("cannot build the HTTPS client: {err}"),
+            )
+        })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
@@ -239,7 +279,10 @@ impl PetraClient {
         if !status.is_success() {
             return Err(PetraError::Status(status));
         }
-        if response.content_length().is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+        if response
+            .content_length()
+            .is_some_and(|len| len > MAX_BODY_BYTES as u64)
+        {
             return Err(PetraError::TooLarge);
         }
         let mut body = Vec::new();
@@ -254,7 +297,11 @@ impl PetraClient {
 
     fn classify(&self, err: reqwest::Error) -> PetraError {
         let url = &self.inner.url;
-        let target = format!("{}:{}", url.host_str().unwrap_or_default(), url.port_or_known_default().unwrap_or(443));
+        let target = format!(
+            "{}:{}",
+            url.host_str().unwrap_or_default(),
+            url.port_or_known_default().unwrap_or(443)
+        );
         classify(err, target, self.inner.timeout_ms)
     }
 }
@@ -283,14 +330,19 @@ impl TlsProblem {
         match err {
             rustls::Error::InvalidCertificate(cert) => match cert {
                 CertificateError::UnknownIssuer | CertificateError::BadSignature => Self::UnknownCa,
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
-                    Self::WrongName
+                CertificateError::NotValidForName
+                | CertificateError::NotValidForNameContext { .. } => Self::WrongName,
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    Self::Expired
                 }
-                CertificateError::Expired | CertificateError::ExpiredContext { .. } => Self::Expired,
-                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => Self::NotYetValid,
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    Self::NotYetValid
+                }
                 _ => Self::Other,
             },
-            rustls::Error::AlertReceived(AlertDescription::CertificateRequired) => Self::ClientCertRequired,
+            rustls::Error::AlertReceived(AlertDescription::CertificateRequired) => {
+                Self::ClientCertRequired
+            }
             rustls::Error::AlertReceived(
                 AlertDescription::BadCertificate
                 | AlertDescription::UnknownCA
@@ -326,7 +378,9 @@ impl TlsProblem {
             ),
             Self::Expired => format!("Petra's certificate at {target} has expired; renew it"),
             Self::NotYetValid => {
-                format!("Petra's certificate at {target} is not valid yet; check its dates and the clocks")
+                format!(
+                    "Petra's certificate at {target} is not valid yet; check its dates and the clocks"
+                )
             }
             Self::ClientCertRequired => format!(
                 "Petra at {target} requires a client certificate; set PETRA_CLIENT_CERT_FILE and PETRA_CLIENT_KEY_FILE"
@@ -421,7 +475,9 @@ impl PetraError {
             Self::Timeout { timeout_ms, .. } => {
                 format!("Petra did not answer within {timeout_ms} ms (PETRA_TIMEOUT_MS)")
             }
-            Self::Tls { problem, target, .. } => problem.detail(target),
+            Self::Tls {
+                problem, target, ..
+            } => problem.detail(target),
             other => other.to_string(),
         }
     }
@@ -430,7 +486,10 @@ impl PetraError {
 /// Sorts a client error into a [`PetraError`] by looking through its chain of causes.
 fn classify(err: reqwest::Error, target: String, timeout_ms: u64) -> PetraError {
     if err.is_timeout() {
-        return PetraError::Timeout { timeout_ms, source: err };
+        return PetraError::Timeout {
+            timeout_ms,
+            source: err,
+        };
     }
     let mut io_kind = None;
     let mut dns = false;
@@ -438,7 +497,11 @@ fn classify(err: reqwest::Error, target: String, timeout_ms: u64) -> PetraError 
     while let Some(current) = cause {
         if let Some(tls) = find_rustls(current) {
             let problem = TlsProblem::of(tls);
-            return PetraError::Tls { problem, target, source: err };
+            return PetraError::Tls {
+                problem,
+                target,
+                source: err,
+            };
         }
         if let Some(io) = current.downcast_ref::<std::io::Error>() {
             io_kind.get_or_insert(io.kind());
@@ -450,15 +513,25 @@ fn classify(err: reqwest::Error, target: String, timeout_ms: u64) -> PetraError 
     let detail = match io_kind {
         _ if dns => format!("Petra's host name in {target} does not resolve; check PETRA_URL"),
         Some(ErrorKind::ConnectionRefused) => {
-            format!("Petra refused the connection at {target}; is Petra running, and is PETRA_URL right?")
+            format!(
+                "Petra refused the connection at {target}; is Petra running, and is PETRA_URL right?"
+            )
         }
-        Some(ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof) => {
+        Some(
+            ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::BrokenPipe
+            | ErrorKind::UnexpectedEof,
+        ) => {
             format!("the connection to Petra at {target} was closed before Petra answered")
         }
         _ if err.is_connect() => format!("Klaus could not connect to Petra at {target}"),
         _ => format!("the call to Petra at {target} failed before Petra answered"),
     };
-    PetraError::Unreachable { detail, source: err }
+    PetraError::Unreachable {
+        detail,
+        source: err,
+    }
 }
 
 /// The TLS error in `err`, also when it sits inside (nested) `io::Error`s, whose `source` skips
@@ -499,7 +572,10 @@ impl IntoResponse for PetraError {
         });
         (
             status,
-            [(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"))],
+            [(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/problem+json"),
+            )],
             body.to_string(),
         )
             .into_response()
@@ -512,8 +588,14 @@ mod tests {
 
     #[test]
     fn petra_url_must_be_https_with_a_host() {
-        assert_eq!(parse_url("https://petra:8443").expect("valid").as_str(), "https://petra:8443/");
-        assert_eq!(parse_url("https://petra/api").expect("valid").as_str(), "https://petra/api/");
+        assert_eq!(
+            parse_url("https://petra:8443").expect("valid").as_str(),
+            "https://petra:8443/"
+        );
+        assert_eq!(
+            parse_url("https://petra/api").expect("valid").as_str(),
+            "https://petra/api/"
+        );
         for (bad, says) in [
             ("http://petra:8443", "uses http"),
             ("petra:8443", "scheme 'petra'"),

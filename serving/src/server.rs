@@ -10,6 +10,8 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -52,6 +54,36 @@ impl Default for Limits {
     }
 }
 
+/// Connection metrics of the main listener.
+#[derive(Debug, Clone, Default)]
+struct ConnMetrics {
+    accepted: Counter,
+    open: Gauge,
+    handshake_failures: Counter,
+}
+
+impl ConnMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let this = Self::default();
+        registry.register(
+            "connections_accepted",
+            "Connections accepted on the main listener",
+            this.accepted.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Connections open on the main listener",
+            this.open.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes on the main listener that failed or timed out (refused client certificates among them)",
+            this.handshake_failures.clone(),
+        );
+        this
+    }
+}
+
 /// Everything a service hands to the server.
 #[derive(Debug)]
 pub struct Service {
@@ -82,6 +114,7 @@ pub struct Bound {
     admin: TcpListener,
     tls: Option<Arc<ReloadingConfig>>,
     registry: Arc<Registry>,
+    conn_metrics: ConnMetrics,
     health: Health,
     timing: Timing,
     limits: Limits,
@@ -97,6 +130,7 @@ impl Service {
             .transpose()?;
         let main = bind("LISTEN_ADDR", self.listen_addr).await?;
         let admin = bind("ADMIN_ADDR", self.admin_addr).await?;
+        let conn_metrics = ConnMetrics::register(&mut self.registry);
         Ok(Bound {
             name: self.name,
             router: self.router,
@@ -104,6 +138,7 @@ impl Service {
             admin,
             tls,
             registry: Arc::new(self.registry),
+            conn_metrics,
             health: Health::default(),
             timing: self.timing,
             limits: self.limits,
@@ -147,6 +182,7 @@ impl Bound {
         let admin = tokio::spawn(accept_loop(
             self.admin,
             None,
+            None,
             admin_router,
             self.limits,
             stop_admin.clone(),
@@ -155,6 +191,7 @@ impl Bound {
         let main = tokio::spawn(accept_loop(
             self.main,
             self.tls.clone(),
+            Some(self.conn_metrics.clone()),
             self.router,
             self.limits,
             stop_main.clone(),
@@ -193,6 +230,7 @@ fn unspecified() -> SocketAddr {
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<Arc<ReloadingConfig>>,
+    metrics: Option<ConnMetrics>,
     router: axum::Router,
     limits: Limits,
     stop: CancellationToken,
@@ -217,10 +255,26 @@ async fn accept_loop(
         let service = service.clone();
         let stop = stop.clone();
         let tls = tls.as_ref().map(|tls| tls.current());
+        let metrics = metrics.clone();
         tracker.spawn(async move {
+            if let Some(metrics) = &metrics {
+                metrics.accepted.inc();
+                metrics.open.inc();
+            }
             match tls {
                 None => serve_http1(stream, service, &limits, &stop).await,
-                Some(config) => serve_tls(stream, peer, config, service, &limits, &stop).await,
+                Some(config) => {
+                    if serve_tls(stream, peer, config, service, &limits, &stop)
+                        .await
+                        .is_err()
+                        && let Some(metrics) = &metrics
+                    {
+                        metrics.handshake_failures.inc();
+                    }
+                }
+            }
+            if let Some(metrics) = &metrics {
+                metrics.open.dec();
             }
         });
     }
@@ -248,20 +302,20 @@ async fn serve_tls(
     service: HyperService,
     limits: &Limits,
     stop: &CancellationToken,
-) {
+) -> Result<(), ()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let handshake = tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream));
     let stream = tokio::select! {
-        () = stop.cancelled() => return,
+        () = stop.cancelled() => return Ok(()),
         result = handshake => match result {
             Ok(Ok(stream)) => stream,
             Ok(Err(err)) => {
                 tracing::debug!(%peer, error = %err, "TLS handshake failed");
-                return;
+                return Err(());
             }
             Err(_) => {
                 tracing::debug!(%peer, "TLS handshake timed out");
-                return;
+                return Err(());
             }
         },
     };
@@ -271,6 +325,7 @@ async fn serve_tls(
     } else {
         serve_http1(stream, service, limits, stop).await;
     }
+    Ok(())
 }
 
 async fn serve_http1<IO>(io: IO, service: HyperService, limits: &Limits, stop: &CancellationToken)

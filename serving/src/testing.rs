@@ -229,13 +229,19 @@ pub fn client_builder(ca: &Path, identity: Option<&Files>) -> reqwest::ClientBui
     builder
 }
 
-/// A plain-HTTP client, for admin ports and plain listeners.
+/// A plain-HTTP client, for admin ports and plain listeners. Built once per test binary:
+/// building a client reads the system's CA bundle, which is slow in debug builds.
 pub fn plain_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client")
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("client")
+        })
+        .clone()
 }
 
 /// A service binary started by a test, with the addresses it logged when it began serving.

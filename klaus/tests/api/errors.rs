@@ -1,0 +1,298 @@
+//! Every way a call to Petra can fail ends in a fast, specific problem+json answer.
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use serving::certs::{Ca, Usage};
+use serving::testing::{TestPki, wait_until, write_pem};
+use time::OffsetDateTime;
+
+use crate::helpers::{
+    get as http_get, metrics, petra_args, spawn_fake_petra, spawn_klaus, spawn_klaus_for,
+    spawn_petra,
+};
+
+/// Calls Klaus and checks that it answered `status` with a problem whose code is `code`;
+/// returns the problem.
+async fn expect_problem(url: &str, status: u16, code: &str) -> serde_json::Value {
+    let (got, content_type, body) = http_get(url).await;
+    assert_eq!(got, status, "{body}");
+    assert_eq!(content_type, "application/problem+json", "{body}");
+    let problem: serde_json::Value = serde_json::from_str(&body).expect("problem is JSON");
+    assert_eq!(problem["status"], status, "{problem}");
+    assert_eq!(problem["code"], code, "{problem}");
+    assert!(
+        problem["title"].is_string() && problem["detail"].is_string(),
+        "{problem}"
+    );
+    problem
+}
+
+#[tokio::test]
+async fn petra_down_gives_502_in_well_under_a_second() {
+    // A port that was just free: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let pki = TestPki::new();
+    let klaus = spawn_klaus(&petra_args(
+        &format!("https://localhost:{port}"),
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    ))
+    .await;
+    let started = Instant::now();
+    let problem = expect_problem(&klaus.http_url(), 502, "petra_unreachable").await;
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "took {:?}",
+        started.elapsed()
+    );
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("refused"), "{detail}");
+    assert!(!detail.contains("os error"), "internals leak: {detail}");
+    // Klaus stays ready: readiness does not depend on Petra.
+    assert_eq!(
+        http_get(&format!("{}/readyz", klaus.admin_url())).await.0,
+        200
+    );
+    let text = metrics(&klaus).await;
+    assert!(
+        text.contains(r#"petra_calls_total{outcome="unreachable"} 1"#),
+        "{text}"
+    );
+    klaus.stop().await;
+}
+
+#[tokio::test]
+async fn petra_too_slow_gives_504_at_the_deadline() {
+    let pki = TestPki::new();
+    let slow = Router::new().route(
+        "/",
+        get(|| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            "hello"
+        }),
+    );
+    let petra = spawn_fake_petra(&pki, &pki.petra, slow).await;
+    let mut args = petra_args(
+        &petra.https_url(),
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    );
+    args.petra_timeout_ms = 300;
+    let klaus = spawn_klaus(&args).await;
+    let started = Instant::now();
+    let problem = expect_problem(&klaus.http_url(), 504, "petra_timeout").await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(800),
+        "took {took:?}"
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("300 ms"),
+        "{problem}"
+    );
+    assert_eq!(problem["title"], "Gateway Timeout");
+    klaus.stop().await;
+}
+
+#[tokio::test]
+async fn an_untrusted_petra_certificate_gives_502_naming_the_ca() {
+    let pki = TestPki::new();
+    let petra = spawn_petra(&pki).await;
+    // Klaus trusts a different CA than the one that signed Petra's certificate.
+    let other = TestPki::new();
+    let klaus = spawn_klaus(&petra_args(
+        &petra.https_url(),
+        Some(other.ca_file.clone()),
+        Some(&pki.klaus),
+    ))
+    .await;
+    let problem = expect_problem(&klaus.http_url(), 502, "petra_tls_unknown_ca").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("PETRA_CA_FILE"),
+        "{problem}"
+    );
+    klaus.stop().await;
+    petra.stop().await;
+}
+
+#[tokio::test]
+async fn a_petra_certificate_for_another_name_gives_502_naming_the_name() {
+    let pki = TestPki::new();
+    let now = OffsetDateTime::now_utc();
+    let wrong = pki.issue(
+        "wrong",
+        &["elsewhere.example"],
+        Usage::Server,
+        now - time::Duration::hours(1),
+        now + time::Duration::days(1),
+    );
+    let petra = spawn_fake_petra(
+        &pki,
+        &wrong,
+        Router::new().route("/", get(|| async { "hello" })),
+    )
+    .await;
+    let klaus = spawn_klaus_for(&pki, &petra).await;
+    let problem = expect_problem(&klaus.http_url(), 502, "petra_tls_wrong_name").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not valid for localhost"),
+        "{problem}"
+    );
+    klaus.stop().await;
+    petra.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_petra_certificate_gives_502() {
+    let pki = TestPki::new();
+    let now = OffsetDateTime::now_utc();
+    let expired = pki.issue(
+        "expired",
+        &["localhost"],
+        Usage::Server,
+        now - time::Duration::days(10),
+        now - time::Duration::days(1),
+    );
+    let petra = spawn_fake_petra(
+        &pki,
+        &expired,
+        Router::new().route("/", get(|| async { "hello" })),
+    )
+    .await;
+    let klaus = spawn_klaus_for(&pki, &petra).await;
+    expect_problem(&klaus.http_url(), 502, "petra_tls_expired").await;
+    klaus.stop().await;
+    petra.stop().await;
+}
+
+#[tokio::test]
+async fn petra_refusing_klaus_gives_502_for_no_or_a_foreign_client_certificate() {
+    let pki = TestPki::new();
+    let petra = spawn_petra(&pki).await;
+    let stranger = Ca::new("another CA").expect("CA");
+    let foreign = write_pem(
+        pki.dir.path(),
+        "foreign",
+        &stranger
+            .issue_for_days(&["klaus".to_owned()], Usage::Client, 1)
+            .expect("cert"),
+    );
+    for identity in [None, Some(&foreign)] {
+        let klaus = spawn_klaus(&petra_args(
+            &petra.https_url(),
+            Some(pki.ca_file.clone()),
+            identity,
+        ))
+        .await;
+        let (status, content_type, body) = http_get(&klaus.http_url()).await;
+        assert_eq!(
+            (status, content_type.as_str()),
+            (502, "application/problem+json"),
+            "{body}"
+        );
+        let problem: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let code = problem["code"].as_str().unwrap_or_default();
+        assert!(
+            matches!(
+                code,
+                "petra_tls_client_cert_required" | "petra_tls_client_cert_refused"
+            ),
+            "identity {:?}: {problem}",
+            identity.map(|f| &f.cert)
+        );
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("PETRA_CLIENT_CERT_FILE")
+                || code.ends_with("refused"),
+            "{problem}"
+        );
+        klaus.stop().await;
+    }
+    petra.stop().await;
+}
+
+#[tokio::test]
+async fn bad_answers_from_petra_give_502() {
+    let pki = TestPki::new();
+    let fake = Router::new()
+        .route("/", get(|| async { "hello" }))
+        .route(
+            "/unavailable/",
+            get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "busy") }),
+        )
+        .route("/binary/", get(|| async { vec![0xff_u8, 0xfe, 0x00] }))
+        .route(
+            "/huge/",
+            get(|| async { "x".repeat(klaus::petra::MAX_BODY_BYTES + 1) }),
+        );
+    let petra = spawn_fake_petra(&pki, &pki.petra, fake).await;
+    for (prefix, code) in [
+        ("unavailable", "petra_bad_status"),
+        ("binary", "petra_body_not_text"),
+        ("huge", "petra_body_too_large"),
+    ] {
+        let url = format!("{}/{prefix}", petra.https_url());
+        let klaus = spawn_klaus(&petra_args(
+            &url,
+            Some(pki.ca_file.clone()),
+            Some(&pki.klaus),
+        ))
+        .await;
+        let problem = expect_problem(&klaus.http_url(), 502, code).await;
+        if prefix == "unavailable" {
+            assert!(
+                problem["detail"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("503"),
+                "{problem}"
+            );
+        }
+        klaus.stop().await;
+    }
+    petra.stop().await;
+}
+
+#[tokio::test]
+async fn klaus_recovers_when_petra_comes_back() {
+    let pki = TestPki::new();
+    let petra = spawn_petra(&pki).await;
+    let klaus = spawn_klaus_for(&pki, &petra).await;
+    assert_eq!(http_get(&klaus.http_url()).await.2, "hello world");
+    let addr = petra.main_addr;
+    petra.stop().await;
+    expect_problem(&klaus.http_url(), 502, "petra_unreachable").await;
+
+    // Petra returns on the same port.
+    let mut args = crate::helpers::serve_args();
+    args.tls_cert_file = Some(pki.petra.cert.clone());
+    args.tls_key_file = Some(pki.petra.key.clone());
+    args.tls_client_ca_file = Some(pki.ca_file.clone());
+    let back = serving::testing::spawn(petra::service(addr, &args).expect("config")).await;
+    wait_until(
+        "Klaus answers hello world again",
+        Duration::from_secs(5),
+        || async { http_get(&klaus.http_url()).await.2 == "hello world" },
+    )
+    .await;
+    klaus.stop().await;
+    back.stop().await;
+}

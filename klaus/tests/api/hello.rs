@@ -1,0 +1,148 @@
+//! The happy path: `hello world` end to end over mutual TLS, with trace context passed on.
+
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::http::HeaderMap;
+use axum::routing::get;
+use serving::testing::{TestPki, client_builder};
+
+use crate::helpers::{get as http_get, metrics, spawn_fake_petra, spawn_klaus_for, spawn_petra};
+
+#[tokio::test]
+async fn says_hello_world_through_petra_over_mutual_tls() {
+    let pki = TestPki::new();
+    let petra = spawn_petra(&pki).await;
+    let klaus = spawn_klaus_for(&pki, &petra).await;
+    for _ in 0..3 {
+        let (status, content_type, body) = http_get(&klaus.http_url()).await;
+        assert_eq!(
+            (status, content_type.as_str(), body.as_str()),
+            (200, "text/plain; charset=utf-8", "hello world")
+        );
+    }
+    let text = metrics(&klaus).await;
+    assert!(
+        text.contains(r#"petra_calls_total{outcome="ok"} 3"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"petra_call_duration_seconds_count{outcome="ok"} 3"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"http_requests_total{route="/",method="GET",status="200"} 3"#),
+        "{text}"
+    );
+    klaus.stop().await;
+    petra.stop().await;
+}
+
+#[tokio::test]
+async fn reuses_one_connection_to_petra() {
+    let pki = TestPki::new();
+    let petra = spawn_petra(&pki).await;
+    let klaus = spawn_klaus_for(&pki, &petra).await;
+    for _ in 0..20 {
+        assert_eq!(http_get(&klaus.http_url()).await.2, "hello world");
+    }
+    // Petra served 20 requests on one connection: a client per request would have opened 20.
+    let petra_metrics = http_get(&format!("{}/metrics", petra.admin_url())).await.2;
+    assert!(
+        petra_metrics.contains(r#"http_requests_total{route="/",method="GET",status="200"} 20"#),
+        "{petra_metrics}"
+    );
+    assert!(
+        petra_metrics.contains("connections_accepted_total 1\n"),
+        "{petra_metrics}"
+    );
+    klaus.stop().await;
+    petra.stop().await;
+}
+
+#[tokio::test]
+async fn passes_on_traceparent_and_request_id() {
+    let pki = TestPki::new();
+    let seen: Arc<Mutex<Vec<HeaderMap>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    let fake = Router::new().route(
+        "/",
+        get(move |headers: HeaderMap| {
+            let record = Arc::clone(&record);
+            async move {
+                record.lock().expect("lock").push(headers);
+                "hello"
+            }
+        }),
+    );
+    let petra = spawn_fake_petra(&pki, &pki.petra, fake).await;
+    let klaus = spawn_klaus_for(&pki, &petra).await;
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let response = serving::testing::plain_client()
+        .get(klaus.http_url())
+        .header("traceparent", traceparent)
+        .header("x-request-id", "req-42")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.headers()["x-request-id"], "req-42");
+    assert_eq!(response.text().await.expect("body"), "hello world");
+    let seen = seen.lock().expect("lock");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0]["traceparent"], traceparent);
+    assert_eq!(seen[0]["x-request-id"], "req-42");
+    drop(seen);
+    klaus.stop().await;
+    petra.stop().await;
+}
+
+#[tokio::test]
+async fn serves_https_on_its_front_when_given_a_certificate() {
+    let pki = TestPki::new();
+    let petra = spawn_petra(&pki).await;
+    let mut args = crate::helpers::serve_args();
+    // Klaus's front uses a server certificate for localhost (Petra's will do in a test).
+    args.tls_cert_file = Some(pki.petra.cert.clone());
+    args.tls_key_file = Some(pki.petra.key.clone());
+    let petra_args = crate::helpers::petra_args(
+        &petra.https_url(),
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    );
+    let klaus = serving::testing::spawn(
+        klaus::service(serving::testing::loopback(), &args, &petra_args).expect("config"),
+    )
+    .await;
+    for http1 in [true, false] {
+        let mut builder = client_builder(&pki.ca_file, None);
+        if http1 {
+            builder = builder.http1_only();
+        }
+        let response = builder
+            .build()
+            .expect("client")
+            .get(klaus.https_url())
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.text().await.expect("body"), "hello world");
+    }
+    klaus.stop().await;
+    petra.stop().await;
+}
+
+#[tokio::test]
+async fn answers_404_and_405() {
+    let pki = TestPki::new();
+    let petra = spawn_petra(&pki).await;
+    let klaus = spawn_klaus_for(&pki, &petra).await;
+    assert_eq!(http_get(&format!("{}/nope", klaus.http_url())).await.0, 404);
+    let post = serving::testing::plain_client()
+        .post(klaus.http_url())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(post.status().as_u16(), 405);
+    klaus.stop().await;
+    petra.stop().await;
+}

@@ -1,0 +1,108 @@
+//! Starting Klaus and Petra (real or fake) in the test process.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use axum::Router;
+use klaus::PetraArgs;
+use serving::ServeArgs;
+use serving::config::LogFormat;
+use serving::server::{Limits, Service};
+use serving::shutdown::Timing;
+use serving::testing::{Files, Running, TestPki, loopback, spawn};
+
+/// Serve settings on free loopback ports, plain HTTP.
+pub(crate) fn serve_args() -> ServeArgs {
+    ServeArgs {
+        admin_addr: loopback(),
+        tls_cert_file: None,
+        tls_key_file: None,
+        tls_client_ca_file: None,
+        tls_reload_interval_seconds: 0,
+        shutdown_delay_seconds: 0,
+        shutdown_timeout_seconds: 5,
+        log_format: LogFormat::Text,
+    }
+}
+
+/// Klaus's settings for a Petra at `url`, trusting `pki`'s CA and presenting `identity`.
+pub(crate) fn petra_args(url: &str, ca: Option<PathBuf>, identity: Option<&Files>) -> PetraArgs {
+    PetraArgs {
+        petra_url: Some(url.to_owned()),
+        petra_ca_file: ca,
+        petra_client_cert_file: identity.map(|files| files.cert.clone()),
+        petra_client_key_file: identity.map(|files| files.key.clone()),
+        petra_timeout_ms: 2000,
+    }
+}
+
+/// The real Petra with mutual TLS against `pki`'s CA.
+pub(crate) async fn spawn_petra(pki: &TestPki) -> Running {
+    let mut args = serve_args();
+    args.tls_cert_file = Some(pki.petra.cert.clone());
+    args.tls_key_file = Some(pki.petra.key.clone());
+    args.tls_client_ca_file = Some(pki.ca_file.clone());
+    spawn(petra::service(loopback(), &args).expect("valid Petra configuration")).await
+}
+
+/// A fake Petra serving `router` over HTTPS with `cert`, requiring client certificates from
+/// `pki`'s CA.
+pub(crate) async fn spawn_fake_petra(pki: &TestPki, cert: &Files, router: Router) -> Running {
+    spawn(Service {
+        name: "fake-petra",
+        router,
+        listen_addr: loopback(),
+        admin_addr: loopback(),
+        tls: Some(serving::tls::ServerFiles {
+            cert: cert.cert.clone(),
+            key: cert.key.clone(),
+            client_ca: Some(pki.ca_file.clone()),
+            reload_interval: None,
+        }),
+        registry: Default::default(),
+        timing: Timing {
+            delay: Duration::ZERO,
+            drain_timeout: Duration::from_secs(1),
+        },
+        limits: Limits::default(),
+    })
+    .await
+}
+
+/// Klaus on plain HTTP, calling Petra as `petra` says.
+pub(crate) async fn spawn_klaus(petra: &PetraArgs) -> Running {
+    spawn(klaus::service(loopback(), &serve_args(), petra).expect("valid Klaus configuration"))
+        .await
+}
+
+/// Klaus wired to `petra` with `pki`'s CA and Klaus's client certificate.
+pub(crate) async fn spawn_klaus_for(pki: &TestPki, petra: &Running) -> Running {
+    spawn_klaus(&petra_args(
+        &petra.https_url(),
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    ))
+    .await
+}
+
+/// `GET url` on a plain client: status, content type and body.
+pub(crate) async fn get(url: &str) -> (u16, String, String) {
+    let response = serving::testing::plain_client()
+        .get(url)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    (status, content_type, response.text().await.expect("body"))
+}
+
+/// Klaus's metrics text.
+pub(crate) async fn metrics(klaus: &Running) -> String {
+    get(&format!("{}/metrics", klaus.admin_url())).await.2
+}

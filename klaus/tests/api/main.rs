@@ -1,0 +1,7 @@
+//! Klaus's integration tests: Klaus and a real (or fake) Petra in process on free ports with
+//! certificates made on the spot, and the built binary for configuration errors and shutdown.
+
+mod binary;
+mod errors;
+mod hello;
+mod helpers;
