@@ -235,8 +235,11 @@ pub fn plain_client() -> reqwest::Client {
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     CLIENT
         .get_or_init(|| {
+            // No idle connections: a test's runtime ends with the test, and a pooled
+            // connection must not outlive it into the next test in the same process.
             reqwest::Client::builder()
                 .no_proxy()
+                .pool_max_idle_per_host(0)
                 .timeout(Duration::from_secs(10))
                 .build()
                 .expect("client")
