@@ -287,28 +287,17 @@ impl Binary {
                 }
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("{exe} did not log `serving` within 20 s"));
-            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if event["message"] == "serving" {
-                let addr = |key: &str| {
-                    event[key]
-                        .as_str()
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or_else(|| panic!("no {key} in {line}"))
-                };
-                return Self {
-                    main_addr: addr("main_addr"),
-                    admin_addr: addr("admin_addr"),
-                    child,
-                    lines,
-                };
+        match serving_addrs(&lines, Duration::from_secs(20)) {
+            Some((main_addr, admin_addr)) => Self {
+                child,
+                main_addr,
+                admin_addr,
+                lines,
+            },
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{exe} did not log `serving` within 20 s");
             }
         }
     }
@@ -348,6 +337,26 @@ impl Drop for Binary {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Reads log lines until the `serving` one and returns the main and admin addresses it names.
+fn serving_addrs(
+    lines: &std::sync::mpsc::Receiver<String>,
+    timeout: Duration,
+) -> Option<(SocketAddr, SocketAddr)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .ok()?;
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if event["message"] == "serving" {
+            let addr = |key: &str| event[key].as_str().and_then(|s| s.parse().ok());
+            return Some((addr("main_addr")?, addr("admin_addr")?));
+        }
     }
 }
 
