@@ -101,6 +101,14 @@ pub fn parse_url(raw: &str) -> Result<Url, ConfigError> {
     Ok(url)
 }
 
+/// Checks Petra's body: at most [`MAX_BODY_BYTES`], UTF-8 text.
+pub fn body_text(body: Vec<u8>) -> Result<String, PetraError> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(PetraError::TooLarge);
+    }
+    String::from_utf8(body).map_err(|_| PetraError::NotText)
+}
+
 /// Calls to Petra by outcome, and their latency.
 #[derive(Debug, Clone)]
 pub struct PetraMetrics {
@@ -292,7 +300,7 @@ impl PetraClient {
             }
             body.extend_from_slice(&chunk);
         }
-        String::from_utf8(body).map_err(|_| PetraError::NotText)
+        body_text(body)
     }
 
     fn classify(&self, err: reqwest::Error) -> PetraError {

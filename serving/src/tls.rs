@@ -59,7 +59,9 @@ pub fn load_certs(
     parse_certs(var, path, &read(var, path)?)
 }
 
-fn parse_certs(
+/// Parses every certificate in PEM text read from `path`; an empty or malformed text is an
+/// error naming `var`.
+pub fn parse_certs(
     var: &'static str,
     path: &Path,
     pem: &[u8],
@@ -150,7 +152,8 @@ impl Identity {
         Self::parse(cert_var, cert, &cert_pem, key_var, key, &key_pem)
     }
 
-    fn parse(
+    /// [`Identity::load`] for PEM text already read.
+    pub fn parse(
         cert_var: &'static str,
         cert: &Path,
         cert_pem: &[u8],
