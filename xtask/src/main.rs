@@ -2,6 +2,7 @@
 
 mod ci;
 mod images;
+mod k8s;
 mod util;
 
 use std::process::ExitCode;
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
         "test" => ci::test(),
         "certs" => ci::certs(&rest),
         "images" => images::images(),
+        "k8s" => k8s::k8s(),
         "" | "help" | "-h" | "--help" => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -1,0 +1,161 @@
+//! `cargo xtask k8s`: render every kustomize overlay and component combination, validate and check them.
+//!
+//! The Rust side prepares the tools: `kubectl` (for `kubectl kustomize`), a Python venv under
+//! `target/` with the pinned packages of `xtask/k8s/requirements.txt`, and the services' contracts
+//! (`petra contract`, `klaus contract`). The checks themselves live in `xtask/k8s/check.py`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use xshell::{Shell, cmd};
+
+use crate::util::{root, shell, step};
+
+/// Kubernetes versions whose official schemas every rendered document must pass (strict mode).
+/// 1.32 is the oldest minor still in the big managed offerings' extended support and the one this
+/// machine's kubectl speaks; 1.35 is the oldest minor the Kubernetes project itself still supports;
+/// 1.37 is the newest schema set kubernetes-validate ships.
+const VERSIONS: &[&str] = &["1.32.0", "1.35.0", "1.37.0"];
+
+/// The oldest kustomize (built into kubectl) that handles the components and replacements used here.
+const MIN_KUSTOMIZE_MAJOR: u32 = 5;
+
+/// The venv that holds kubernetes-validate and PyYAML; kept between runs.
+const VENV: &str = "target/k8s-venv";
+
+/// The services whose `contract` subcommand describes ports, admin paths and env vars.
+const SERVICES: &[&str] = &["petra", "klaus"];
+
+/// Renders and checks all Kubernetes manifests under `k8s/`; fails on the first broken rule.
+pub(crate) fn k8s() -> anyhow::Result<()> {
+    let sh = shell()?;
+    let out = root().join("target").join("k8s");
+    sh.create_dir(&out)?;
+    step("kubectl", || ensure_kubectl(&sh))?;
+    let python = step("python venv (kubernetes-validate, PyYAML)", || {
+        ensure_venv(&sh)
+    })?;
+    let contracts = step("service contracts", || write_contracts(&sh, &out))?;
+    step("render, validate and check the manifests", || {
+        let root = root();
+        let versions = VERSIONS.join(",");
+        let contract_args: Vec<String> = contracts
+            .iter()
+            .flat_map(|(service, path)| {
+                [
+                    "--contract".to_owned(),
+                    format!("{service}={}", path.display()),
+                ]
+            })
+            .collect();
+        cmd!(
+            sh,
+            "{python} xtask/k8s/check.py --root {root} --out {out} --versions {versions} {contract_args...}
+             -- cargo run --quiet --locked --package petra -- certs"
+        )
+        .run()
+        .context("the Kubernetes manifests failed a check (see FAIL lines above)")?;
+        Ok(())
+    })
+}
+
+/// Makes sure `kubectl` with a recent built-in kustomize is on the PATH, installing Debian's
+/// package where the machine's package lists offer it.
+fn ensure_kubectl(sh: &Shell) -> anyhow::Result<()> {
+    if cmd!(sh, "kubectl version --client")
+        .quiet()
+        .ignore_stderr()
+        .read()
+        .is_err()
+    {
+        let policy = cmd!(sh, "apt-cache policy kubectl")
+            .quiet()
+            .ignore_stderr()
+            .read()
+            .unwrap_or_default();
+        let candidate = policy
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("Candidate:"))
+            .map(str::trim)
+            .filter(|version| *version != "(none)");
+        match candidate {
+            Some(version) => {
+                println!("installing kubectl {version} from the machine's package lists");
+                cmd!(sh, "apt-get install -y --no-install-recommends kubectl")
+                    .run()
+                    .context("apt-get install kubectl failed (it needs root)")?;
+            }
+            None => bail!(
+                "kubectl is not installed and the machine's package lists have no `kubectl` \
+                 package (`apt-cache policy kubectl`). Debian's own `kubernetes-client` is too old \
+                 (its kustomize lacks components). Install kubectl 1.27 or newer, which has \
+                 kustomize v5 built in, and run `cargo xtask k8s` again."
+            ),
+        }
+    }
+    let version = cmd!(sh, "kubectl version --client").quiet().read()?;
+    let kustomize = version
+        .lines()
+        .find_map(|line| line.strip_prefix("Kustomize Version: v"))
+        .context("`kubectl version --client` names no kustomize version")?;
+    let major: u32 = kustomize
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .unwrap_or(0);
+    if major < MIN_KUSTOMIZE_MAJOR {
+        bail!(
+            "kubectl's kustomize is v{kustomize}; these manifests need v{MIN_KUSTOMIZE_MAJOR} or newer"
+        );
+    }
+    println!("{}", version.lines().collect::<Vec<_>>().join(", "));
+    Ok(())
+}
+
+/// Creates the venv on first use, and again whenever the requirements change; returns its python.
+fn ensure_venv(sh: &Shell) -> anyhow::Result<PathBuf> {
+    let venv = root().join(VENV);
+    let python = venv.join("bin").join("python");
+    let requirements = root().join("xtask").join("k8s").join("requirements.txt");
+    let wanted = sh.read_file(&requirements)?;
+    // A copy of the requirements it was built from marks a finished, current venv.
+    let stamp = venv.join("requirements.installed");
+    if python.exists() && sh.read_file(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        println!("reusing {}", venv.display());
+        return Ok(python);
+    }
+    if venv.exists() {
+        sh.remove_path(&venv)?;
+    }
+    cmd!(sh, "python3 -m venv {venv}")
+        .run()
+        .context("python3 -m venv failed (is python3-venv installed?)")?;
+    cmd!(
+        sh,
+        "{python} -m pip install --quiet --disable-pip-version-check --requirement {requirements}"
+    )
+    .run()
+    .context("pip could not install xtask/k8s/requirements.txt")?;
+    sh.write_file(&stamp, wanted)?;
+    Ok(python)
+}
+
+/// Writes each service's `contract` JSON into `out` and returns (service, file) pairs.
+fn write_contracts(sh: &Shell, out: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    SERVICES
+        .iter()
+        .map(|service| {
+            let json = cmd!(
+                sh,
+                "cargo run --quiet --locked --package {service} -- contract"
+            )
+            .read()
+            .with_context(|| format!("`{service} contract` failed"))?;
+            let path = out.join(format!("{service}.contract.json"));
+            sh.write_file(&path, json)?;
+            println!("{service}: {}", path.display());
+            Ok((service.to_string(), path))
+        })
+        .collect()
+}
