@@ -56,14 +56,14 @@ pub enum Command {
 /// What Klaus appends to Petra's answer.
 pub const SUFFIX: &str = " world";
 
-/// Klaus's routes, with request ids, metrics and logs.
-pub fn router(petra: PetraClient, metrics: HttpMetrics) -> Router {
+/// Klaus's routes, with request ids, load shedding above `max_concurrent`, metrics and logs.
+pub fn router(petra: PetraClient, metrics: HttpMetrics, max_concurrent: usize) -> Router {
     let routes = Router::new()
         .route("/", get(hello))
         .fallback(observe::not_found)
         .method_not_allowed_fallback(observe::method_not_allowed)
         .with_state(petra);
-    observe::layer(routes, metrics)
+    observe::layer(routes, metrics, max_concurrent)
 }
 
 async fn hello(
@@ -96,7 +96,7 @@ pub fn service(
     let client = PetraClient::new(petra, petra::PetraMetrics::register(&mut registry))?;
     Ok(Service {
         name: "klaus",
-        router: router(client, metrics),
+        router: router(client, metrics, serve.max_concurrent_requests as usize),
         listen_addr,
         admin_addr: serve.admin_addr,
         tls,

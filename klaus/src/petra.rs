@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header::CONTENT_TYPE};
@@ -109,11 +110,56 @@ pub fn body_text(body: Vec<u8>) -> Result<String, PetraError> {
     String::from_utf8(body).map_err(|_| PetraError::NotText)
 }
 
+/// Retries allowed: at most [`RetryBudget::MAX_TOKENS`] at once, refilled by a tenth of a
+/// retry for each successful call, so that retries add at most about 10 % to the load on a
+/// healthy Petra and stop altogether when Petra is really down.
+#[derive(Debug)]
+struct RetryBudget {
+    /// Thousandths of a retry.
+    milli_tokens: AtomicU64,
+}
+
+impl RetryBudget {
+    const MAX_TOKENS: u64 = 20;
+    const PER_SUCCESS_MILLI: u64 = 100;
+
+    fn withdraw(&self) -> bool {
+        self.milli_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tokens| {
+                tokens.checked_sub(1000)
+            })
+            .is_ok()
+    }
+
+    fn deposit(&self) {
+        let _ = self
+            .milli_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tokens| {
+                (tokens < Self::MAX_TOKENS * 1000)
+                    .then(|| (tokens + Self::PER_SUCCESS_MILLI).min(Self::MAX_TOKENS * 1000))
+            });
+    }
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            milli_tokens: AtomicU64::new(Self::MAX_TOKENS * 1000),
+        }
+    }
+}
+
 /// Calls to Petra by outcome, and their latency.
 #[derive(Debug, Clone)]
 pub struct PetraMetrics {
     calls: Family<OutcomeLabel, Counter>,
+    retries: Family<RetryLabel, Counter>,
     duration: Family<OutcomeLabel, Histogram, fn() -> Histogram>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabel {
+    result: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -126,6 +172,7 @@ impl PetraMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let this = Self {
             calls: Family::default(),
+            retries: Family::default(),
             duration: Family::new_with_constructor(serving::metrics::latency_histogram),
         };
         registry.register(
@@ -134,11 +181,20 @@ impl PetraMetrics {
             this.calls.clone(),
         );
         registry.register(
+            "petra_retries",
+            "Retries of failed calls on a fresh connection: attempted, or skipped (budget spent or deadline passed)",
+            this.retries.clone(),
+        );
+        registry.register(
             "petra_call_duration_seconds",
             "Duration of calls from Klaus to Petra, by outcome",
             this.duration.clone(),
         );
         this
+    }
+
+    fn retry(&self, result: &'static str) {
+        self.retries.get_or_create(&RetryLabel { result }).inc();
     }
 
     fn record(&self, outcome: &'static str, elapsed: Duration) {
@@ -160,6 +216,8 @@ pub struct PetraClient {
 #[derive(Debug)]
 struct Inner {
     http: reqwest::Client,
+    fresh: reqwest::Client,
+    budget: RetryBudget,
     url: Url,
     timeout_ms: u64,
     metrics: PetraMetrics,
@@ -172,88 +230,17 @@ impl PetraClient {
             ConfigError::new("PETRA_URL", "is not set; set it to Petra's https:// URL")
         })?;
         let url = parse_url(raw)?;
-        let timeout = Duration::from_millis(args.petra_timeout_ms);
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .min_tls_version(reqwest::tls::Version::TLS_1_2)
-            .https_only(true)
-            .redirect(reqwest::redirect::Policy::none())
-            // Service-to-service calls go straight to Petra, whatever HTTPS_PROXY says.
-            .no_proxy()
-            .timeout(timeout)
-            .connect_timeout(timeout / 2)
-            .tcp_nodelay(true)
-            // HTTP/1.1 with a pool of keep-alive connections: a refused client certificate
-            // then surfaces as a TLS alert on the response instead of a closed stream, and
-            // hyper's HTTP/1.1 path costs less CPU per request than HTTP/2 (BENCHMARKS.md).
-            .http1_only()
-            .pool_idle_timeout(Duration::from_secs(50))
-            .user_agent(concat!("klaus/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = &args.petra_ca_file {
-            let certs = serving::tls::load_certs("PETRA_CA_FILE", path)?;
-            // Checks that each is a usable trust anchor before handing them to reqwest.
-            serving::tls::load_roots("PETRA_CA_FILE", path)?;
-            for der in certs {
-                let cert = reqwest::Certificate::from_der(&der).map_err(|err| {
-                    ConfigError::new("PETRA_CA_FILE", format!("{}: {err}", path.display()))
-                })?;
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        match (&args.petra_client_cert_file, &args.petra_client_key_file) {
-            (None, None) => {}
-            (Some(_), None) => {
-                return Err(ConfigError::new(
-                    "PETRA_CLIENT_KEY_FILE",
-                    "is not set, but PETRA_CLIENT_CERT_FILE is; set both or neither",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::new(
-                    "PETRA_CLIENT_CERT_FILE",
-                    "is not set, but PETRA_CLIENT_KEY_FILE is; set both or neither",
-                ));
-            }
-            (Some(cert), Some(key)) => {
-                serving::tls::Identity::load(
-                    "PETRA_CLIENT_CERT_FILE",
-                    cert,
-                    "PETRA_CLIENT_KEY_FILE",
-                    key,
-                )?;
-                let mut pem = std::fs::read(cert).map_err(|err| {
-                    ConfigError::new(
-                        "PETRA_CLIENT_CERT_FILE",
-                        format!("cannot read {}: {err}", cert.display()),
-                    )
-                })?;
-                pem.push(b'\n');
-                pem.extend(std::fs::read(key).map_err(|err| {
-                    ConfigError::new(
-                        "PETRA_CLIENT_KEY_FILE",
-                        format!("cannot read {}: {err}", key.display()),
-                    )
-                })?);
-                let identity = reqwest::Identity::from_pem(&pem).map_err(|err| {
-                    ConfigError::new(
-                        "PETRA_CLIENT_CERT_FILE",
-                        format!("{} cannot be used: {err}", cert.display()),
-                    )
-                })?;
-                builder = builder.identity(identity);
-            }
-        }
-        let http = builder.build().map_err(|err| {
-            ConfigError::new(
-                "PETRA_CA_FILE",
-                format!("cannot build the HTTPS client: {err}"),
-            )
-        })?;
+        let http = build_client(args, true)?;
+        // A second client that keeps no idle connections: a retry goes out on a fresh
+        // connection, never on another pooled one that may have died with the first.
+        let fresh = build_client(args, false)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
+                fresh,
                 url,
                 timeout_ms: args.petra_timeout_ms,
+                budget: RetryBudget::default(),
                 metrics,
             }),
         })
@@ -274,9 +261,40 @@ impl PetraClient {
         result
     }
 
+    /// One call, retried once on a fresh connection when the first attempt could not reach
+    /// Petra (a pooled connection closed under it, or a replica that just went away) and the
+    /// retry budget allows. The retry gets what is left of the deadline.
     async fn call(&self, incoming: &HeaderMap) -> Result<String, PetraError> {
         let inner = &*self.inner;
-        let mut request = inner.http.get(inner.url.clone());
+        let deadline = Duration::from_millis(inner.timeout_ms);
+        let started = Instant::now();
+        let result = match self.attempt(&inner.http, incoming, deadline).await {
+            Err(err) if err.is_retryable() => {
+                let left = deadline.saturating_sub(started.elapsed());
+                if left.is_zero() || !inner.budget.withdraw() {
+                    inner.metrics.retry("skipped");
+                    return Err(err);
+                }
+                inner.metrics.retry("attempted");
+                tracing::debug!(error = %Chain(&err), "retrying the call to Petra on a fresh connection");
+                self.attempt(&inner.fresh, incoming, left).await
+            }
+            other => other,
+        };
+        if result.is_ok() {
+            inner.budget.deposit();
+        }
+        result
+    }
+
+    async fn attempt(
+        &self,
+        client: &reqwest::Client,
+        incoming: &HeaderMap,
+        timeout: Duration,
+    ) -> Result<String, PetraError> {
+        let inner = &*self.inner;
+        let mut request = client.get(inner.url.clone()).timeout(timeout);
         for name in FORWARDED {
             if let Some(value) = incoming.get(&name) {
                 request = request.header(name, value.clone());
@@ -312,6 +330,88 @@ impl PetraClient {
         );
         classify(err, target, self.inner.timeout_ms)
     }
+}
+
+/// Builds the HTTPS client for Petra from the settings; `pooled` keeps idle connections.
+fn build_client(args: &PetraArgs, pooled: bool) -> Result<reqwest::Client, ConfigError> {
+    let timeout = Duration::from_millis(args.petra_timeout_ms);
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .min_tls_version(reqwest::tls::Version::TLS_1_2)
+        .https_only(true)
+        .redirect(reqwest::redirect::Policy::none())
+        // Service-to-service calls go straight to Petra, whatever HTTPS_PROXY says.
+        .no_proxy()
+        .timeout(timeout)
+        .connect_timeout(timeout / 2)
+        .tcp_nodelay(true)
+        // HTTP/1.1 with a pool of keep-alive connections: a refused client certificate
+        // then surfaces as a TLS alert on the response instead of a closed stream, and
+        // hyper's HTTP/1.1 path costs less CPU per request than HTTP/2 (BENCHMARKS.md).
+        .http1_only()
+        .pool_idle_timeout(Duration::from_secs(50))
+        .pool_max_idle_per_host(if pooled { usize::MAX } else { 0 })
+        .user_agent(concat!("klaus/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &args.petra_ca_file {
+        let certs = serving::tls::load_certs("PETRA_CA_FILE", path)?;
+        // Checks that each is a usable trust anchor before handing them to reqwest.
+        serving::tls::load_roots("PETRA_CA_FILE", path)?;
+        for der in certs {
+            let cert = reqwest::Certificate::from_der(&der).map_err(|err| {
+                ConfigError::new("PETRA_CA_FILE", format!("{}: {err}", path.display()))
+            })?;
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    match (&args.petra_client_cert_file, &args.petra_client_key_file) {
+        (None, None) => {}
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                "PETRA_CLIENT_KEY_FILE",
+                "is not set, but PETRA_CLIENT_CERT_FILE is; set both or neither",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                "PETRA_CLIENT_CERT_FILE",
+                "is not set, but PETRA_CLIENT_KEY_FILE is; set both or neither",
+            ));
+        }
+        (Some(cert), Some(key)) => {
+            serving::tls::Identity::load(
+                "PETRA_CLIENT_CERT_FILE",
+                cert,
+                "PETRA_CLIENT_KEY_FILE",
+                key,
+            )?;
+            let mut pem = std::fs::read(cert).map_err(|err| {
+                ConfigError::new(
+                    "PETRA_CLIENT_CERT_FILE",
+                    format!("cannot read {}: {err}", cert.display()),
+                )
+            })?;
+            pem.push(b'\n');
+            pem.extend(std::fs::read(key).map_err(|err| {
+                ConfigError::new(
+                    "PETRA_CLIENT_KEY_FILE",
+                    format!("cannot read {}: {err}", key.display()),
+                )
+            })?);
+            let identity = reqwest::Identity::from_pem(&pem).map_err(|err| {
+                ConfigError::new(
+                    "PETRA_CLIENT_CERT_FILE",
+                    format!("{} cannot be used: {err}", cert.display()),
+                )
+            })?;
+            builder = builder.identity(identity);
+        }
+    }
+    builder.build().map_err(|err| {
+        ConfigError::new(
+            "PETRA_CA_FILE",
+            format!("cannot build the HTTPS client: {err}"),
+        )
+    })
 }
 
 /// What went wrong with a TLS connection to Petra.
@@ -429,6 +529,9 @@ pub enum PetraError {
     Unreachable {
         /// What happened, for the client.
         detail: String,
+        /// Whether the request surely did not reach Petra's handler, or the connection died
+        /// under it, so that another attempt on a fresh connection may succeed.
+        retryable: bool,
         /// The client's error.
         #[source]
         source: reqwest::Error,
@@ -445,6 +548,17 @@ pub enum PetraError {
 }
 
 impl PetraError {
+    /// Whether a retry on a fresh connection may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::Unreachable {
+                retryable: true,
+                ..
+            }
+        )
+    }
+
     /// The outcome label in the metrics.
     pub fn outcome(&self) -> &'static str {
         match self {
@@ -501,6 +615,7 @@ fn classify(err: reqwest::Error, target: String, timeout_ms: u64) -> PetraError 
     }
     let mut io_kind = None;
     let mut dns = false;
+    let mut closed = false;
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&err);
     while let Some(current) = cause {
         if let Some(tls) = find_rustls(current) {
@@ -514,10 +629,25 @@ fn classify(err: reqwest::Error, target: String, timeout_ms: u64) -> PetraError 
         if let Some(io) = current.downcast_ref::<std::io::Error>() {
             io_kind.get_or_insert(io.kind());
         }
+        if let Some(hyper) = current.downcast_ref::<hyper::Error>() {
+            closed |= hyper.is_incomplete_message() || hyper.is_canceled() || hyper.is_closed();
+        }
         dns |= current.to_string().starts_with("dns error");
         cause = current.source();
     }
     use std::io::ErrorKind;
+    let retryable = !dns
+        && (closed
+            || matches!(
+                io_kind,
+                Some(
+                    ErrorKind::ConnectionRefused
+                        | ErrorKind::ConnectionReset
+                        | ErrorKind::ConnectionAborted
+                        | ErrorKind::BrokenPipe
+                        | ErrorKind::UnexpectedEof
+                )
+            ));
     let detail = match io_kind {
         _ if dns => format!("Petra's host name in {target} does not resolve; check PETRA_URL"),
         Some(ErrorKind::ConnectionRefused) => {
@@ -534,10 +664,14 @@ fn classify(err: reqwest::Error, target: String, timeout_ms: u64) -> PetraError 
             format!("the connection to Petra at {target} was closed before Petra answered")
         }
         _ if err.is_connect() => format!("Klaus could not connect to Petra at {target}"),
+        _ if closed => {
+            format!("the connection to Petra at {target} was closed before Petra answered")
+        }
         _ => format!("the call to Petra at {target} failed before Petra answered"),
     };
     PetraError::Unreachable {
         detail,
+        retryable,
         source: err,
     }
 }

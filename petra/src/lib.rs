@@ -48,13 +48,13 @@ pub enum Command {
 /// The body of `GET /`.
 pub const HELLO: &str = "hello";
 
-/// Petra's routes, with request ids, metrics and logs.
-pub fn router(metrics: HttpMetrics) -> Router {
+/// Petra's routes, with request ids, load shedding above `max_concurrent`, metrics and logs.
+pub fn router(metrics: HttpMetrics, max_concurrent: usize) -> Router {
     let routes = Router::new()
         .route("/", get(hello))
         .fallback(observe::not_found)
         .method_not_allowed_fallback(observe::method_not_allowed);
-    observe::layer(routes, metrics)
+    observe::layer(routes, metrics, max_concurrent)
 }
 
 async fn hello() -> Response {
@@ -74,7 +74,7 @@ pub fn service(listen_addr: SocketAddr, serve: &ServeArgs) -> Result<Service, Co
     let metrics = HttpMetrics::register(&mut registry);
     Ok(Service {
         name: "petra",
-        router: router(metrics),
+        router: router(metrics, serve.max_concurrent_requests as usize),
         listen_addr,
         admin_addr: serve.admin_addr,
         tls: Some(tls),

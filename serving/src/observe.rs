@@ -8,8 +8,9 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::header::{CONTENT_TYPE, HeaderName};
+use http::header::{CONTENT_TYPE, HeaderName, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, StatusCode};
+use tokio::sync::Semaphore;
 
 use crate::metrics::{HttpLabels, HttpMetrics, method_label};
 
@@ -27,20 +28,24 @@ pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 /// The longest request id taken from a client; a longer one is replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// Adds request ids, the header limit, metrics and request logs to a router. Call it after the
-/// routes are added, so that the route template is known.
-pub fn layer(router: axum::Router, metrics: HttpMetrics) -> axum::Router {
-    router.layer(axum::middleware::from_fn_with_state(
-        Arc::new(metrics),
-        observe,
-    ))
+/// Adds request ids, the header limit, load shedding above `max_concurrent` requests in
+/// flight, metrics and request logs to a router. Call it after the routes are added, so that
+/// the route template is known.
+pub fn layer(router: axum::Router, metrics: HttpMetrics, max_concurrent: usize) -> axum::Router {
+    let state = Arc::new(Observe {
+        metrics,
+        in_flight: Arc::new(Semaphore::new(max_concurrent)),
+    });
+    router.layer(axum::middleware::from_fn_with_state(state, observe))
 }
 
-async fn observe(
-    State(metrics): State<Arc<HttpMetrics>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+#[derive(Debug)]
+struct Observe {
+    metrics: HttpMetrics,
+    in_flight: Arc<Semaphore>,
+}
+
+async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let request_id = match request.headers().get(&REQUEST_ID) {
         Some(id) if is_sane_id(id) => id.clone(),
@@ -63,8 +68,16 @@ async fn observe(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "request headers too large\n",
         )
-    } else {
+    } else if let Ok(_permit) = state.in_flight.try_acquire() {
         next.run(request).await
+    } else {
+        // Over the limit: a fast 503 keeps latency and memory bounded, where a queue would
+        // grow without end while clients time out anyway.
+        let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, "overloaded, retry later\n");
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        response
     };
     response
         .headers_mut()
@@ -81,7 +94,7 @@ async fn observe(
         request_id = request_id.to_str().unwrap_or_default(),
         "request"
     );
-    metrics.record(
+    state.metrics.record(
         &HttpLabels {
             route,
             method,

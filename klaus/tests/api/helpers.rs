@@ -21,6 +21,7 @@ pub(crate) fn serve_args() -> ServeArgs {
         tls_reload_interval_seconds: 0,
         shutdown_delay_seconds: 0,
         shutdown_timeout_seconds: 5,
+        max_concurrent_requests: 1024,
         log_format: LogFormat::Text,
     }
 }
@@ -105,4 +106,9 @@ pub(crate) async fn get(url: &str) -> (u16, String, String) {
 /// Klaus's metrics text.
 pub(crate) async fn metrics(klaus: &Running) -> String {
     get(&format!("{}/metrics", klaus.admin_url())).await.2
+}
+
+/// [`get`] with an owned URL, for spawned tasks.
+pub(crate) async fn get_owned(url: String) -> (u16, String, String) {
+    get(&url).await
 }

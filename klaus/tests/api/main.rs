@@ -5,3 +5,4 @@ mod binary;
 mod errors;
 mod hello;
 mod helpers;
+mod resilience;

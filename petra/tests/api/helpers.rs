@@ -17,6 +17,7 @@ pub(crate) fn args(pki: &TestPki, client_ca: Option<&Path>) -> ServeArgs {
         tls_reload_interval_seconds: 0,
         shutdown_delay_seconds: 0,
         shutdown_timeout_seconds: 5,
+        max_concurrent_requests: 1024,
         log_format: LogFormat::Text,
     }
 }

@@ -1,0 +1,188 @@
+//! Retries on a fresh connection within a budget, and load shedding above the concurrency
+//! limit.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::get;
+use serving::testing::{TestPki, loopback, spawn, wait_until};
+use tokio::io::AsyncReadExt;
+use tokio::sync::Notify;
+
+use crate::helpers::{
+    get as http_get, metrics, petra_args, serve_args, spawn_fake_petra, spawn_klaus,
+};
+
+/// A Petra whose first connection reads the request and closes without answering, as a
+/// replica does when it dies under a pooled connection; later connections answer `hello`.
+async fn spawn_flaky_petra(pki: &TestPki) -> std::net::SocketAddr {
+    let files = serving::tls::ServerFiles {
+        cert: pki.petra.cert.clone(),
+        key: pki.petra.key.clone(),
+        client_ca: Some(pki.ca_file.clone()),
+        reload_interval: None,
+    };
+    let config = Arc::new(serving::tls::server_config(&files).expect("TLS config"));
+    let listener = tokio::net::TcpListener::bind(loopback())
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let mut first = true;
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            if std::mem::take(&mut first) {
+                let mut buf = [0u8; 1024];
+                let _ = tls.read(&mut buf).await;
+                drop(tls);
+                continue;
+            }
+            let service = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new("hello".to_owned()))
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service),
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_connection_closed_under_a_call_is_retried_once_on_a_fresh_one() {
+    let pki = TestPki::new();
+    let addr = spawn_flaky_petra(&pki).await;
+    let url = format!("https://localhost:{}", addr.port());
+    let klaus = spawn_klaus(&petra_args(
+        &url,
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    ))
+    .await;
+    let (status, _, body) = http_get(&klaus.http_url()).await;
+    assert_eq!((status, body.as_str()), (200, "hello world"));
+    let text = metrics(&klaus).await;
+    assert!(
+        text.contains(r#"petra_retries_total{result="attempted"} 1"#),
+        "{text}"
+    );
+    klaus.stop().await;
+}
+
+#[tokio::test]
+async fn retries_stop_when_the_budget_is_spent() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let pki = TestPki::new();
+    let klaus = spawn_klaus(&petra_args(
+        &format!("https://localhost:{port}"),
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    ))
+    .await;
+    for _ in 0..30 {
+        assert_eq!(http_get(&klaus.http_url()).await.0, 502);
+    }
+    // With Petra down, the first 20 failures are retried and the next 10 are not: retries
+    // never multiply the load on a Petra that is really gone.
+    let text = metrics(&klaus).await;
+    assert!(
+        text.contains(r#"petra_retries_total{result="attempted"} 20"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"petra_retries_total{result="skipped"} 10"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"petra_calls_total{outcome="unreachable"} 30"#),
+        "{text}"
+    );
+    klaus.stop().await;
+}
+
+#[tokio::test]
+async fn requests_over_the_concurrency_limit_get_a_fast_503() {
+    let pki = TestPki::new();
+    let release = Arc::new(Notify::new());
+    let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (on_release, counter) = (release.clone(), held.clone());
+    let fake = Router::new().route(
+        "/",
+        get(move || {
+            let (on_release, counter) = (on_release.clone(), counter.clone());
+            async move {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                on_release.notified().await;
+                "hello"
+            }
+        }),
+    );
+    let petra = spawn_fake_petra(&pki, &pki.petra, fake).await;
+    let mut args = serve_args();
+    args.max_concurrent_requests = 2;
+    let mut petra_settings = petra_args(
+        &petra.https_url(),
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    );
+    petra_settings.petra_timeout_ms = 20_000;
+    let klaus = spawn(klaus::service(loopback(), &args, &petra_settings).expect("config")).await;
+    let url = klaus.http_url();
+    let in_flight: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(crate::helpers::get_owned(url.clone())))
+        .collect();
+    wait_until(
+        "two requests are held at Petra",
+        Duration::from_secs(5),
+        || async { held.load(std::sync::atomic::Ordering::SeqCst) == 2 },
+    )
+    .await;
+
+    let started = Instant::now();
+    let shed = serving::testing::plain_client()
+        .get(&url)
+        .send()
+        .await
+        .expect("request");
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "shedding took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(shed.status().as_u16(), 503);
+    assert_eq!(shed.headers()["retry-after"], "1");
+
+    // Releasing Petra lets the held requests finish, and the limit frees up again.
+    release.notify_waiters();
+    for request in in_flight {
+        assert_eq!(request.await.expect("task").2, "hello world");
+    }
+    let again = tokio::spawn(crate::helpers::get_owned(url.clone()));
+    wait_until(
+        "the third request reaches Petra",
+        Duration::from_secs(5),
+        || async { held.load(std::sync::atomic::Ordering::SeqCst) == 3 },
+    )
+    .await;
+    release.notify_waiters();
+    assert_eq!(again.await.expect("task").0, 200);
+    let text = metrics(&klaus).await;
+    assert!(
+        text.contains(r#"http_requests_total{route="/",method="GET",status="503"} 1"#),
+        "{text}"
+    );
+    klaus.stop().await;
+    petra.stop().await;
+}
