@@ -386,18 +386,18 @@ pub struct Handshake {
     pub alpn: Option<Vec<u8>>,
 }
 
-/// Connects to `addr` as `localhost` with only the given protocol versions, trusting `ca` and
-/// presenting `identity`, sends an HTTP/1.1 request for `/` and reads the first bytes of the
-/// answer, so that a client certificate refused after a TLS 1.3 handshake shows up as an
-/// error too.
-pub async fn handshake(
+/// A TLS client stream.
+pub type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// Opens a TLS connection to `addr` as `localhost` with only the given protocol versions and
+/// ALPN protocols, trusting `ca` and presenting `identity`.
+pub async fn tls_connect(
     addr: SocketAddr,
     ca: &Path,
     identity: Option<&Files>,
     versions: &[&'static rustls::SupportedProtocolVersion],
     alpn: &[&[u8]],
-) -> Result<Handshake, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+) -> Result<TlsStream, String> {
     let roots = crate::tls::load_roots("CA", ca).map_err(|err| err.to_string())?;
     let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_protocol_versions(versions)
@@ -420,10 +420,24 @@ pub async fn handshake(
         .map_err(|err| err.to_string())?;
     let name =
         rustls::pki_types::ServerName::try_from("localhost").map_err(|err| err.to_string())?;
-    let mut tls = connector
+    connector
         .connect(name, tcp)
         .await
-        .map_err(|err| err.to_string())?;
+        .map_err(|err| err.to_string())
+}
+
+/// Connects like [`tls_connect`], sends an HTTP/1.1 request for `/` (unless HTTP/2 was
+/// negotiated) and reads the first bytes of the answer, so that a client certificate refused
+/// after a TLS 1.3 handshake shows up as an error too.
+pub async fn handshake(
+    addr: SocketAddr,
+    ca: &Path,
+    identity: Option<&Files>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    alpn: &[&[u8]],
+) -> Result<Handshake, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls_connect(addr, ca, identity, versions, alpn).await?;
     let (_, conn) = tls.get_ref();
     let leaf = conn
         .peer_certificates()

@@ -3,5 +3,6 @@
 
 mod binary;
 mod helpers;
+mod hostile;
 mod https;
 mod reload;
