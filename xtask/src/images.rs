@@ -1,0 +1,523 @@
+//! `cargo xtask images`: builds `petra:dev` and `klaus:dev` from `Dockerfile.petra` and `Dockerfile.klaus`.
+//!
+//! No image can be pulled on our machines, so the Rust builder image that the Dockerfiles start from is made
+//! here when it is missing: a Debian root file system from `debootstrap` plus this machine's Rust toolchain,
+//! imported under the official image's name. It stays in Docker's image store, so later runs skip that part.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use xshell::{Shell, cmd};
+
+use crate::util::{root, shell, step};
+
+/// The services that get an image, each from `Dockerfile.<name>`, tagged `<name>:dev`.
+pub(crate) const SERVICES: [&str; 2] = ["petra", "klaus"];
+
+/// The size budget for each runtime image, in bytes as `docker image ls` counts them (1 MB = 10^6 bytes).
+const IMAGE_BUDGET_BYTES: u64 = 10_000_000;
+
+/// How long to wait for a Docker daemon this task started to answer.
+const DOCKERD_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long `docker pull` may try before we make the builder image ourselves.
+const PULL_TIMEOUT_SECS: &str = "120";
+
+/// The environment of the made builder image, as in the official `rust` image (minus rustup, which it lacks).
+/// `CARGO_HTTP_CAINFO` makes cargo trust what this machine trusts (where its traffic to crates.io passes a
+/// TLS-inspecting proxy, for one); Debian's own bundle, which the runtime images copy, stays as Debian ships it.
+const BUILDER_ENV: [&str; 3] = [
+    "PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "CARGO_HOME=/usr/local/cargo",
+    "CARGO_HTTP_CAINFO=/usr/local/etc/build-host-ca-certificates.crt",
+];
+
+/// This machine's CA bundle, which the made builder image's cargo uses (see `BUILDER_ENV`).
+const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Builds both service images, making the Rust builder image first if the machine lacks it.
+pub(crate) fn images() -> anyhow::Result<()> {
+    let sh = shell()?;
+    step("docker is reachable", || ensure_docker(&sh))?;
+    let rust_image = step(
+        "Dockerfiles agree with rust-toolchain.toml",
+        check_dockerfiles,
+    )?;
+    step(&format!("builder image {rust_image}"), || {
+        ensure_rust_image(&sh, &rust_image)
+    })?;
+    let revision = git_revision(&sh);
+    let version = workspace_version()?;
+    for service in SERVICES {
+        step(&format!("docker build {service}:dev"), || {
+            let dockerfile = format!("Dockerfile.{service}");
+            let tag = format!("{service}:dev");
+            cmd!(
+                sh,
+                "docker build --force-rm -f {dockerfile} -t {tag} --build-arg GIT_REVISION={revision} --build-arg VERSION={version} ."
+            )
+            .run()
+            .with_context(|| format!("building {tag} from {dockerfile} failed"))?;
+            Ok(())
+        })?;
+    }
+    step("image sizes", || check_sizes(&sh))
+}
+
+/// Makes sure the Docker daemon answers: installs Docker from Debian's packages if it is missing and starts
+/// `dockerd` in the background if it is installed but not running.
+pub(crate) fn ensure_docker(sh: &Shell) -> anyhow::Result<()> {
+    if docker_answers(sh) {
+        return Ok(());
+    }
+    if !has_program("docker") || !has_program("dockerd") {
+        println!(
+            "docker is not installed: installing docker.io and docker-compose from Debian's packages"
+        );
+        cmd!(sh, "apt-get update").run()?;
+        cmd!(sh, "apt-get install -y docker.io docker-compose")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .run()
+            .context("apt-get install docker.io docker-compose failed")?;
+        // The package's own start script may have started the daemon already.
+        if docker_answers(sh) {
+            return Ok(());
+        }
+    }
+    let log_path = root().join("target").join("dockerd.log");
+    fs::create_dir_all(root().join("target"))?;
+    let log =
+        fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    println!(
+        "docker info failed: starting dockerd in the background (log: {})",
+        log_path.display()
+    );
+    // A process group of its own, so that Ctrl-C on this task does not stop the daemon with it.
+    let mut daemon = Command::new("dockerd");
+    std::os::unix::process::CommandExt::process_group(&mut daemon, 0);
+    daemon
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting dockerd failed")?;
+    let deadline = Instant::now() + DOCKERD_START_TIMEOUT;
+    while Instant::now() < deadline {
+        if docker_answers(sh) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    bail!(
+        "dockerd did not answer `docker info` within {}s; see {}",
+        DOCKERD_START_TIMEOUT.as_secs(),
+        log_path.display()
+    )
+}
+
+/// Whether `docker info` succeeds, that is whether the client reaches a daemon.
+fn docker_answers(sh: &Shell) -> bool {
+    cmd!(sh, "docker info")
+        .quiet()
+        .ignore_stdout()
+        .ignore_stderr()
+        .run()
+        .is_ok()
+}
+
+/// Whether a program of this name is on the PATH.
+fn has_program(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
+        .unwrap_or(false)
+}
+
+/// Checks that both Dockerfiles share one builder stage whose default `RUST_IMAGE` is at the version that
+/// `rust-toolchain.toml` pins, and returns that image name.
+fn check_dockerfiles() -> anyhow::Result<String> {
+    let mut builder_stages = Vec::new();
+    for service in SERVICES {
+        let path = root().join(format!("Dockerfile.{service}"));
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        builder_stages.push((path, builder_stage(&text)?));
+    }
+    let (first_path, first) = &builder_stages[0];
+    for (path, stage) in &builder_stages[1..] {
+        ensure!(
+            stage == first,
+            "the builder stages of {} and {} differ; keep them identical so one build warms the cache for both",
+            first_path.display(),
+            path.display()
+        );
+    }
+    let rust_image = first
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("ARG RUST_IMAGE="))
+        .context("no `ARG RUST_IMAGE=` line before the builder stage")?
+        .trim()
+        .to_owned();
+    let channel = toolchain_channel()?;
+    ensure!(
+        rust_image.starts_with(&format!("rust:{channel}-")),
+        "the Dockerfiles' default RUST_IMAGE is {rust_image}, but rust-toolchain.toml pins {channel}: \
+         update `ARG RUST_IMAGE=rust:{channel}-...` in both Dockerfiles"
+    );
+    Ok(rust_image)
+}
+
+/// The text of a Dockerfile from `ARG RUST_IMAGE` up to the runtime stage (`FROM scratch`).
+fn builder_stage(dockerfile: &str) -> anyhow::Result<String> {
+    let lines: Vec<&str> = dockerfile.lines().collect();
+    let start = lines
+        .iter()
+        .position(|line| line.starts_with("ARG RUST_IMAGE="))
+        .context("no `ARG RUST_IMAGE=` line")?;
+    let end = lines
+        .iter()
+        .position(|line| line.starts_with("FROM scratch"))
+        .context("no `FROM scratch` runtime stage")?;
+    ensure!(
+        start < end,
+        "`ARG RUST_IMAGE=` must come before `FROM scratch`"
+    );
+    Ok(lines[start..end].join("\n"))
+}
+
+/// The `channel` that `rust-toolchain.toml` pins, such as `1.95.0`.
+fn toolchain_channel() -> anyhow::Result<String> {
+    let path = root().join("rust-toolchain.toml");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    toml_string(&text, "toolchain", "channel")
+        .with_context(|| format!("no [toolchain] channel in {}", path.display()))
+}
+
+/// The workspace's version, from `[workspace.package]` in the root `Cargo.toml`.
+fn workspace_version() -> anyhow::Result<String> {
+    let path = root().join("Cargo.toml");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    toml_string(&text, "workspace.package", "version")
+        .with_context(|| format!("no [workspace.package] version in {}", path.display()))
+}
+
+/// The value of a `key = "value"` line in a `[section]` of a simple TOML file (enough for our own manifests,
+/// which keeps a TOML parser out of xtask's dependencies).
+fn toml_string(text: &str, section: &str, key: &str) -> Option<String> {
+    let header = format!("[{section}]");
+    let mut in_section = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_section = line == header;
+            continue;
+        }
+        if !in_section {
+            continue;
+        }
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        if name.trim() == key {
+            let value = value.trim();
+            return value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .map(str::to_owned);
+        }
+    }
+    None
+}
+
+/// The commit being built, or `unknown` outside a git checkout or before the first commit.
+fn git_revision(sh: &Shell) -> String {
+    cmd!(sh, "git rev-parse HEAD")
+        .quiet()
+        .ignore_stderr()
+        .read()
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Makes sure the builder image exists locally: uses it if present, else pulls it, else makes it.
+fn ensure_rust_image(sh: &Shell, image: &str) -> anyhow::Result<()> {
+    if image_exists(sh, image) {
+        println!("{image} is present");
+        return Ok(());
+    }
+    let pulled = cmd!(sh, "timeout {PULL_TIMEOUT_SECS} docker pull {image}")
+        .ignore_stderr()
+        .run()
+        .is_ok();
+    if pulled {
+        return Ok(());
+    }
+    println!(
+        "{image} cannot be pulled: making it from debootstrap and this machine's Rust toolchain"
+    );
+    make_rust_image(sh, image)
+}
+
+/// Whether the local image store holds this image.
+fn image_exists(sh: &Shell, image: &str) -> bool {
+    cmd!(sh, "docker image inspect {image}")
+        .quiet()
+        .ignore_stdout()
+        .ignore_stderr()
+        .run()
+        .is_ok()
+}
+
+/// Makes the builder image: a minimal Debian (of the suite the image tag names) with gcc and the C library
+/// headers, plus this machine's Rust toolchain under /usr/local, imported as `image`.
+fn make_rust_image(sh: &Shell, image: &str) -> anyhow::Result<()> {
+    let channel = toolchain_channel()?;
+    // The official tags end in the Debian suite, as in `rust:1.95.0-slim-bookworm`.
+    let suite = image
+        .rsplit(['-', ':'])
+        .next()
+        .filter(|suite| !suite.is_empty())
+        .with_context(|| format!("cannot tell the Debian suite from the image name {image}"))?;
+    let rustc_version = cmd!(sh, "rustc --version").read()?;
+    ensure!(
+        channel.chars().next().is_some_and(|c| !c.is_ascii_digit())
+            || rustc_version.starts_with(&format!("rustc {channel} ")),
+        "this machine's rustc is `{rustc_version}`, but rust-toolchain.toml pins {channel}"
+    );
+    let sysroot = PathBuf::from(cmd!(sh, "rustc --print sysroot").read()?);
+    ensure!(
+        sysroot.join("bin/cargo").is_file(),
+        "no cargo in the Rust sysroot {}",
+        sysroot.display()
+    );
+    let mirror = debian_mirror(suite)?;
+
+    if !has_program("debootstrap") {
+        cmd!(sh, "apt-get update").run()?;
+        cmd!(sh, "apt-get install -y debootstrap")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .run()
+            .context("apt-get install debootstrap failed")?;
+    }
+    let rootfs = root().join("target").join("rust-image-rootfs");
+    if rootfs.exists() {
+        fs::remove_dir_all(&rootfs)
+            .with_context(|| format!("removing the old {}", rootfs.display()))?;
+    }
+    fs::create_dir_all(&rootfs)?;
+    let result = fill_and_import(sh, image, suite, &mirror, &sysroot, &rootfs, &channel);
+    // The file system is in the image now (or the attempt failed); either way it is ~1 GB we no longer need.
+    fs::remove_dir_all(&rootfs).with_context(|| format!("removing {}", rootfs.display()))?;
+    result
+}
+
+/// Runs debootstrap into `rootfs`, adds the toolchain, and imports the result as `image`.
+fn fill_and_import(
+    sh: &Shell,
+    image: &str,
+    suite: &str,
+    mirror: &str,
+    sysroot: &Path,
+    rootfs: &Path,
+    channel: &str,
+) -> anyhow::Result<()> {
+    step(&format!("debootstrap {suite} from {mirror}"), || {
+        let output = cmd!(
+            sh,
+            "debootstrap --variant=minbase --include=gcc,libc6-dev,ca-certificates {suite} {rootfs} {mirror}"
+        )
+        .quiet()
+        .ignore_status()
+        .output()?;
+        if !output.status.success() {
+            let log = String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr);
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            for line in tail.iter().rev() {
+                eprintln!("  {line}");
+            }
+            bail!("debootstrap failed ({})", output.status);
+        }
+        Ok(())
+    })?;
+    step("copy the Rust toolchain into /usr/local", || {
+        // Package caches, documentation and translations are not needed to build; they are ~200 MB.
+        for dir in [
+            "var/cache/apt/archives",
+            "var/lib/apt/lists",
+            "usr/share/doc",
+            "usr/share/man",
+            "usr/share/locale",
+        ] {
+            let dir = rootfs.join(dir);
+            if dir.exists() {
+                fs::remove_dir_all(&dir)?;
+                fs::create_dir_all(&dir)?;
+            }
+        }
+        // bin/ and lib/ are the compilers, cargo and the standard library; share/ (docs, ~800 MB) is left out.
+        let local = rootfs.join("usr/local");
+        let bin = sysroot.join("bin");
+        let lib = sysroot.join("lib");
+        cmd!(sh, "cp -a {bin} {lib} {local}").run()?;
+        fs::create_dir_all(local.join("cargo/bin"))?;
+        fs::create_dir_all(local.join("etc"))?;
+        fs::copy(
+            HOST_CA_BUNDLE,
+            local.join("etc/build-host-ca-certificates.crt"),
+        )
+        .with_context(|| format!("copying {HOST_CA_BUNDLE} into the builder image"))?;
+        Ok(())
+    })?;
+    step(&format!("docker import {image}"), || {
+        let mut changes = Vec::new();
+        for env in BUILDER_ENV {
+            changes.extend(["--change".to_owned(), format!("ENV {env}")]);
+        }
+        changes.extend(["--change".to_owned(), format!("ENV RUST_VERSION={channel}")]);
+        changes.extend(["--change".to_owned(), "CMD [\"bash\"]".to_owned()]);
+        let message = format!(
+            "Debian {suite} (debootstrap minbase, gcc) with Rust {channel}, made by cargo xtask images"
+        );
+        // Device nodes under /dev are left out: the container runtime provides its own /dev.
+        let mut tar = Command::from(cmd!(sh, "tar -C {rootfs} --exclude=./dev/* -c ."));
+        let mut tar = tar
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting tar failed")?;
+        let tar_out = tar.stdout.take().context("tar has no stdout")?;
+        let import = Command::from(cmd!(
+            sh,
+            "docker import {changes...} --message {message} - {image}"
+        ))
+        .stdin(tar_out)
+        .status()
+        .context("starting docker import failed")?;
+        let tar_status = tar.wait()?;
+        ensure!(
+            tar_status.success(),
+            "tar of {} failed ({tar_status})",
+            rootfs.display()
+        );
+        ensure!(import.success(), "docker import failed ({import})");
+        Ok(())
+    })?;
+    step(&format!("smoke-test {image}"), || {
+        let script = "cargo --version && rustc --version && cc --version | head -n1";
+        cmd!(sh, "docker run --rm {image} sh -c {script}")
+            .run()
+            .context("the made builder image cannot run cargo, rustc and cc")?;
+        Ok(())
+    })
+}
+
+/// The Debian mirror this machine's apt uses for `suite`, read from its apt sources (so no mirror is written
+/// into the repository). `DEBIAN_MIRROR` overrides it.
+fn debian_mirror(suite: &str) -> anyhow::Result<String> {
+    if let Ok(mirror) = std::env::var("DEBIAN_MIRROR") {
+        return Ok(mirror);
+    }
+    let mut sources = Vec::new();
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(entries) = fs::read_dir("/etc/apt/sources.list.d") {
+        let mut more: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        more.sort();
+        files.extend(more);
+    }
+    for file in files {
+        let Ok(text) = fs::read_to_string(&file) else {
+            continue;
+        };
+        match file.extension().and_then(|e| e.to_str()) {
+            Some("sources") => sources.extend(deb822_sources(&text)),
+            _ if file.extension().is_none_or(|e| e == "list") => {
+                sources.extend(one_line_sources(&text))
+            }
+            _ => {}
+        }
+    }
+    // Prefer an entry for the suite itself; else any Debian archive that is not the security one.
+    sources
+        .iter()
+        .find(|(_, suites)| suites.iter().any(|s| s == suite))
+        .or_else(|| sources.iter().find(|(uri, _)| !uri.contains("security")))
+        .map(|(uri, _)| uri.trim_end_matches('/').to_owned())
+        .with_context(|| {
+            format!("no Debian mirror for {suite} in /etc/apt/sources.list*; set DEBIAN_MIRROR")
+        })
+}
+
+/// `(URI, suites)` of each `Types: deb` stanza of a deb822 `.sources` file.
+fn deb822_sources(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut found = Vec::new();
+    for stanza in text.split("\n\n") {
+        let field = |name: &str| {
+            stanza
+                .lines()
+                .filter(|line| !line.starts_with('#'))
+                .find_map(|line| {
+                    line.strip_prefix(name)
+                        .map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+                })
+                .unwrap_or_default()
+        };
+        if !field("Types:").iter().any(|t| t == "deb")
+            || field("Enabled:").iter().any(|v| v == "no")
+        {
+            continue;
+        }
+        let suites = field("Suites:");
+        for uri in field("URIs:") {
+            found.push((uri, suites.clone()));
+        }
+    }
+    found
+}
+
+/// `(URI, [suite])` of each `deb` line of a one-line-style `sources.list`.
+fn one_line_sources(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut found = Vec::new();
+    for line in text.lines().map(str::trim) {
+        let Some(rest) = line.strip_prefix("deb ") else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        // Skip options such as `[arch=amd64 signed-by=...]`.
+        let rest = match rest.strip_prefix('[') {
+            Some(opts) => opts.split_once(']').map(|(_, r)| r).unwrap_or(""),
+            None => rest,
+        };
+        let mut words = rest.split_whitespace();
+        if let (Some(uri), Some(suite)) = (words.next(), words.next()) {
+            found.push((uri.to_owned(), vec![suite.to_owned()]));
+        }
+    }
+    found
+}
+
+/// Prints both images' sizes and fails if either is over the budget.
+fn check_sizes(sh: &Shell) -> anyhow::Result<()> {
+    const LS_FORMAT: &str = "{{.Repository}}:{{.Tag}}\t{{.Size}}";
+    const SIZE_FORMAT: &str = "{{.Size}}";
+    let mut over = Vec::new();
+    for service in SERVICES {
+        let tag = format!("{service}:dev");
+        let listed = cmd!(sh, "docker image ls {tag} --format {LS_FORMAT}").read()?;
+        println!("{listed}");
+        let bytes: u64 = cmd!(sh, "docker image inspect {tag} --format {SIZE_FORMAT}")
+            .read()?
+            .trim()
+            .parse()
+            .with_context(|| format!("cannot read the size of {tag}"))?;
+        if bytes > IMAGE_BUDGET_BYTES {
+            over.push(format!("{tag} is {bytes} bytes"));
+        }
+    }
+    ensure!(
+        over.is_empty(),
+        "over the {} MB image budget: {}",
+        IMAGE_BUDGET_BYTES / 1_000_000,
+        over.join(", ")
+    );
+    Ok(())
+}
