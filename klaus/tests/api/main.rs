@@ -3,6 +3,7 @@
 
 mod binary;
 mod errors;
+mod faults;
 mod hello;
 mod helpers;
 mod resilience;

@@ -1,0 +1,288 @@
+//! Faults between Klaus and Petra: Petra killed hard under load, and the network between
+//! them cut (simulated by a TCP proxy that stops forwarding without closing anything, as a
+//! dropped link does).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serving::testing::{Binary, TestPki, loopback, wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, watch};
+
+use crate::helpers::{get as http_get, petra_args, spawn_klaus};
+
+/// The `petra` binary, built beside `klaus` by `cargo build --workspace` / nextest.
+fn petra_exe() -> String {
+    let path: PathBuf = std::path::Path::new(env!("CARGO_BIN_EXE_klaus")).with_file_name("petra");
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace (cargo build -p petra)",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
+}
+
+fn start_petra(pki: &TestPki, listen: &str) -> Binary {
+    Binary::start(
+        &petra_exe(),
+        &[
+            ("LISTEN_ADDR", listen),
+            ("TLS_CERT_FILE", pki.petra.cert.to_str().expect("path")),
+            ("TLS_KEY_FILE", pki.petra.key.to_str().expect("path")),
+            ("TLS_CLIENT_CA_FILE", pki.ca_file.to_str().expect("path")),
+            ("RUST_LOG", "warn,serving=info"),
+        ],
+    )
+}
+
+/// One response seen by the load: when it ended, its status (0 for a client error) and how
+/// long it took.
+type Seen = Arc<Mutex<Vec<(Instant, u16, Duration)>>>;
+
+/// Runs `tasks` loops of requests against `url` until `stop` is set.
+fn load(
+    url: String,
+    tasks: usize,
+    stop: Arc<AtomicBool>,
+    seen: Seen,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..tasks)
+        .map(|_| {
+            let (url, stop, seen) = (url.clone(), stop.clone(), seen.clone());
+            tokio::spawn(async move {
+                let client = serving::testing::plain_client();
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let status = match client.get(&url).send().await {
+                        Ok(response) => response.status().as_u16(),
+                        Err(_) => 0,
+                    };
+                    seen.lock()
+                        .await
+                        .push((Instant::now(), status, started.elapsed()));
+                }
+            })
+        })
+        .collect()
+}
+
+async fn count(seen: &Seen, after: Instant, status: u16) -> usize {
+    seen.lock()
+        .await
+        .iter()
+        .filter(|(at, s, _)| *at > after && *s == status)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn petra_killed_under_load_gives_fast_502s_and_klaus_recovers_within_2_s() {
+    let pki = TestPki::new();
+    let mut petra = start_petra(&pki, "127.0.0.1:0");
+    let port = petra.main_addr.port();
+    let timeout_ms = 1000;
+    let mut args = petra_args(
+        &format!("https://localhost:{port}"),
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    );
+    args.petra_timeout_ms = timeout_ms;
+    let klaus = spawn_klaus(&args).await;
+
+    let seen: Seen = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let tasks = load(klaus.http_url(), 4, stop.clone(), seen.clone());
+    wait_until(
+        "50 answers before the kill",
+        Duration::from_secs(20),
+        || async { count(&seen, started, 200).await >= 50 },
+    )
+    .await;
+
+    petra.signal("KILL");
+    petra.wait_exit(Duration::from_secs(5));
+    let killed = Instant::now();
+    wait_until(
+        "20 answers of 502 while Petra is gone",
+        Duration::from_secs(10),
+        || async { count(&seen, killed, 502).await >= 20 },
+    )
+    .await;
+
+    let back = start_petra(&pki, &format!("127.0.0.1:{port}"));
+    let returned = Instant::now();
+    wait_until(
+        "Klaus answers 200 again",
+        Duration::from_secs(5),
+        || async { count(&seen, returned, 200).await >= 1 },
+    )
+    .await;
+    let recovered = {
+        let seen = seen.lock().await;
+        seen.iter()
+            .find(|(at, s, _)| *at > returned && *s == 200)
+            .map(|(at, _, _)| *at - returned)
+    };
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.expect("load task");
+    }
+
+    let seen = seen.lock().await;
+    let slowest = seen
+        .iter()
+        .map(|(_, _, took)| *took)
+        .max()
+        .unwrap_or_default();
+    let failures: Vec<_> = seen.iter().filter(|(_, s, _)| *s != 200).collect();
+    let slowest_failure = failures
+        .iter()
+        .map(|(_, _, took)| *took)
+        .max()
+        .unwrap_or_default();
+    println!(
+        "hard kill: {} answers, {} failed (all 502), slowest failure {slowest_failure:?}, slowest answer {slowest:?}, recovered {recovered:?} after Petra returned",
+        seen.len(),
+        failures.len()
+    );
+    assert!(
+        failures.iter().all(|(_, s, _)| *s == 502),
+        "only 502s expected: {:?}",
+        failures.iter().map(|f| f.1).collect::<Vec<_>>()
+    );
+    assert!(
+        slowest < Duration::from_millis(timeout_ms + 100),
+        "a request took {slowest:?}"
+    );
+    assert!(
+        recovered.is_some_and(|r| r < Duration::from_secs(2)),
+        "recovered after {recovered:?}"
+    );
+    drop(back);
+    klaus.stop().await;
+}
+
+/// A TCP proxy whose link can be cut: while cut it forwards nothing in either direction and
+/// connects nothing new, but closes nothing either, as a dropped network link does.
+struct Link {
+    addr: SocketAddr,
+    cut: watch::Sender<bool>,
+}
+
+impl Link {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind(loopback()).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (cut, up) = watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let up = up.clone();
+                tokio::spawn(async move {
+                    let mut state = up.clone();
+                    if state.wait_for(|cut| !cut).await.is_err() {
+                        return;
+                    }
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::join!(
+                        pipe(client_read, server_write, up.clone()),
+                        pipe(server_read, client_write, up)
+                    );
+                });
+            }
+        });
+        Self { addr, cut }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        let _ = self.cut.send(cut);
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut up: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // While the link is cut, what was read is held back, never delivered late.
+        if *up.borrow() {
+            if up.wait_for(|cut| !cut).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_link_gives_504_by_the_deadline_and_klaus_recovers_when_it_returns() {
+    let pki = TestPki::new();
+    let petra = crate::helpers::spawn_petra(&pki).await;
+    let link = Link::start(petra.main_addr).await;
+    let timeout_ms = 600;
+    let mut args = petra_args(
+        &format!("https://localhost:{}", link.addr.port()),
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    );
+    args.petra_timeout_ms = timeout_ms;
+    let klaus = spawn_klaus(&args).await;
+    assert_eq!(http_get(&klaus.http_url()).await.2, "hello world");
+
+    link.set_cut(true);
+    let mut took = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (status, content_type, body) = http_get(&klaus.http_url()).await;
+        took.push(started.elapsed());
+        assert_eq!(
+            (status, content_type.as_str()),
+            (504, "application/problem+json"),
+            "{body}"
+        );
+    }
+    println!("partition: 504 after {took:?} (deadline {timeout_ms} ms)");
+    for elapsed in &took {
+        // The first call hangs on the pooled connection until the deadline; later ones may
+        // hit the shorter connect timeout (half the deadline). None may run past the deadline.
+        assert!(
+            *elapsed >= Duration::from_millis(timeout_ms / 2 - 50),
+            "too early: {elapsed:?}"
+        );
+        assert!(
+            *elapsed < Duration::from_millis(timeout_ms + 300),
+            "past the deadline: {elapsed:?}"
+        );
+    }
+
+    link.set_cut(false);
+    let healed = Instant::now();
+    wait_until(
+        "Klaus answers hello world again",
+        Duration::from_secs(5),
+        || async { http_get(&klaus.http_url()).await.2 == "hello world" },
+    )
+    .await;
+    println!(
+        "partition: recovered {:?} after the link returned",
+        healed.elapsed()
+    );
+    klaus.stop().await;
+    petra.stop().await;
+}
