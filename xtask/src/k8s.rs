@@ -1,8 +1,9 @@
 //! `cargo xtask k8s`: render every kustomize overlay and component combination, validate and check them.
 //!
 //! The Rust side prepares the tools: `kubectl` (for `kubectl kustomize`), a Python venv under
-//! `target/` with the pinned packages of `xtask/k8s/requirements.txt`, and the services' contracts
-//! (`petra contract`, `klaus contract`). The checks themselves live in `xtask/k8s/check.py`.
+//! `target/` with the pinned packages of `xtask/k8s/requirements.txt`, and one build of both services
+//! for their contracts (`petra contract`, `klaus contract`) and throwaway certificates
+//! (`petra certs`). The checks themselves live in `xtask/k8s/check.py`.
 
 use std::path::{Path, PathBuf};
 
@@ -35,7 +36,9 @@ pub(crate) fn k8s() -> anyhow::Result<()> {
     let python = step("python venv (kubernetes-validate, PyYAML)", || {
         ensure_venv(&sh)
     })?;
-    let contracts = step("service contracts", || write_contracts(&sh, &out))?;
+    let bins = step("build petra and klaus", || build_services(&sh))?;
+    let contracts = step("service contracts", || write_contracts(&sh, &bins, &out))?;
+    let petra = bins.join("petra");
     step("render, validate and check the manifests", || {
         let root = root();
         let versions = VERSIONS.join(",");
@@ -51,7 +54,7 @@ pub(crate) fn k8s() -> anyhow::Result<()> {
         cmd!(
             sh,
             "{python} xtask/k8s/check.py --root {root} --out {out} --versions {versions} {contract_args...}
-             -- cargo run --quiet --locked --package petra -- certs"
+             -- {petra} certs"
         )
         .run()
         .context("the Kubernetes manifests failed a check (see FAIL lines above)")?;
@@ -141,17 +144,34 @@ fn ensure_venv(sh: &Shell) -> anyhow::Result<PathBuf> {
     Ok(python)
 }
 
+/// Builds both services once (debug) and returns the folder that holds their binaries, so the
+/// contract and the certificates come from the same build even while the sources change.
+fn build_services(sh: &Shell) -> anyhow::Result<PathBuf> {
+    let packages: Vec<String> = SERVICES.iter().map(|s| format!("--package={s}")).collect();
+    cmd!(sh, "cargo build --quiet --locked {packages...}")
+        .run()
+        .context("building petra and klaus failed")?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let bins = target.join("debug");
+    for service in SERVICES {
+        if !bins.join(service).is_file() {
+            bail!("cargo build left no {}", bins.join(service).display());
+        }
+    }
+    Ok(bins)
+}
+
 /// Writes each service's `contract` JSON into `out` and returns (service, file) pairs.
-fn write_contracts(sh: &Shell, out: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+fn write_contracts(sh: &Shell, bins: &Path, out: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
     SERVICES
         .iter()
         .map(|service| {
-            let json = cmd!(
-                sh,
-                "cargo run --quiet --locked --package {service} -- contract"
-            )
-            .read()
-            .with_context(|| format!("`{service} contract` failed"))?;
+            let binary = bins.join(service);
+            let json = cmd!(sh, "{binary} contract")
+                .read()
+                .with_context(|| format!("`{service} contract` failed"))?;
             let path = out.join(format!("{service}.contract.json"));
             sh.write_file(&path, json)?;
             println!("{service}: {}", path.display());
