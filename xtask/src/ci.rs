@@ -21,6 +21,7 @@ pub(crate) fn ci() -> anyhow::Result<()> {
         Ok(())
     })?;
     step("tests", test)?;
+    step("kubernetes manifests", crate::k8s::k8s)?;
     Ok(())
 }
 
