@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the project's automation, one module per task; CI runs `cargo xtask ci`.
 
 mod ci;
+mod e2e;
 mod images;
 mod k8s;
 mod util;
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
         "test" => ci::test(),
         "certs" => ci::certs(&rest),
         "images" => images::images(),
+        "e2e" => e2e::e2e(),
         "k8s" => k8s::k8s(),
         "" | "help" | "-h" | "--help" => {
             print!("{USAGE}");

@@ -1,0 +1,466 @@
+//! `cargo xtask e2e`: builds the images, brings up each compose topology and checks it end to end.
+//!
+//! Each topology runs under a project name of its own and is always torn down (`down -v --remove-orphans`),
+//! also when a check fails. Every wait polls a condition under a deadline; none is a fixed sleep.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use xshell::{Shell, cmd};
+
+use crate::util::{root, shell, step};
+
+/// Where Klaus is published on the host in both topologies.
+const KLAUS_PORT: u16 = 8080;
+
+/// How long the services may take to come up and answer after `up -d`.
+const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How soon Klaus must answer 502 once Petra is stopped.
+const OUTAGE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// How soon Klaus must answer `hello world` again once Petra is started.
+const RECOVERY_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The pause between two polls of a condition.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// One way of running Petra and Klaus with compose.
+#[derive(Debug)]
+struct Topology {
+    /// A short name, part of the compose project name.
+    name: &'static str,
+    /// The compose file, relative to the workspace root.
+    file: &'static str,
+    /// The network Klaus is on, without the project prefix.
+    klaus_network: &'static str,
+    /// The URL Klaus calls Petra at.
+    petra_url: &'static str,
+    /// The host port Petra is published on, if it is.
+    petra_port: Option<u16>,
+}
+
+const TOPOLOGIES: [Topology; 2] = [
+    Topology {
+        name: "one",
+        file: "docker-compose.yml",
+        klaus_network: "default",
+        petra_url: "https://petra:8443",
+        petra_port: None,
+    },
+    Topology {
+        name: "split",
+        file: "docker-compose.split.yml",
+        klaus_network: "klaus-side",
+        petra_url: "https://host.docker.internal:8443",
+        petra_port: Some(8443),
+    },
+];
+
+/// Builds both images, then runs every check against each topology in turn.
+pub(crate) fn e2e() -> anyhow::Result<()> {
+    crate::images::images()?;
+    let sh = shell()?;
+    let compose = step("compose is installed", || compose_command(&sh))?;
+    step("curl is installed", || ensure_curl(&sh))?;
+    for topology in &TOPOLOGIES {
+        step(&format!("e2e {}", topology.file), || {
+            run_topology(&sh, &compose, topology)
+        })?;
+    }
+    Ok(())
+}
+
+/// The compose command: `docker-compose` (1.29 here) or the `docker compose` plugin; installs
+/// `docker-compose` from Debian's packages when neither is there.
+fn compose_command(sh: &Shell) -> anyhow::Result<Vec<String>> {
+    let works = |program: &str, args: &[&str]| {
+        sh.cmd(program)
+            .args(args)
+            .quiet()
+            .ignore_stdout()
+            .ignore_stderr()
+            .run()
+            .is_ok()
+    };
+    if !works("docker-compose", &["version"]) && !works("docker", &["compose", "version"]) {
+        cmd!(sh, "apt-get update").run()?;
+        cmd!(sh, "apt-get install -y docker-compose")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .run()
+            .context("apt-get install docker-compose failed")?;
+    }
+    if works("docker-compose", &["version"]) {
+        Ok(vec!["docker-compose".to_owned()])
+    } else if works("docker", &["compose", "version"]) {
+        Ok(vec!["docker".to_owned(), "compose".to_owned()])
+    } else {
+        bail!("neither `docker-compose` nor `docker compose` works")
+    }
+}
+
+/// Installs curl from Debian's packages when it is missing; the mTLS check calls Petra with it.
+fn ensure_curl(sh: &Shell) -> anyhow::Result<()> {
+    if cmd!(sh, "curl --version")
+        .quiet()
+        .ignore_stdout()
+        .run()
+        .is_ok()
+    {
+        return Ok(());
+    }
+    cmd!(sh, "apt-get update").run()?;
+    cmd!(sh, "apt-get install -y curl")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .run()
+        .context("apt-get install curl failed")?;
+    Ok(())
+}
+
+/// A compose project that is torn down, volumes and all, when it goes out of scope.
+struct Project<'a> {
+    sh: &'a Shell,
+    compose: &'a [String],
+    name: String,
+    file: &'static str,
+}
+
+impl Project<'_> {
+    /// Runs `compose -p NAME -f FILE <args>`.
+    fn run(&self, args: &[&str]) -> anyhow::Result<()> {
+        self.sh
+            .cmd(&self.compose[0])
+            .args(&self.compose[1..])
+            .args(["-p", &self.name, "-f", self.file])
+            .args(args)
+            .run()
+            .with_context(|| format!("compose {} failed", args.join(" ")))?;
+        Ok(())
+    }
+}
+
+impl Drop for Project<'_> {
+    fn drop(&mut self) {
+        println!("tearing down {}", self.name);
+        if let Err(err) = self.run(&["down", "-v", "--remove-orphans", "--timeout", "10"]) {
+            eprintln!("warning: tearing down {} failed: {err:#}", self.name);
+        }
+    }
+}
+
+/// A container removed (with `docker rm -f`) when it goes out of scope.
+struct Container<'a> {
+    sh: &'a Shell,
+    name: String,
+}
+
+impl Drop for Container<'_> {
+    fn drop(&mut self) {
+        let name = &self.name;
+        let _ = cmd!(self.sh, "docker rm -f {name}")
+            .quiet()
+            .ignore_stdout()
+            .ignore_stderr()
+            .run();
+    }
+}
+
+/// Brings one topology up, runs every check, prints the logs if one fails, and tears it down.
+fn run_topology(sh: &Shell, compose: &[String], topology: &Topology) -> anyhow::Result<()> {
+    let mut ports = vec![KLAUS_PORT];
+    ports.extend(topology.petra_port);
+    for port in ports {
+        ensure_port_free(port)?;
+    }
+    let project = Project {
+        sh,
+        compose,
+        name: format!("pk-e2e-{}-{}", std::process::id(), topology.name),
+        file: topology.file,
+    };
+    project.run(&["up", "-d"])?;
+    let result = checks(sh, &project, topology);
+    if result.is_err() {
+        let _ = project.run(&["logs", "--no-color", "--tail", "40"]);
+    }
+    result
+}
+
+/// Fails with a clear message when a host port the topology publishes is taken.
+fn ensure_port_free(port: u16) -> anyhow::Result<()> {
+    TcpListener::bind(("0.0.0.0", port)).map(drop).with_context(|| {
+        format!("host port {port} is in use; the compose files publish it, so free it first (see `ss -ltnp`)")
+    })
+}
+
+/// The checks, in order; each prints a line when it passes.
+fn checks(sh: &Shell, project: &Project<'_>, topology: &Topology) -> anyhow::Result<()> {
+    let klaus: SocketAddr = ([127, 0, 0, 1], KLAUS_PORT).into();
+
+    let started = Instant::now();
+    let reply = wait_for(STARTUP_DEADLINE, || {
+        get(klaus, "/").ok().filter(|r| r.status == 200)
+    })
+    .context("Klaus did not answer 200 after `up -d`")?;
+    pass(&format!(
+        "Klaus answers 200 ({:.1}s after up)",
+        started.elapsed().as_secs_f64()
+    ));
+    ensure!(
+        reply.body == "hello world",
+        "GET / gave {:?}, not \"hello world\"",
+        reply.body
+    );
+    pass("GET http://localhost:8080/ is exactly `hello world`");
+
+    refused_without_client_cert(sh, project, topology)?;
+    if let Some(port) = topology.petra_port {
+        curl_petra_directly(sh, project, port)?;
+    }
+
+    project.run(&["stop", "petra"])?;
+    let stopped = Instant::now();
+    let reply = wait_for(OUTAGE_DEADLINE, || {
+        get(klaus, "/").ok().filter(|r| r.status == 502)
+    })
+    .with_context(|| {
+        format!("Klaus did not answer 502 within {OUTAGE_DEADLINE:?} of Petra stopping")
+    })?;
+    ensure!(
+        reply.content_type == "application/problem+json",
+        "Klaus's 502 has content-type {:?}, not application/problem+json",
+        reply.content_type
+    );
+    pass(&format!(
+        "Petra stopped: Klaus answers 502 application/problem+json after {:.2}s",
+        stopped.elapsed().as_secs_f64()
+    ));
+
+    project.run(&["start", "petra"])?;
+    let restarted = Instant::now();
+    wait_for(RECOVERY_DEADLINE, || {
+        get(klaus, "/")
+            .ok()
+            .filter(|r| r.status == 200 && r.body == "hello world")
+    })
+    .with_context(|| {
+        format!("Klaus did not answer `hello world` within {RECOVERY_DEADLINE:?} of Petra starting")
+    })?;
+    pass(&format!(
+        "Petra started: Klaus answers `hello world` again after {:.2}s",
+        restarted.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// Runs a second Klaus, on Klaus's network with Petra's CA but no client certificate, and checks that
+/// Petra refuses it: the answer must be Klaus's problem for a missing client certificate.
+fn refused_without_client_cert(
+    sh: &Shell,
+    project: &Project<'_>,
+    topology: &Topology,
+) -> anyhow::Result<()> {
+    let container = Container {
+        sh,
+        name: format!("{}-no-client-cert", project.name),
+    };
+    let name = &container.name;
+    let network = format!("{}_{}", project.name, topology.klaus_network);
+    let volume = format!("{}_certs:/certs:ro", project.name);
+    let petra_url = format!("PETRA_URL={}", topology.petra_url);
+    cmd!(
+        sh,
+        "docker run -d --name {name} --network {network} --add-host host.docker.internal:host-gateway
+            --read-only --cap-drop ALL --security-opt no-new-privileges:true
+            -v {volume} -e {petra_url} -e PETRA_CA_FILE=/certs/klaus/ca.crt -p 127.0.0.1::8080 klaus:dev"
+    )
+    .quiet()
+    .ignore_stdout()
+    .run()
+    .context("starting a Klaus without a client certificate failed")?;
+    let published = cmd!(sh, "docker port {name} 8080/tcp").read()?;
+    let addr: SocketAddr = published
+        .lines()
+        .find_map(|line| line.trim().parse().ok())
+        .with_context(|| format!("cannot read the published port of {name} from {published:?}"))?;
+    let reply = wait_for(STARTUP_DEADLINE, || get(addr, "/").ok())
+        .context("the Klaus without a client certificate never answered")?;
+    ensure!(
+        reply.status == 502 && reply.body.contains("\"petra_tls_client_cert_required\""),
+        "a Klaus without a client certificate got {} {:?}; Petra should have refused it for the missing certificate",
+        reply.status,
+        reply.body
+    );
+    pass(
+        "Petra refuses a client without a certificate (Klaus reports petra_tls_client_cert_required)",
+    );
+    Ok(())
+}
+
+/// Calls Petra's published port from the host with curl: refused without a client certificate, `hello` with
+/// Klaus's. The certificates are copied out of the project's volume for this and deleted afterwards.
+fn curl_petra_directly(sh: &Shell, project: &Project<'_>, port: u16) -> anyhow::Result<()> {
+    let dir = root()
+        .join("target")
+        .join(format!("{}-certs", project.name));
+    remove_dir(&dir);
+    let result = (|| {
+        let holder = Container {
+            sh,
+            name: format!("{}-certs-copy", project.name),
+        };
+        let name = &holder.name;
+        let volume = format!("{}_certs:/certs:ro", project.name);
+        cmd!(sh, "docker create --name {name} -v {volume} petra:dev")
+            .quiet()
+            .ignore_stdout()
+            .run()?;
+        cmd!(sh, "docker cp {name}:/certs/klaus {dir}")
+            .quiet()
+            .run()?;
+        let ca = dir.join("ca.crt");
+        let cert = dir.join("tls.crt");
+        let key = dir.join("tls.key");
+        let url = format!("https://localhost:{port}/");
+
+        let without = cmd!(sh, "curl -sS --max-time 5 --cacert {ca} {url}")
+            .quiet()
+            .ignore_status()
+            .output()?;
+        ensure!(
+            !without.status.success(),
+            "Petra answered a client without a certificate: {}",
+            String::from_utf8_lossy(&without.stdout)
+        );
+        pass(&format!(
+            "curl {url} without a client certificate is refused ({})",
+            without.status
+        ));
+
+        let with = cmd!(
+            sh,
+            "curl -sS --max-time 5 --cacert {ca} --cert {cert} --key {key} {url}"
+        )
+        .quiet()
+        .read()?;
+        ensure!(
+            with == "hello",
+            "Petra answered {with:?} to Klaus's certificate, not \"hello\""
+        );
+        pass(&format!("curl {url} with Klaus's certificate gets `hello`"));
+        Ok(())
+    })();
+    remove_dir(&dir);
+    result
+}
+
+/// Removes a folder of copied keys, warning if that fails.
+fn remove_dir(dir: &Path) {
+    if dir.exists()
+        && let Err(err) = std::fs::remove_dir_all(dir)
+    {
+        eprintln!("warning: removing {} failed: {err}", dir.display());
+    }
+}
+
+/// Prints a passed check.
+fn pass(what: &str) {
+    println!("  ok: {what}");
+}
+
+/// Polls `probe` until it returns something or `deadline` has passed.
+fn wait_for<T>(deadline: Duration, mut probe: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(found) = probe() {
+            return Ok(found);
+        }
+        if Instant::now() >= end {
+            bail!("gave up after {deadline:?}");
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// An HTTP response, as much of it as the checks read.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    content_type: String,
+    body: String,
+}
+
+/// A minimal HTTP/1.1 GET over a plain TCP connection (Klaus's port is plain HTTP), so that the checks need
+/// no HTTP client crate.
+fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Reply> {
+    let timeout = Duration::from_secs(5);
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8(raw).context("the response is not UTF-8")?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("the response has no end of headers")?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .context("the response has no status line")?;
+    let mut content_type = String::new();
+    let mut chunked = false;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-type") {
+            content_type = value.to_owned();
+        } else if name.eq_ignore_ascii_case("transfer-encoding")
+            && value.eq_ignore_ascii_case("chunked")
+        {
+            chunked = true;
+        }
+    }
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_owned()
+    };
+    Ok(Reply {
+        status,
+        content_type,
+        body,
+    })
+}
+
+/// Decodes a chunked body.
+fn dechunk(mut rest: &str) -> anyhow::Result<String> {
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest
+            .split_once("\r\n")
+            .context("a chunk has no size line")?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .context("a chunk size is not hexadecimal")?;
+        if size == 0 {
+            return Ok(body);
+        }
+        let chunk = after
+            .get(..size)
+            .context("a chunk is shorter than its size")?;
+        body.push_str(chunk);
+        rest = after
+            .get(size + 2..)
+            .context("a chunk does not end with CRLF")?;
+    }
+}
