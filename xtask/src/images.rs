@@ -64,7 +64,48 @@ pub(crate) fn images() -> anyhow::Result<()> {
             Ok(())
         })?;
     }
-    step("image sizes", || check_sizes(&sh))
+    step("image sizes", || check_sizes(&sh))?;
+    step("delete images older builds left behind", || {
+        prune_old_builds(&sh)
+    })
+}
+
+/// The label that marks the final image of the Dockerfiles' builder stage.
+const BUILDER_LABEL: &str = "org.example.petra-klaus.stage=builder";
+
+/// Deletes the untagged images that earlier builds left: builder stages (about 1.5 GB each, one per change
+/// of the manifests) other than the one that just built, and superseded `petra:dev` and `klaus:dev`. The
+/// layers the current builder stage uses are kept, so the next build still starts warm.
+fn prune_old_builds(sh: &Shell) -> anyhow::Result<()> {
+    // All cached: this only names the builder stage that the build above used.
+    let current = cmd!(sh, "docker build -q --target builder -f Dockerfile.petra .")
+        .read()
+        .context("cannot identify the current builder stage")?;
+    let mut labels = vec![BUILDER_LABEL.to_owned()];
+    labels.extend(SERVICES.map(|service| format!("org.opencontainers.image.title={service}")));
+    let mut deleted = 0;
+    for label in labels {
+        let label = format!("label={label}");
+        let dangling = cmd!(
+            sh,
+            "docker image ls -q --no-trunc --filter dangling=true --filter {label}"
+        )
+        .read()?;
+        for id in dangling.lines().filter(|id| *id != current) {
+            // An image that a container still uses cannot go; that is fine, a later run will try again.
+            if cmd!(sh, "docker rmi {id}")
+                .quiet()
+                .ignore_stdout()
+                .ignore_stderr()
+                .run()
+                .is_ok()
+            {
+                deleted += 1;
+            }
+        }
+    }
+    println!("deleted {deleted} old image(s)");
+    Ok(())
 }
 
 /// Makes sure the Docker daemon answers: installs Docker from Debian's packages if it is missing and starts
