@@ -65,44 +65,71 @@ pub(crate) fn images() -> anyhow::Result<()> {
         })?;
     }
     step("image sizes", || check_sizes(&sh))?;
-    step("delete images older builds left behind", || {
+    // Clean-up is a courtesy to the disk: when it fails, the images are still good.
+    if let Err(err) = step("delete images older builds left behind", || {
         prune_old_builds(&sh)
-    })
+    }) {
+        eprintln!("warning: old images were not deleted: {err:#}");
+    }
+    Ok(())
 }
 
-/// The label that marks the final image of the Dockerfiles' builder stage.
-const BUILDER_LABEL: &str = "org.example.petra-klaus.stage=builder";
+/// What marks an image of the Dockerfiles' builder stage: its working directory and its RUSTFLAGS.
+const BUILDER_MARKS: (&str, &str) = ("/src", "RUSTFLAGS=-C target-feature=+crt-static");
+
+/// At most this many rounds of clean-up: each round deletes one step of each old builder stage.
+const PRUNE_ROUNDS: usize = 40;
 
 /// Deletes the untagged images that earlier builds left: builder stages (about 1.5 GB each, one per change
-/// of the manifests) other than the one that just built, and superseded `petra:dev` and `klaus:dev`. The
-/// layers the current builder stage uses are kept, so the next build still starts warm.
+/// of the manifests) other than the one that just built, and superseded `petra:dev` and `klaus:dev`.
+///
+/// Old builder stages are deleted one step per round with `--no-prune`, from their last step up: a plain
+/// `docker rmi` also deletes untagged parents, and those can be the current builder stage's layers, which
+/// must stay so that the next build starts warm. A layer the current stage builds on has a child, so it is
+/// never dangling and never a candidate.
 fn prune_old_builds(sh: &Shell) -> anyhow::Result<()> {
+    const DESCRIBE: &str = "{{.Id}}|{{.Config.WorkingDir}}|{{json .Config.Env}}|{{with .Config.Labels}}{{index . \"org.opencontainers.image.title\"}}{{end}}";
     // All cached: this only names the builder stage that the build above used.
     let current = cmd!(sh, "docker build -q --target builder -f Dockerfile.petra .")
         .read()
         .context("cannot identify the current builder stage")?;
-    let mut labels = vec![BUILDER_LABEL.to_owned()];
-    labels.extend(SERVICES.map(|service| format!("org.opencontainers.image.title={service}")));
+    let (workdir, rustflags) = BUILDER_MARKS;
+    let rustflags = format!("\"{rustflags}\"");
     let mut deleted = 0;
-    for label in labels {
-        let label = format!("label={label}");
-        let dangling = cmd!(
-            sh,
-            "docker image ls -q --no-trunc --filter dangling=true --filter {label}"
-        )
-        .read()?;
-        for id in dangling.lines().filter(|id| *id != current) {
+    for _ in 0..PRUNE_ROUNDS {
+        let dangling = cmd!(sh, "docker image ls -q --no-trunc --filter dangling=true").read()?;
+        let dangling: Vec<&str> = dangling.lines().filter(|id| *id != current).collect();
+        if dangling.is_empty() {
+            break;
+        }
+        let described = cmd!(sh, "docker image inspect --format {DESCRIBE} {dangling...}")
+            .ignore_status()
+            .read()?;
+        let mut deleted_this_round = 0;
+        for line in described.lines() {
+            let mut fields = line.splitn(4, '|');
+            let (Some(id), Some(dir), Some(env), Some(title)) =
+                (fields.next(), fields.next(), fields.next(), fields.next())
+            else {
+                continue;
+            };
+            let rmi = if dir == workdir && env.contains(&rustflags) {
+                cmd!(sh, "docker rmi --no-prune {id}")
+            } else if SERVICES.contains(&title) {
+                // A runtime stage starts from scratch, so its untagged parents are never builder layers.
+                cmd!(sh, "docker rmi {id}")
+            } else {
+                continue;
+            };
             // An image that a container still uses cannot go; that is fine, a later run will try again.
-            if cmd!(sh, "docker rmi {id}")
-                .quiet()
-                .ignore_stdout()
-                .ignore_stderr()
-                .run()
-                .is_ok()
-            {
-                deleted += 1;
+            if rmi.quiet().ignore_stdout().ignore_stderr().run().is_ok() {
+                deleted_this_round += 1;
             }
         }
+        if deleted_this_round == 0 {
+            break;
+        }
+        deleted += deleted_this_round;
     }
     println!("deleted {deleted} old image(s)");
     Ok(())
