@@ -286,3 +286,177 @@ async fn a_cut_link_gives_504_by_the_deadline_and_klaus_recovers_when_it_returns
     klaus.stop().await;
     petra.stop().await;
 }
+
+/// A stand-in for a Kubernetes Service: a TCP balancer that polls each Petra replica's
+/// `/readyz` and sends new connections round-robin to the ready ones only, as kube-proxy does
+/// with the endpoints the endpoints controller keeps.
+struct Balancer {
+    addr: SocketAddr,
+    /// Each replica's main and admin address.
+    replicas: Arc<std::sync::Mutex<Vec<(SocketAddr, SocketAddr)>>>,
+}
+
+impl Balancer {
+    async fn start(replicas: Vec<(SocketAddr, SocketAddr)>) -> Self {
+        let listener = TcpListener::bind(loopback()).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let replicas = Arc::new(std::sync::Mutex::new(replicas));
+        let ready: Arc<std::sync::Mutex<Vec<SocketAddr>>> = Arc::default();
+        let (watched, ready_set) = (replicas.clone(), ready.clone());
+        tokio::spawn(async move {
+            let client = serving::testing::plain_client();
+            loop {
+                let current = watched.lock().expect("lock").clone();
+                let mut now_ready = Vec::new();
+                for (main, admin) in current {
+                    let probe = client
+                        .get(format!("http://{admin}/readyz"))
+                        .timeout(Duration::from_millis(200))
+                        .send()
+                        .await;
+                    if probe.is_ok_and(|r| r.status().is_success()) {
+                        now_ready.push(main);
+                    }
+                }
+                *ready_set.lock().expect("lock") = now_ready;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        tokio::spawn(async move {
+            let mut next = 0usize;
+            while let Ok((mut client, _)) = listener.accept().await {
+                let ready = ready.lock().expect("lock").clone();
+                if ready.is_empty() {
+                    continue;
+                }
+                let backend = ready[next % ready.len()];
+                next = next.wrapping_add(1);
+                tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(backend).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Self { addr, replicas }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_two_petra_replicas_loses_no_request() {
+    let pki = TestPki::new();
+    let start_replica = |listen: &str| {
+        Binary::start(
+            &petra_exe(),
+            &[
+                ("LISTEN_ADDR", listen),
+                ("TLS_CERT_FILE", pki.petra.cert.to_str().expect("path")),
+                ("TLS_KEY_FILE", pki.petra.key.to_str().expect("path")),
+                ("TLS_CLIENT_CA_FILE", pki.ca_file.to_str().expect("path")),
+                ("SHUTDOWN_DELAY_SECONDS", "1"),
+                ("RUST_LOG", "warn,serving=info"),
+            ],
+        )
+    };
+    let mut replicas = vec![start_replica("127.0.0.1:0"), start_replica("127.0.0.1:0")];
+    let balancer = Balancer::start(
+        replicas
+            .iter()
+            .map(|r| (r.main_addr, r.admin_addr))
+            .collect(),
+    )
+    .await;
+    let mut args = petra_args(
+        &format!("https://localhost:{}", balancer.addr.port()),
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    );
+    args.petra_timeout_ms = 2000;
+    let klaus = spawn_klaus(&args).await;
+
+    // About 200 requests per second: 4 clients, one request each every 20 ms.
+    let seen: Seen = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, stop, seen) = (klaus.http_url(), stop.clone(), seen.clone());
+            tokio::spawn(async move {
+                let client = serving::testing::plain_client();
+                let mut ticks = tokio::time::interval(Duration::from_millis(20));
+                while !stop.load(Ordering::Relaxed) {
+                    ticks.tick().await;
+                    let started = Instant::now();
+                    let status = client
+                        .get(&url)
+                        .send()
+                        .await
+                        .map_or(0, |r| r.status().as_u16());
+                    seen.lock()
+                        .await
+                        .push((Instant::now(), status, started.elapsed()));
+                }
+            })
+        })
+        .collect();
+    let began = Instant::now();
+    wait_until("traffic flows", Duration::from_secs(10), || async {
+        count(&seen, began, 200).await >= 100
+    })
+    .await;
+
+    for index in 0..replicas.len() {
+        let listen = replicas[index].main_addr.to_string();
+        replicas[index].signal("TERM");
+        let status =
+            tokio::task::block_in_place(|| replicas[index].wait_exit(Duration::from_secs(30)));
+        assert_eq!(status.code(), Some(0));
+        let fresh = start_replica(&listen);
+        balancer.replicas.lock().expect("lock")[index] = (fresh.main_addr, fresh.admin_addr);
+        let admin = fresh.admin_url("/readyz");
+        wait_until(
+            "the restarted replica is ready",
+            Duration::from_secs(10),
+            || async {
+                serving::testing::plain_client()
+                    .get(&admin)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            },
+        )
+        .await;
+        replicas[index] = fresh;
+    }
+    let restarted = Instant::now();
+    wait_until(
+        "traffic flows after the restarts",
+        Duration::from_secs(10),
+        || async { count(&seen, restarted, 200).await >= 100 },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.expect("load task");
+    }
+
+    let seen = seen.lock().await;
+    let failed: Vec<_> = seen
+        .iter()
+        .filter(|(_, s, _)| *s != 200)
+        .map(|(_, s, _)| *s)
+        .collect();
+    let retries = crate::helpers::metrics(&klaus).await;
+    let attempted = retries
+        .lines()
+        .find(|l| l.starts_with(r#"petra_retries_total{result="attempted"}"#))
+        .unwrap_or("no retries")
+        .to_owned();
+    println!(
+        "rolling restart: {} requests over {:?}, {} failed; {attempted}",
+        seen.len(),
+        began.elapsed(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failed answers: {failed:?}");
+    klaus.stop().await;
+}
