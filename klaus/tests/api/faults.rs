@@ -358,7 +358,7 @@ async fn a_rolling_restart_of_two_petra_replicas_loses_no_request() {
             ],
         )
     };
-    let mut replicas = vec![start_replica("127.0.0.1:0"), start_replica("127.0.0.1:0")];
+    let mut replicas = [start_replica("127.0.0.1:0"), start_replica("127.0.0.1:0")];
     let balancer = Balancer::start(
         replicas
             .iter()
@@ -425,7 +425,7 @@ async fn a_rolling_restart_of_two_petra_replicas_loses_no_request() {
             },
         )
         .await;
-        replicas[index] = fresh;
+        *replica = fresh;
     }
     let restarted = Instant::now();
     wait_until(
