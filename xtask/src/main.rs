@@ -2,6 +2,7 @@
 
 mod ci;
 mod e2e;
+mod fuzz;
 mod images;
 mod k8s;
 mod util;
@@ -19,6 +20,7 @@ tasks:
   k8s      render every kustomize overlay and component, validate and policy-check them
   bench    load-test Petra and Klaus and check the performance budget
   certs    write a private CA and the service certificates: cargo xtask certs --out DIR
+  fuzz     run the cargo-fuzz targets (libFuzzer, nightly): cargo xtask fuzz [--seconds N] [TARGET...]
 ";
 
 fn main() -> ExitCode {
@@ -32,6 +34,7 @@ fn main() -> ExitCode {
         "images" => images::images(),
         "e2e" => e2e::e2e(),
         "k8s" => k8s::k8s(),
+        "fuzz" => fuzz::fuzz(&rest),
         "" | "help" | "-h" | "--help" => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
