@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: the project's automation, one module per task; CI runs `cargo xtask ci`.
 
+mod audit;
 mod ci;
 mod e2e;
 mod fuzz;
@@ -20,6 +21,7 @@ tasks:
   k8s      render every kustomize overlay and component, validate and policy-check them
   bench    load-test Petra and Klaus and check the performance budget
   certs    write a private CA and the service certificates: cargo xtask certs --out DIR
+  audit    cargo-deny, hadolint, checkov, and no private key in the repository or the images
   fuzz     run the cargo-fuzz targets (libFuzzer, nightly): cargo xtask fuzz [--seconds N] [TARGET...]
 ";
 
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
         "images" => images::images(),
         "e2e" => e2e::e2e(),
         "k8s" => k8s::k8s(),
+        "audit" => audit::audit(&rest),
         "fuzz" => fuzz::fuzz(&rest),
         "" | "help" | "-h" | "--help" => {
             print!("{USAGE}");

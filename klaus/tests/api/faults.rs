@@ -404,11 +404,10 @@ async fn a_rolling_restart_of_two_petra_replicas_loses_no_request() {
     })
     .await;
 
-    for index in 0..replicas.len() {
-        let listen = replicas[index].main_addr.to_string();
-        replicas[index].signal("TERM");
-        let status =
-            tokio::task::block_in_place(|| replicas[index].wait_exit(Duration::from_secs(30)));
+    for (index, replica) in replicas.iter_mut().enumerate() {
+        let listen = replica.main_addr.to_string();
+        replica.signal("TERM");
+        let status = tokio::task::block_in_place(|| replica.wait_exit(Duration::from_secs(30)));
         assert_eq!(status.code(), Some(0));
         let fresh = start_replica(&listen);
         balancer.replicas.lock().expect("lock")[index] = (fresh.main_addr, fresh.admin_addr);
