@@ -10,8 +10,10 @@ use clap::Parser;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let args = std::iter::once(OsString::from("klaus"))
-        .chain(data.split(|&b| b == 0).map(|arg| OsString::from_vec(arg.to_vec())));
+    let args = std::iter::once(OsString::from("klaus")).chain(
+        data.split(|&b| b == 0)
+            .map(|arg| OsString::from_vec(arg.to_vec())),
+    );
     match klaus::Cli::try_parse_from(args) {
         Ok(cli) => {
             if let Some(raw) = cli.petra.petra_url.as_deref() {

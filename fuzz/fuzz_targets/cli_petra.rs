@@ -9,8 +9,10 @@ use clap::Parser;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let args = std::iter::once(OsString::from("petra"))
-        .chain(data.split(|&b| b == 0).map(|arg| OsString::from_vec(arg.to_vec())));
+    let args = std::iter::once(OsString::from("petra")).chain(
+        data.split(|&b| b == 0)
+            .map(|arg| OsString::from_vec(arg.to_vec())),
+    );
     match petra::Cli::try_parse_from(args) {
         Ok(_) => {}
         Err(err) => {

@@ -12,8 +12,9 @@
 //!    layer of the images petra:dev and klaus:dev (built by `cargo xtask images`). The layer
 //!    check proves itself on each run against a throwaway image that holds a fake key.
 //!
-//! cargo-deny is installed into `target/tools`, hadolint and checkov into the venv
-//! `target/audit-venv` (pinned in `xtask/audit/requirements.txt`); both are kept between runs.
+//! cargo-deny is installed into `target/tools` (or `$XTASK_TOOLS_ROOT`), hadolint and checkov
+//! into the venv `target/audit-venv` (pinned in `xtask/audit/requirements.txt`); both are kept
+//! between runs.
 //! Every check runs even when an earlier one fails; the task fails if any did.
 
 use std::path::{Path, PathBuf};
@@ -180,7 +181,7 @@ fn cargo_deny(sh: &Shell, notes: &mut Vec<String>) -> anyhow::Result<()> {
 
 /// Returns the cargo-deny binary in `target/tools`, installing it there when missing or outdated.
 fn ensure_cargo_deny(sh: &Shell) -> anyhow::Result<PathBuf> {
-    let tools = root().join("target").join("tools");
+    let tools = tools_root();
     let bin = tools.join("bin").join("cargo-deny");
     let installed = cmd!(sh, "{bin} --version")
         .quiet()
@@ -202,6 +203,15 @@ fn ensure_cargo_deny(sh: &Shell) -> anyhow::Result<PathBuf> {
     .run()
     .context("cargo install cargo-deny failed")?;
     Ok(bin)
+}
+
+/// Where `cargo install` puts the audit's and the fuzz task's cargo tools: `target/tools`, or
+/// `$XTASK_TOOLS_ROOT` when set (a folder outside the clone survives fresh CI checkouts).
+pub(crate) fn tools_root() -> PathBuf {
+    std::env::var_os("XTASK_TOOLS_ROOT")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target").join("tools"))
 }
 
 /// The local advisory database cargo-deny would use, if one was ever fetched on this machine.
@@ -278,7 +288,10 @@ fn hadolint(sh: &Shell, bin: &Path) -> anyhow::Result<()> {
     println!("{version}: {}", names(&dockerfiles));
     cmd!(sh, "{hadolint} --config .hadolint.yaml {dockerfiles...}")
         .run()
-        .context("hadolint reported findings (fix them, or ignore the rule in .hadolint.yaml with a reason)")?;
+        .context(
+            "hadolint reported findings (fix them, or ignore the rule in .hadolint.yaml with a \
+             reason)",
+        )?;
     Ok(())
 }
 

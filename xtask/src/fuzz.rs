@@ -3,11 +3,11 @@
 //!
 //! The fuzzer is libFuzzer, driven by cargo-fuzz, with AddressSanitizer and debug assertions on.
 //! It needs a nightly Rust toolchain (`cargo +nightly`); the project itself builds on stable.
-//! cargo-fuzz is installed into `target/tools` on first use. Each target starts from a copy of its
-//! seed corpus in `fuzz/corpus/<target>` plus seeds made on the fly (keys, key/certificate pairs:
-//! no private key is ever committed), and grows that copy in `target/fuzz/corpus/<target>`, so
-//! the repository's corpus stays small and hand-made. A crash, panic, leak or slow input
-//! (over [`INPUT_TIMEOUT_SECS`]) fails the task and leaves the input in
+//! cargo-fuzz is installed into `target/tools` (or `$XTASK_TOOLS_ROOT`) on first use. Each target
+//! starts from a copy of its seed corpus in `fuzz/corpus/<target>` plus seeds made on the fly
+//! (keys, key/certificate pairs: no private key is ever committed), and grows that copy in
+//! `target/fuzz/corpus/<target>`, so the repository's corpus stays small and hand-made. A crash,
+//! panic, leak or slow input (over [`INPUT_TIMEOUT_SECS`]) fails the task and leaves the input in
 //! `target/fuzz/artifacts/<target>/`.
 
 use std::path::{Path, PathBuf};
@@ -138,7 +138,8 @@ fn ensure_nightly(sh: &Shell) -> anyhow::Result<()> {
         }
         Err(err) => bail!(
             "cargo xtask fuzz uses cargo-fuzz (libFuzzer), which needs a nightly Rust toolchain \
-             for its sanitizer and coverage flags, but `cargo +nightly` does not work here ({err}). \
+             for its sanitizer and coverage flags, but `cargo +nightly` does not work here \
+             ({err}). \
              Install one (`rustup toolchain install nightly --profile minimal`) and run again; \
              the rest of the project needs only the pinned stable toolchain."
         ),
@@ -147,7 +148,7 @@ fn ensure_nightly(sh: &Shell) -> anyhow::Result<()> {
 
 /// Returns the cargo-fuzz binary in `target/tools`, installing it there when missing or outdated.
 fn ensure_cargo_fuzz(sh: &Shell) -> anyhow::Result<PathBuf> {
-    let tools = root().join("target").join("tools");
+    let tools = crate::audit::tools_root();
     let bin = tools.join("bin").join("cargo-fuzz");
     let installed = cmd!(sh, "{bin} --version")
         .quiet()
