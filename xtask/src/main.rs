@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the project's automation, one module per task; CI runs `cargo xtask ci`.
 
 mod audit;
+mod bench;
 mod ci;
 mod e2e;
 mod fuzz;
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         "images" => images::images(),
         "e2e" => e2e::e2e(),
         "k8s" => k8s::k8s(),
+        "bench" => bench::bench(&rest),
         "audit" => audit::audit(&rest),
         "fuzz" => fuzz::fuzz(&rest),
         "" | "help" | "-h" | "--help" => {
