@@ -153,6 +153,13 @@ pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
         "machine: {} cores, {}; load average {}",
         machine.cores, machine.cpu, machine.load_before
     );
+    if machine.busy() {
+        println!(
+            "warning: the machine is busy (load average {}); other processes skew every figure, \
+             see the 'other load' column",
+            machine.load_before
+        );
+    }
 
     let startup = step("startup to ready", || {
         startup(&bins, &certs, &out, &options)
@@ -169,15 +176,7 @@ pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
     for (i, case) in cases.iter().enumerate() {
         let label = format!("[{}/{}] {}", i + 1, cases.len(), case.id);
         let measured = step(&label, || {
-            measure(
-                &stack,
-                &tools,
-                &certs,
-                &out,
-                case,
-                &options,
-                machine.clk_tck,
-            )
+            measure(&stack, &tools, &certs, &out, case, &options, &machine)
         })?;
         println!("    {}", measured.one_line());
         results.push(measured);
@@ -347,7 +346,7 @@ fn nofile_to_raise() -> anyhow::Result<Option<u64>> {
 /// The machine the run is on, and how busy it was.
 #[derive(Debug)]
 struct Machine {
-    cores: String,
+    cores: u64,
     cpu: String,
     kernel: String,
     date: String,
@@ -369,7 +368,7 @@ impl Machine {
         let (oha, nginx) = (&tools.oha, &tools.nginx);
         let nginx_version = cmd!(sh, "{nginx} -v").quiet().ignore_stdout().output()?;
         Ok(Self {
-            cores: cmd!(sh, "nproc").quiet().read()?,
+            cores: cmd!(sh, "nproc").quiet().read()?.parse().context("nproc")?,
             cpu,
             kernel: cmd!(sh, "uname -sr").quiet().read()?,
             date: cmd!(sh, "date -u +%Y-%m-%dT%H:%MZ").quiet().read()?,
@@ -386,6 +385,17 @@ impl Machine {
                 .parse()
                 .context("getconf CLK_TCK")?,
         })
+    }
+
+    /// Whether the one-minute load average says other work competes for the cores.
+    fn busy(&self) -> bool {
+        let one_minute: f64 = self
+            .load_before
+            .split_whitespace()
+            .next()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(0.0);
+        one_minute > 0.5 * self.cores as f64
     }
 
     fn finish(mut self) -> anyhow::Result<Self> {
@@ -898,6 +908,11 @@ impl Stack {
         Ok(())
     }
 
+    /// CPU time of every process under test, in ticks.
+    fn all_cpu_ticks(&self) -> anyhow::Result<u64> {
+        self.groups.values().map(Group::cpu_ticks).sum()
+    }
+
     fn group(&self, name: &str) -> anyhow::Result<&Group> {
         self.groups
             .get(name)
@@ -1123,19 +1138,23 @@ struct Measured {
     cpu_us_per_request: f64,
     cpu_seconds: BTreeMap<&'static str, f64>,
     peak_rss_mb: BTreeMap<&'static str, f64>,
+    /// CPU used by other processes during the window, in % of all cores.
+    background_pct: f64,
 }
 
 impl Measured {
     fn one_line(&self) -> String {
         format!(
-            "{:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, {} errors, {} non-2xx, {:.1} µs CPU/req",
+            "{:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, {} errors, {} non-2xx, \
+             {:.1} µs CPU/req, other load {:.0} %",
             self.rps,
             self.p50_ms,
             self.p99_ms,
             self.p999_ms,
             self.errors,
             self.non_2xx,
-            self.cpu_us_per_request
+            self.cpu_us_per_request,
+            self.background_pct
         )
     }
 }
@@ -1182,8 +1201,9 @@ fn measure(
     out: &Path,
     case: &Case,
     options: &Options,
-    clk_tck: u64,
+    machine: &Machine,
 ) -> anyhow::Result<Measured> {
+    let (clk_tck, cores) = (machine.clk_tck, machine.cores);
     let url = stack
         .urls
         .get(case.target.key)
@@ -1206,6 +1226,9 @@ fn measure(
         .iter()
         .map(|(_, g)| g.cpu_ticks())
         .collect::<anyhow::Result<_>>()?;
+    let ours_before = stack.all_cpu_ticks()? + own_ticks()?;
+    let busy_before = machine_busy_ticks()?;
+    let window = Instant::now();
     let sampler = RssSampler::start(groups.clone());
     let raw = run_oha(tools, certs, case, url, options.duration);
     let peak_rss_mb = sampler.finish();
@@ -1214,6 +1237,12 @@ fn measure(
         .iter()
         .map(|(_, g)| g.cpu_ticks())
         .collect::<anyhow::Result<_>>()?;
+    // Whatever else kept the cores busy in the window: the machine's busy time minus the
+    // servers', oha's and this task's own. Anything well above zero skews the figures.
+    let busy = machine_busy_ticks()?.saturating_sub(busy_before);
+    let ours = (stack.all_cpu_ticks()? + own_ticks()?).saturating_sub(ours_before);
+    let capacity = window.elapsed().as_secs_f64() * clk_tck as f64 * cores as f64;
+    let background_pct = busy.saturating_sub(ours) as f64 / capacity * 100.0;
     let file = out.join(format!("raw/{}.json", case.id.replace('/', "-")));
     fs::write(&file, &raw).with_context(|| format!("writing {}", file.display()))?;
 
@@ -1267,7 +1296,39 @@ fn measure(
         cpu_us_per_request,
         cpu_seconds,
         peak_rss_mb,
+        background_pct,
     })
+}
+
+/// Busy time of the whole machine, all cores, in clock ticks (`/proc/stat` minus idle and
+/// iowait).
+fn machine_busy_ticks() -> anyhow::Result<u64> {
+    let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("cpu "))
+        .context("/proc/stat has no cpu line")?
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal; guest time is already in user.
+    Ok(fields
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum())
+}
+
+/// CPU time of this task and of the children it has waited for (the oha runs), in ticks.
+fn own_ticks() -> anyhow::Result<u64> {
+    let fields = stat_fields(std::process::id()).context("reading /proc/self/stat")?;
+    // utime, stime, cutime, cstime.
+    Ok((11..=14)
+        .filter_map(|i| fields.get(i)?.parse::<u64>().ok())
+        .sum())
 }
 
 /// Runs oha for `duration` and returns its JSON report. Requests still running at the end
@@ -1470,13 +1531,13 @@ impl Report {
             self.wall.as_secs_f64()
         );
         md.push_str(
-            "| case | conns | req/s | p50 ms | p99 ms | p99.9 ms | errors | non-2xx | server CPU µs/req |\n\
-             |---|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+            "| case | conns | req/s | p50 ms | p99 ms | p99.9 ms | errors | non-2xx | server CPU µs/req | other load |\n\
+             |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
         );
         for r in &self.results {
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {:.1} |",
+                "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {:.1} | {:.0} % |",
                 describe(&r.case),
                 r.case.conns,
                 r.rps,
@@ -1485,7 +1546,8 @@ impl Report {
                 r.p999_ms,
                 r.errors,
                 r.non_2xx,
-                r.cpu_us_per_request
+                r.cpu_us_per_request,
+                r.background_pct
             );
         }
         md.push_str(
@@ -1565,6 +1627,7 @@ impl Report {
                 "cpu_us_per_request": r.cpu_us_per_request,
                 "cpu_seconds": r.cpu_seconds,
                 "peak_rss_mb": r.peak_rss_mb,
+                "other_load_percent": r.background_pct,
             })).collect::<Vec<_>>(),
             "budget": checks.iter().map(|c| json!({
                 "line": c.line, "figure": c.figure, "limit": c.limit, "pass": c.pass,
