@@ -342,6 +342,8 @@ fn run_target(
 ) -> anyhow::Result<String> {
     let corpus = work.join("corpus").join(target);
     let artifacts = sh.create_dir(work.join("artifacts").join(target))?;
+    // Inputs left by earlier runs; only new ones are this run's.
+    let earlier = sh.read_dir(&artifacts)?;
     let logs = sh.create_dir(work.join("logs"))?;
     let dict = work.join("pem.dict");
     let mut libfuzzer = vec![
@@ -374,7 +376,11 @@ fn run_target(
         for line in tail.iter().rev() {
             eprintln!("  | {line}");
         }
-        let inputs = sh.read_dir(&artifacts)?;
+        let inputs: Vec<PathBuf> = sh
+            .read_dir(&artifacts)?
+            .into_iter()
+            .filter(|input| !earlier.contains(input))
+            .collect();
         if inputs.is_empty() {
             bail!(
                 "the fuzz run failed ({}) without leaving an input; the full log is in {}",
