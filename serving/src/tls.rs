@@ -88,7 +88,8 @@ pub fn load_key(var: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>
     parse_key(var, path, &read(var, path)?)
 }
 
-fn parse_key(
+/// Parses the first private key in PEM text read from `path`: PKCS#8, PKCS#1 or SEC1.
+pub fn parse_key(
     var: &'static str,
     path: &Path,
     pem: &[u8],

@@ -29,6 +29,16 @@ const INPUT_TIMEOUT_SECS: u64 = 5;
 /// The largest input libFuzzer makes: room for a certificate chain plus a key.
 const MAX_LEN: usize = 8192;
 
+/// Where the fuzz targets are built: `$XTASK_FUZZ_TARGET_DIR` when set (a folder outside the
+/// clone, so that CI's fresh checkouts do not rebuild the ASan targets every run), otherwise
+/// `target/fuzz/build`.
+fn build_dir(work: &std::path::Path) -> std::path::PathBuf {
+    std::env::var_os("XTASK_FUZZ_TARGET_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| work.join("build"))
+}
+
 /// Runs every fuzz target (or the named ones) for `--seconds` in total.
 pub(crate) fn fuzz(args: &[String]) -> anyhow::Result<()> {
     let (seconds, only) = parse_args(args)?;
@@ -57,7 +67,7 @@ pub(crate) fn fuzz(args: &[String]) -> anyhow::Result<()> {
     step(
         "build the fuzz targets (nightly, ASan, debug assertions)",
         || {
-            let target_dir = work.join("build");
+            let target_dir = build_dir(&work);
             fuzz_cmd(&sh, &cargo_fuzz, "build")
                 .args(["--debug-assertions", "--target-dir"])
                 .arg(&target_dir)
@@ -356,7 +366,7 @@ fn run_target(
     if matches!(target, "pem_certs" | "pem_key" | "identity") {
         libfuzzer.push(format!("-dict={}", dict.display()));
     }
-    let target_dir = work.join("build");
+    let target_dir = build_dir(&work);
     let output = fuzz_cmd(sh, cargo_fuzz, "run")
         .args(["--debug-assertions", "--target-dir"])
         .arg(&target_dir)
