@@ -23,9 +23,10 @@ pub(crate) fn ci() -> anyhow::Result<()> {
     step("tests", test)?;
     step("kubernetes manifests", crate::k8s::k8s)?;
     step("images and end-to-end tests", crate::e2e::e2e)?;
-    step("audit: dependencies, Dockerfiles, manifests, secrets", || {
-        crate::audit::audit(&[])
-    })?;
+    step(
+        "audit: dependencies, Dockerfiles, manifests, secrets",
+        || crate::audit::audit(&[]),
+    )?;
     step("fuzz", || crate::fuzz::fuzz(&[]))?;
     Ok(())
 }
