@@ -366,7 +366,7 @@ fn run_target(
     if matches!(target, "pem_certs" | "pem_key" | "identity") {
         libfuzzer.push(format!("-dict={}", dict.display()));
     }
-    let target_dir = build_dir(&work);
+    let target_dir = build_dir(work);
     let output = fuzz_cmd(sh, cargo_fuzz, "run")
         .args(["--debug-assertions", "--target-dir"])
         .arg(&target_dir)
