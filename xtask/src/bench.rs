@@ -27,11 +27,14 @@ use crate::util::{root, shell, step};
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--quick] [--only petra|klaus] [--duration SECS] [--warmup SECS]
+                         [--quiet-wait SECS]
 
   --quick          a smoke run: 2 s per case after a 1 s warm-up, 3 startup runs
   --only SERVICE   measure only Petra direct or only Klaus end to end (and its nginx reference)
   --duration SECS  measured window per case (default 10)
   --warmup SECS    warm-up before each case, not measured (default 2)
+  --quiet-wait SECS  before each case, wait up to this long for other processes' load to
+                   pass (default 30; 0 never waits)
 ";
 
 /// The concurrency levels every keep-alive case runs at.
@@ -61,6 +64,8 @@ struct Options {
     warmup: Duration,
     startup_runs: usize,
     only: Option<String>,
+    /// How long to wait before each case for other processes' load to pass.
+    quiet_wait: Duration,
 }
 
 impl Options {
@@ -70,6 +75,7 @@ impl Options {
             warmup: Duration::from_secs(2),
             startup_runs: 7,
             only: None,
+            quiet_wait: Duration::from_secs(30),
         };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
@@ -78,6 +84,7 @@ impl Options {
                     options.duration = Duration::from_secs(2);
                     options.warmup = Duration::from_secs(1);
                     options.startup_runs = 3;
+                    options.quiet_wait = Duration::from_secs(5);
                 }
                 "--only" => {
                     let service = args.next().context("--only needs petra or klaus")?;
@@ -86,21 +93,21 @@ impl Options {
                     }
                     options.only = Some(service.clone());
                 }
-                "--duration" | "--warmup" => {
+                "--duration" | "--warmup" | "--quiet-wait" => {
                     let value = args
                         .next()
                         .with_context(|| format!("{arg} needs seconds"))?;
                     let secs: f64 = value
                         .parse()
                         .with_context(|| format!("{arg}: '{value}' is not a number"))?;
-                    if !(0.1..=600.0).contains(&secs) {
-                        bail!("{arg}: {secs} is outside 0.1..=600 seconds");
+                    if !(0.0..=600.0).contains(&secs) {
+                        bail!("{arg}: {secs} is outside 0..=600 seconds");
                     }
                     let secs = Duration::from_secs_f64(secs);
-                    if arg == "--duration" {
-                        options.duration = secs;
-                    } else {
-                        options.warmup = secs;
+                    match arg.as_str() {
+                        "--duration" => options.duration = secs.max(Duration::from_millis(100)),
+                        "--warmup" => options.warmup = secs.max(Duration::from_millis(100)),
+                        _ => options.quiet_wait = secs,
                     }
                 }
                 "-h" | "--help" => {
@@ -175,6 +182,7 @@ pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for (i, case) in cases.iter().enumerate() {
         let label = format!("[{}/{}] {}", i + 1, cases.len(), case.id);
+        wait_for_quiet(&stack, &machine, options.quiet_wait)?;
         let measured = step(&label, || {
             measure(&stack, &tools, &certs, &out, case, &options, &machine)
         })?;
@@ -183,6 +191,8 @@ pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
     }
     let peak = stack.peak_rss()?;
     drop(stack);
+    // The table reads best by kind of load, then by connections; within that, in run order.
+    results.sort_by_key(|m| (m.case.mode == Mode::Churn, m.case.conns));
 
     let machine = machine.finish()?;
     let report = Report {
@@ -1105,7 +1115,17 @@ fn cases(options: &Options) -> Vec<Case> {
             });
         }
     };
-    for conns in CONNECTIONS {
+    // The budget's cases first, while the machine is most likely as quiet as it was when the
+    // run started; logging's cost (RUST_LOG=warn) and Petra's HTTP/2 path right beside them.
+    for t in TARGETS {
+        push(t, BUDGET_CONNECTIONS, Mode::KeepAlive);
+    }
+    let petra_warn = target(PETRA_WARN, "petra", true, &[PETRA_WARN]);
+    let klaus_warn = target(KLAUS_WARN, "klaus", true, &[KLAUS_WARN, PETRA_WARN]);
+    push(petra_warn, BUDGET_CONNECTIONS, Mode::KeepAlive);
+    push(klaus_warn, BUDGET_CONNECTIONS, Mode::KeepAlive);
+    push(TARGETS[0], BUDGET_CONNECTIONS, Mode::Http2);
+    for conns in CONNECTIONS.into_iter().filter(|&c| c != BUDGET_CONNECTIONS) {
         for t in TARGETS {
             push(t, conns, Mode::KeepAlive);
         }
@@ -1113,12 +1133,6 @@ fn cases(options: &Options) -> Vec<Case> {
     for t in TARGETS {
         push(t, BUDGET_CONNECTIONS, Mode::Churn);
     }
-    // Logging's cost: the same services with RUST_LOG=warn; and Petra's HTTP/2 path.
-    let petra_warn = target(PETRA_WARN, "petra", true, &[PETRA_WARN]);
-    let klaus_warn = target(KLAUS_WARN, "klaus", true, &[KLAUS_WARN, PETRA_WARN]);
-    push(petra_warn, BUDGET_CONNECTIONS, Mode::KeepAlive);
-    push(klaus_warn, BUDGET_CONNECTIONS, Mode::KeepAlive);
-    push(TARGETS[0], BUDGET_CONNECTIONS, Mode::Http2);
     cases
 }
 
@@ -1298,6 +1312,33 @@ fn measure(
         peak_rss_mb,
         background_pct,
     })
+}
+
+/// Waits up to `max` for other processes to leave the cores alone (under 10 % of them, over
+/// one second), so that a burst of someone else's work does not land in a measured window.
+fn wait_for_quiet(stack: &Stack, machine: &Machine, max: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        let (busy, ours) = (machine_busy_ticks()?, stack.all_cpu_ticks()? + own_ticks()?);
+        let window = Instant::now();
+        thread::sleep(Duration::from_secs(1));
+        let busy = machine_busy_ticks()?.saturating_sub(busy);
+        let ours = (stack.all_cpu_ticks()? + own_ticks()?).saturating_sub(ours);
+        let capacity = window.elapsed().as_secs_f64() * (machine.clk_tck * machine.cores) as f64;
+        let other = busy.saturating_sub(ours) as f64 / capacity * 100.0;
+        if other < 10.0 {
+            return Ok(());
+        }
+        if started.elapsed() >= max {
+            println!("    the machine is still busy (other load {other:.0} %); measuring anyway");
+            return Ok(());
+        }
+        if !said {
+            println!("    waiting up to {max:?} for other load ({other:.0} %) to pass");
+            said = true;
+        }
+    }
 }
 
 /// Busy time of the whole machine, all cores, in clock ticks (`/proc/stat` minus idle and
