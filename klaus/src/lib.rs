@@ -94,16 +94,8 @@ pub fn service(
     let mut registry = Registry::default();
     let metrics = HttpMetrics::register(&mut registry);
     let client = PetraClient::new(petra, petra::PetraMetrics::register(&mut registry))?;
-    Ok(Service {
-        name: "klaus",
-        router: router(client, metrics, serve.max_concurrent_requests as usize),
-        listen_addr,
-        admin_addr: serve.admin_addr,
-        tls,
-        registry,
-        timing: serve.shutdown_timing(),
-        limits: serving::server::Limits::default(),
-    })
+    let routes = router(client, metrics, serve.max_concurrent_requests as usize);
+    Ok(serve.service("klaus", listen_addr, routes, tls, registry))
 }
 
 /// Runs the command line: serve, or one of the subcommands.

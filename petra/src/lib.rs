@@ -72,16 +72,8 @@ pub fn service(listen_addr: SocketAddr, serve: &ServeArgs) -> Result<Service, Co
     };
     let mut registry = Registry::default();
     let metrics = HttpMetrics::register(&mut registry);
-    Ok(Service {
-        name: "petra",
-        router: router(metrics, serve.max_concurrent_requests as usize),
-        listen_addr,
-        admin_addr: serve.admin_addr,
-        tls: Some(tls),
-        registry,
-        timing: serve.shutdown_timing(),
-        limits: serving::server::Limits::default(),
-    })
+    let routes = router(metrics, serve.max_concurrent_requests as usize);
+    Ok(serve.service("petra", listen_addr, routes, Some(tls), registry))
 }
 
 /// Runs the command line: serve, or one of the subcommands.

@@ -57,6 +57,28 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The service these settings describe: `router` on `listen_addr`, with `tls` and the
+    /// metrics in `registry`.
+    pub fn service(
+        &self,
+        name: &'static str,
+        listen_addr: SocketAddr,
+        router: axum::Router,
+        tls: Option<crate::tls::ServerFiles>,
+        registry: prometheus_client::registry::Registry,
+    ) -> crate::Service {
+        crate::Service {
+            name,
+            router,
+            listen_addr,
+            admin_addr: self.admin_addr,
+            tls,
+            registry,
+            timing: self.shutdown_timing(),
+            limits: crate::server::Limits::default(),
+        }
+    }
+
     /// The timing of graceful shutdown.
     pub fn shutdown_timing(&self) -> crate::shutdown::Timing {
         crate::shutdown::Timing {

@@ -360,6 +360,36 @@ fn serving_addrs(
     }
 }
 
+/// Runs `exe` once per case with the case's environment and checks that it exits 2 with one
+/// line on stderr that contains the case's expected text and no panic.
+pub fn assert_config_errors(exe: &str, cases: &[(&[(&str, &str)], &str)]) {
+    for (env, expected) in cases {
+        let (code, stderr) = run_to_exit(exe, env);
+        assert_eq!(code, Some(2), "{env:?} should exit 2; stderr: {stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{env:?}: one line expected, got: {stderr}"
+        );
+        assert!(stderr.starts_with("error: "), "{env:?}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{env:?}: expected {expected:?} in {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{env:?}: {stderr}");
+    }
+}
+
+/// A client certificate for `klaus` from a CA of its own, which no test server trusts, written
+/// to `dir`.
+pub fn foreign_client(dir: &Path) -> Files {
+    let stranger = Ca::new("another CA").expect("CA");
+    let pem = stranger
+        .issue_for_days(&["klaus".to_owned()], Usage::Client, 1)
+        .expect("cert");
+    write_pem(dir, "foreign", &pem)
+}
+
 /// Runs `exe` with `env` (and nothing else from the environment) and returns its exit code
 /// and stderr, for configuration errors.
 pub fn run_to_exit(exe: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use serving::testing::{Binary, TestPki, plain_client, run_to_exit, wait_until};
+use serving::testing::{Binary, TestPki, assert_config_errors, plain_client, wait_until};
 use tokio::sync::Notify;
 
 use crate::helpers::spawn_fake_petra;
@@ -60,20 +60,7 @@ fn invalid_configuration_exits_2_with_one_line_naming_the_variable() {
         (&[url, ("TLS_KEY_FILE", key)], "TLS_CERT_FILE: is not set"),
         (&[url, ("LOG_FORMAT", "yaml")], "LOG_FORMAT"),
     ];
-    for (env, expected) in cases {
-        let (code, stderr) = run_to_exit(EXE, env);
-        assert_eq!(code, Some(2), "{env:?} should exit 2; stderr: {stderr}");
-        assert_eq!(
-            stderr.trim_end().lines().count(),
-            1,
-            "{env:?}: one line expected, got: {stderr}"
-        );
-        assert!(
-            stderr.contains(expected),
-            "{env:?}: expected {expected:?} in {stderr}"
-        );
-        assert!(!stderr.contains("panicked"), "{env:?}: {stderr}");
-    }
+    assert_config_errors(EXE, cases);
 }
 
 #[tokio::test(flavor = "multi_thread")]

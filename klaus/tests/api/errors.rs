@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
-use serving::certs::{Ca, Usage};
-use serving::testing::{TestPki, wait_until, write_pem};
+use serving::certs::Usage;
+use serving::testing::{TestPki, wait_until};
 use time::OffsetDateTime;
 
 use crate::helpers::{
@@ -33,14 +33,10 @@ async fn expect_problem(url: &str, status: u16, code: &str) -> serde_json::Value
 #[tokio::test]
 async fn petra_down_gives_502_in_well_under_a_second() {
     // A port that was just free: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let url = crate::helpers::refused_url();
     let pki = TestPki::new();
     let klaus = spawn_klaus(&petra_args(
-        &format!("https://localhost:{port}"),
+        &url,
         Some(pki.ca_file.clone()),
         Some(&pki.klaus),
     ))
@@ -185,14 +181,7 @@ async fn an_expired_petra_certificate_gives_502() {
 async fn petra_refusing_klaus_gives_502_for_no_or_a_foreign_client_certificate() {
     let pki = TestPki::new();
     let petra = spawn_petra(&pki).await;
-    let stranger = Ca::new("another CA").expect("CA");
-    let foreign = write_pem(
-        pki.dir.path(),
-        "foreign",
-        &stranger
-            .issue_for_days(&["klaus".to_owned()], Usage::Client, 1)
-            .expect("cert"),
-    );
+    let foreign = serving::testing::foreign_client(pki.dir.path());
     for identity in [None, Some(&foreign)] {
         let klaus = spawn_klaus(&petra_args(
             &petra.https_url(),

@@ -34,6 +34,7 @@ fn start_petra(pki: &TestPki, listen: &str) -> Binary {
             ("TLS_CERT_FILE", pki.petra.cert.to_str().expect("path")),
             ("TLS_KEY_FILE", pki.petra.key.to_str().expect("path")),
             ("TLS_CLIENT_CA_FILE", pki.ca_file.to_str().expect("path")),
+            ("SHUTDOWN_DELAY_SECONDS", "1"),
             ("RUST_LOG", "warn,serving=info"),
         ],
     )
@@ -345,20 +346,10 @@ impl Balancer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_two_petra_replicas_loses_no_request() {
     let pki = TestPki::new();
-    let start_replica = |listen: &str| {
-        Binary::start(
-            &petra_exe(),
-            &[
-                ("LISTEN_ADDR", listen),
-                ("TLS_CERT_FILE", pki.petra.cert.to_str().expect("path")),
-                ("TLS_KEY_FILE", pki.petra.key.to_str().expect("path")),
-                ("TLS_CLIENT_CA_FILE", pki.ca_file.to_str().expect("path")),
-                ("SHUTDOWN_DELAY_SECONDS", "1"),
-                ("RUST_LOG", "warn,serving=info"),
-            ],
-        )
-    };
-    let mut replicas = [start_replica("127.0.0.1:0"), start_replica("127.0.0.1:0")];
+    let mut replicas = [
+        start_petra(&pki, "127.0.0.1:0"),
+        start_petra(&pki, "127.0.0.1:0"),
+    ];
     let balancer = Balancer::start(
         replicas
             .iter()
@@ -409,7 +400,7 @@ async fn a_rolling_restart_of_two_petra_replicas_loses_no_request() {
         replica.signal("TERM");
         let status = tokio::task::block_in_place(|| replica.wait_exit(Duration::from_secs(30)));
         assert_eq!(status.code(), Some(0));
-        let fresh = start_replica(&listen);
+        let fresh = start_petra(&pki, &listen);
         balancer.replicas.lock().expect("lock")[index] = (fresh.main_addr, fresh.admin_addr);
         let admin = fresh.admin_url("/readyz");
         wait_until(

@@ -112,3 +112,14 @@ pub(crate) async fn metrics(klaus: &Running) -> String {
 pub(crate) async fn get_owned(url: String) -> (u16, String, String) {
     get(&url).await
 }
+
+/// An https URL where nothing listens: a port that was free on 127.0.0.3, an address no other
+/// test binds, so that no test running in parallel can take the port in the meantime.
+pub(crate) fn refused_url() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.3:0")
+        .expect("bind 127.0.0.3")
+        .local_addr()
+        .expect("addr")
+        .port();
+    format!("https://127.0.0.3:{port}")
+}

@@ -79,14 +79,10 @@ async fn a_connection_closed_under_a_call_is_retried_once_on_a_fresh_one() {
 
 #[tokio::test]
 async fn retries_stop_when_the_budget_is_spent() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let url = crate::helpers::refused_url();
     let pki = TestPki::new();
     let klaus = spawn_klaus(&petra_args(
-        &format!("https://localhost:{port}"),
+        &url,
         Some(pki.ca_file.clone()),
         Some(&pki.klaus),
     ))

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serving::testing::{Binary, TestPki, client, plain_client, run_to_exit};
+use serving::testing::{Binary, TestPki, assert_config_errors, client, plain_client};
 
 const EXE: &str = env!("CARGO_BIN_EXE_petra");
 
@@ -96,21 +96,7 @@ fn invalid_configuration_exits_2_with_one_line_naming_the_variable() {
             "SHUTDOWN_DELAY_SECONDS",
         ),
     ];
-    for (env, expected) in cases {
-        let (code, stderr) = run_to_exit(EXE, env);
-        assert_eq!(code, Some(2), "{env:?} should exit 2; stderr: {stderr}");
-        assert_eq!(
-            stderr.trim_end().lines().count(),
-            1,
-            "{env:?}: one line expected, got: {stderr}"
-        );
-        assert!(stderr.starts_with("error: "), "{env:?}: {stderr}");
-        assert!(
-            stderr.contains(expected),
-            "{env:?}: expected {expected:?} in {stderr}"
-        );
-        assert!(!stderr.contains("panicked"), "{env:?}: {stderr}");
-    }
+    assert_config_errors(EXE, cases);
 }
 
 #[test]

@@ -2,8 +2,7 @@
 
 use reqwest::StatusCode;
 use rustls::version::{TLS12, TLS13};
-use serving::certs::{Ca, Usage};
-use serving::testing::{TestPki, client, client_builder, handshake, plain_client, write_pem};
+use serving::testing::{TestPki, client, client_builder, handshake, plain_client};
 
 use crate::helpers::spawn_petra;
 
@@ -66,14 +65,7 @@ async fn speaks_tls_1_2_and_1_3_with_alpn() {
 async fn refuses_clients_without_a_certificate_or_with_one_from_another_ca() {
     let pki = TestPki::new();
     let petra = spawn_petra(&pki).await;
-    let stranger = Ca::new("another CA").expect("CA");
-    let foreign = write_pem(
-        pki.dir.path(),
-        "foreign",
-        &stranger
-            .issue_for_days(&["klaus".to_owned()], Usage::Client, 1)
-            .expect("cert"),
-    );
+    let foreign = serving::testing::foreign_client(pki.dir.path());
     for (what, identity) in [
         ("no client certificate", None),
         ("a certificate from another CA", Some(&foreign)),
