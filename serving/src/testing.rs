@@ -331,6 +331,19 @@ impl Binary {
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin_addr)
     }
+
+    /// Waits up to 5 s until `/readyz` answers 503, as it does from the moment shutdown begins.
+    pub async fn wait_unready(&self) {
+        let readyz = self.admin_url("/readyz");
+        wait_until("/readyz answers 503", Duration::from_secs(5), || async {
+            plain_client()
+                .get(&readyz)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().as_u16() == 503)
+        })
+        .await;
+    }
 }
 
 impl Drop for Binary {

@@ -107,15 +107,7 @@ async fn a_request_in_flight_at_sigterm_completes_and_klaus_exits_0() {
     arrived.notified().await;
 
     klaus.signal("TERM");
-    let readyz = klaus.admin_url("/readyz");
-    wait_until("/readyz answers 503", Duration::from_secs(5), || async {
-        plain_client()
-            .get(&readyz)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().as_u16() == 503)
-    })
-    .await;
+    klaus.wait_unready().await;
     // The listener stops accepting, but the request in flight is still being served.
     wait_until(
         "the main listener stops accepting",

@@ -152,14 +152,7 @@ async fn sigterm_turns_unready_keeps_serving_through_the_delay_then_exits_0() {
     assert!(health.success());
 
     petra.signal("TERM");
-    serving::testing::wait_until("/readyz answers 503", Duration::from_secs(5), || async {
-        admin
-            .get(&readyz)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == StatusCode::SERVICE_UNAVAILABLE)
-    })
-    .await;
+    petra.wait_unready().await;
     let url = format!("https://localhost:{}", petra.main_addr.port());
     let hello = client(&pki.ca_file, Some(&pki.klaus))
         .get(&url)
@@ -182,16 +175,7 @@ async fn a_second_signal_exits_at_once() {
     ];
     let mut petra = Binary::start(EXE, &env);
     petra.signal("TERM");
-    let readyz = petra.admin_url("/readyz");
-    let admin = plain_client();
-    serving::testing::wait_until("/readyz answers 503", Duration::from_secs(5), || async {
-        admin
-            .get(&readyz)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == StatusCode::SERVICE_UNAVAILABLE)
-    })
-    .await;
+    petra.wait_unready().await;
     petra.signal("INT");
     let status = tokio::task::block_in_place(|| petra.wait_exit(Duration::from_secs(5)));
     assert_eq!(status.code(), Some(143));
