@@ -51,6 +51,12 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
 
+    /// Seconds after which a connection is closed gracefully (HTTP/2 GOAWAY), give or take
+    /// 10 %, so that callers holding long-lived HTTP/2 connections spread over new replicas;
+    /// 0 keeps connections open for as long as the client likes.
+    #[arg(long, env = "MAX_CONNECTION_AGE_SECONDS", default_value_t = 300)]
+    pub max_connection_age_seconds: u64,
+
     /// Log format on stdout: `json` (one object per line) or `text`. Filter with RUST_LOG.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
@@ -75,7 +81,11 @@ impl ServeArgs {
             tls,
             registry,
             timing: self.shutdown_timing(),
-            limits: crate::server::Limits::default(),
+            limits: crate::server::Limits {
+                max_connection_age: (self.max_connection_age_seconds > 0)
+                    .then(|| Duration::from_secs(self.max_connection_age_seconds)),
+                ..crate::server::Limits::default()
+            },
         }
     }
 

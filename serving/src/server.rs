@@ -39,6 +39,10 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// Interval of HTTP/2 keep-alive pings, which find dead peers.
     pub h2_keep_alive_interval: Duration,
+    /// Age after which a connection is closed gracefully (HTTP/2 GOAWAY, or `Connection:
+    /// close` on the next HTTP/1.1 response), give or take 10 %, so that a client holding one
+    /// long-lived HTTP/2 connection spreads over new replicas; `None` keeps connections open.
+    pub max_connection_age: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -50,6 +54,7 @@ impl Default for Limits {
             max_header_list_size: 64 * 1024,
             max_concurrent_streams: 256,
             h2_keep_alive_interval: Duration::from_secs(20),
+            max_connection_age: None,
         }
     }
 }
@@ -262,7 +267,7 @@ async fn accept_loop(
                 metrics.open.inc();
             }
             match tls {
-                None => serve_http1(stream, service, &limits, &stop).await,
+                None => serve_http1(stream, service, &limits, &stop, peer).await,
                 Some(config) => {
                     if serve_tls(stream, peer, config, service, &limits, &stop)
                         .await
@@ -321,15 +326,20 @@ async fn serve_tls(
     };
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     if h2 {
-        serve_http2(stream, service, limits, stop).await;
+        serve_http2(stream, service, limits, stop, peer).await;
     } else {
-        serve_http1(stream, service, limits, stop).await;
+        serve_http1(stream, service, limits, stop, peer).await;
     }
     Ok(())
 }
 
-async fn serve_http1<IO>(io: IO, service: HyperService, limits: &Limits, stop: &CancellationToken)
-where
+async fn serve_http1<IO>(
+    io: IO,
+    service: HyperService,
+    limits: &Limits,
+    stop: &CancellationToken,
+    peer: SocketAddr,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = hyper::server::conn::http1::Builder::new()
@@ -337,11 +347,16 @@ where
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_buf_size)
         .serve_connection(TokioIo::new(io), service);
-    drive(conn, stop).await;
+    drive(conn, stop, max_age(limits, peer)).await;
 }
 
-async fn serve_http2<IO>(io: IO, service: HyperService, limits: &Limits, stop: &CancellationToken)
-where
+async fn serve_http2<IO>(
+    io: IO,
+    service: HyperService,
+    limits: &Limits,
+    stop: &CancellationToken,
+    peer: SocketAddr,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -350,20 +365,39 @@ where
         .max_concurrent_streams(limits.max_concurrent_streams)
         .keep_alive_interval(limits.h2_keep_alive_interval)
         .serve_connection(TokioIo::new(io), service);
-    drive(conn, stop).await;
+    drive(conn, stop, max_age(limits, peer)).await;
 }
 
-/// Runs a connection to its end; when `stop` fires, lets the requests in flight finish and
-/// closes it.
-async fn drive<C>(conn: C, stop: &CancellationToken)
+/// This connection's maximum age: [`Limits::max_connection_age`] spread over ±10 % by the
+/// peer's port, so that connections opened together do not all close together.
+fn max_age(limits: &Limits, peer: SocketAddr) -> Option<Duration> {
+    let age = limits.max_connection_age?;
+    let spread = f64::from(peer.port() % 201) / 1000.0 - 0.1;
+    Some(age.mul_f64(1.0 + spread))
+}
+
+/// Runs a connection to its end; when `stop` fires or the connection reaches `max_age`, lets
+/// the requests in flight finish and closes it.
+async fn drive<C>(conn: C, stop: &CancellationToken, max_age: Option<Duration>)
 where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
     let mut conn = pin!(conn);
+    let aged = async {
+        match max_age {
+            Some(age) => tokio::time::sleep(age).await,
+            None => std::future::pending().await,
+        }
+    };
     let result = tokio::select! {
         result = conn.as_mut() => result,
         () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        () = aged => {
+            tracing::debug!("connection reached its maximum age; closing it gracefully");
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -2,9 +2,12 @@
 
 use reqwest::StatusCode;
 use rustls::version::{TLS12, TLS13};
-use serving::testing::{TestPki, client, client_builder, handshake, plain_client};
+use std::time::Duration;
 
-use crate::helpers::spawn_petra;
+use serving::ServeArgs;
+use serving::testing::{TestPki, client, client_builder, handshake, plain_client, wait_until};
+
+use crate::helpers::{args, spawn_petra, spawn_with};
 
 #[tokio::test]
 async fn says_hello_over_mutual_tls_on_http1_and_http2() {
@@ -254,4 +257,57 @@ async fn admin_port_reports_liveness_and_readiness_and_turns_unready_on_shutdown
         .await
         .expect("hello");
     assert_eq!(hello.text().await.expect("body"), "hello");
+}
+
+#[tokio::test]
+async fn closes_an_http2_connection_gracefully_at_its_maximum_age() {
+    let pki = TestPki::new();
+    let petra = spawn_with(ServeArgs {
+        max_connection_age_seconds: 1,
+        ..args(&pki, Some(&pki.ca_file))
+    })
+    .await;
+    let client = client(&pki.ca_file, Some(&pki.klaus));
+    let url = petra.https_url();
+    let hello = || async {
+        let response = client.get(&url).send().await.expect("request");
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        assert_eq!(response.text().await.expect("body"), "hello");
+    };
+    let metric = |name: &'static str| {
+        let url = format!("{}/metrics", petra.admin_url());
+        async move {
+            let text = plain_client()
+                .get(url)
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("body");
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+        }
+    };
+    let started = std::time::Instant::now();
+    hello().await;
+    hello().await;
+    assert_eq!(metric("connections_accepted_total").await, 1);
+    // The client keeps the connection; Petra sends GOAWAY at 0.9 to 1.1 s and closes it.
+    wait_until(
+        "Petra closed the aged connection",
+        Duration::from_secs(3),
+        || async { metric("connections_open").await == 0 },
+    )
+    .await;
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(900),
+        "closed after {closed_after:?}, before its maximum age"
+    );
+    // The client notices the GOAWAY and opens a new connection: no request fails.
+    hello().await;
+    assert_eq!(metric("connections_accepted_total").await, 2);
+    petra.stop().await;
 }
