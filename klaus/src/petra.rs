@@ -345,11 +345,10 @@ fn build_client(args: &PetraArgs, pooled: bool) -> Result<reqwest::Client, Confi
         .timeout(timeout)
         .connect_timeout(timeout / 2)
         .tcp_nodelay(true)
-        // HTTP/1.1 with a pool of keep-alive connections: a refused client certificate
-        // then surfaces as a TLS alert on the response instead of a closed stream. HTTP/2
-        // measured 29 % less CPU per request on loopback (fewer system calls, BENCHMARKS.md);
-        // moving to it needs another way to tell a refused certificate apart.
-        .http1_only()
+        // HTTP/2 when Petra offers it (ALPN), else HTTP/1.1: one multiplexed connection
+        // measured 29 % less CPU per request than a pool of HTTP/1.1 connections (fewer
+        // system calls, BENCHMARKS.md). Petra closes connections gracefully after
+        // MAX_CONNECTION_AGE_SECONDS, so that Klaus's calls spread over new replicas.
         .pool_idle_timeout(Duration::from_secs(50))
         .pool_max_idle_per_host(if pooled { usize::MAX } else { 0 })
         .user_agent(concat!("klaus/", env!("CARGO_PKG_VERSION")));
@@ -619,8 +618,7 @@ fn classify(err: reqwest::Error, target: String, timeout_ms: u64) -> PetraError 
     let mut closed = false;
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&err);
     while let Some(current) = cause {
-        if let Some(tls) = find_rustls(current) {
-            let problem = TlsProblem::of(tls);
+        if let Some(problem) = tls_problem(current) {
             return PetraError::Tls {
                 problem,
                 target,
@@ -632,6 +630,12 @@ fn classify(err: reqwest::Error, target: String, timeout_ms: u64) -> PetraError 
         }
         if let Some(hyper) = current.downcast_ref::<hyper::Error>() {
             closed |= hyper.is_incomplete_message() || hyper.is_canceled() || hyper.is_closed();
+        }
+        if let Some(h2) = current.downcast_ref::<h2::Error>() {
+            // Petra never started on a stream it refused, or one above the last it accepted
+            // before going away (a replica draining for a restart).
+            closed |= h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote());
         }
         dns |= current.to_string().starts_with("dns error");
         cause = current.source();
@@ -677,15 +681,44 @@ fn classify(err: reqwest::Error, target: String, timeout_ms: u64) -> PetraError 
     }
 }
 
-/// The TLS error in `err`, also when it sits inside (nested) `io::Error`s, whose `source` skips
-/// the error they wrap.
-fn find_rustls<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+/// The TLS problem `err` reports, also when it sits inside (nested) `io::Error`s, whose
+/// `source` skips the error they wrap.
+fn tls_problem(err: &(dyn std::error::Error + 'static)) -> Option<TlsProblem> {
     if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-        return Some(tls);
+        return Some(TlsProblem::of(tls));
     }
-    let inner = err.downcast_ref::<std::io::Error>()?.get_ref()?;
-    find_rustls(inner)
+    let io = err.downcast_ref::<std::io::Error>()?;
+    match io.get_ref() {
+        Some(inner) if inner.is::<rustls::Error>() || inner.is::<std::io::Error>() => {
+            tls_problem(inner)
+        }
+        // An alert that arrives after the handshake (TLS 1.3 checks the client certificate
+        // then) ends the HTTP/2 connection; h2 hands it to each stream as an `io::Error` that
+        // keeps only the alert's text. That text is rustls's own, so it is compared with what
+        // rustls writes for each alert rather than with a copy of it.
+        Some(inner) => {
+            let text = inner.to_string();
+            ALERTS_AFTER_HANDSHAKE.into_iter().find_map(|alert| {
+                let received = rustls::Error::AlertReceived(alert);
+                (received.to_string() == text).then(|| TlsProblem::of(&received))
+            })
+        }
+        None => None,
+    }
 }
+
+/// The alerts a server sends about the client's certificate, once the client has finished
+/// its side of the handshake.
+const ALERTS_AFTER_HANDSHAKE: [AlertDescription; 8] = [
+    AlertDescription::CertificateRequired,
+    AlertDescription::BadCertificate,
+    AlertDescription::UnknownCA,
+    AlertDescription::CertificateUnknown,
+    AlertDescription::UnsupportedCertificate,
+    AlertDescription::CertificateExpired,
+    AlertDescription::CertificateRevoked,
+    AlertDescription::AccessDenied,
+];
 
 /// The cause chain of an error on one line, for the log.
 struct Chain<'a>(&'a dyn std::error::Error);
