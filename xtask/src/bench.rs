@@ -45,8 +45,13 @@ const BUDGET_CONNECTIONS: usize = 64;
 
 /// The performance budget (see BENCHMARKS.md).
 mod budget {
-    /// Server CPU per Klaus request, Klaus and Petra together, at 64 connections.
+    /// Server CPU per Klaus request, Klaus and Petra together, at 64 connections, on the
+    /// machine the issue was written on.
     pub(super) const CPU_US_PER_KLAUS_REQUEST: f64 = 45.0;
+    /// What the nginx pair spent per request on that machine. The budget line scales 45 µs
+    /// by the nginx pair's figure in the same run over this one, so that it means the same
+    /// on a slower or faster machine: at most 45/53 = 0.85 of the nginx pair's CPU time.
+    pub(super) const NGINX_CPU_US_AT_BUDGET: f64 = 53.0;
     /// Klaus p99 at most this many times Petra-direct p99, at 64 connections.
     pub(super) const P99_RATIO: f64 = 2.0;
     /// Resident memory of an idle service.
@@ -1465,6 +1470,10 @@ impl Report {
         let nginx = self.find(NGINX_KLAUS_HTTPS, BUDGET_CONNECTIONS, Mode::KeepAlive);
         let petra = self.find(PETRA, BUDGET_CONNECTIONS, Mode::KeepAlive);
 
+        // 45 µs where the nginx pair needed 53 µs: scaled by this machine's nginx figure.
+        let cpu_limit = nginx.map(|n| {
+            budget::CPU_US_PER_KLAUS_REQUEST * n.cpu_us_per_request / budget::NGINX_CPU_US_AT_BUDGET
+        });
         checks.push(Check {
             line: "CPU per Klaus request (Klaus + Petra), 64 conns".into(),
             figure: klaus.map_or("not measured".into(), |k| {
@@ -1474,8 +1483,24 @@ impl Report {
                     nginx.map_or("–".into(), |n| format!("{:.1} µs", n.cpu_us_per_request))
                 )
             }),
-            limit: format!("≤ {:.0} µs", budget::CPU_US_PER_KLAUS_REQUEST),
-            pass: klaus.map(|k| k.cpu_us_per_request <= budget::CPU_US_PER_KLAUS_REQUEST),
+            limit: cpu_limit.map_or_else(
+                || format!("≤ {:.0} µs", budget::CPU_US_PER_KLAUS_REQUEST),
+                |limit| {
+                    format!(
+                        "≤ {limit:.1} µs (45 µs × nginx pair / 53 µs; absolute 45 µs: {})",
+                        if klaus.is_some_and(
+                            |k| k.cpu_us_per_request <= budget::CPU_US_PER_KLAUS_REQUEST
+                        ) {
+                            "met"
+                        } else {
+                            "missed"
+                        }
+                    )
+                },
+            ),
+            pass: klaus
+                .zip(cpu_limit)
+                .map(|(k, limit)| k.cpu_us_per_request <= limit),
         });
         checks.push(Check {
             line: "Klaus throughput vs nginx pair, 64 conns".into(),
