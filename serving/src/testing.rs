@@ -160,6 +160,18 @@ impl Running {
     pub fn admin_url(&self) -> String {
         format!("http://{}", self.admin_addr)
     }
+
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        plain_client()
+            .get(format!("{}/metrics", self.admin_url()))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
 }
 
 impl Drop for Running {

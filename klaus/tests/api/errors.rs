@@ -10,8 +10,7 @@ use serving::testing::{TestPki, wait_until};
 use time::OffsetDateTime;
 
 use crate::helpers::{
-    get as http_get, metrics, petra_args, spawn_fake_petra, spawn_klaus, spawn_klaus_for,
-    spawn_petra,
+    get as http_get, petra_args, spawn_fake_petra, spawn_klaus, spawn_klaus_for, spawn_petra,
 };
 
 /// Calls Klaus and checks that it answered `status` with a problem whose code is `code`;
@@ -56,7 +55,7 @@ async fn petra_down_gives_502_in_well_under_a_second() {
         http_get(&format!("{}/readyz", klaus.admin_url())).await.0,
         200
     );
-    let text = metrics(&klaus).await;
+    let text = klaus.metrics().await;
     assert!(
         text.contains(r#"petra_calls_total{outcome="unreachable"} 1"#),
         "{text}"

@@ -435,7 +435,7 @@ async fn a_rolling_restart_of_two_petra_replicas_loses_no_request() {
         .filter(|(_, s, _)| *s != 200)
         .map(|(_, s, _)| *s)
         .collect();
-    let retries = crate::helpers::metrics(&klaus).await;
+    let retries = klaus.metrics().await;
     let attempted = retries
         .lines()
         .find(|l| l.starts_with(r#"petra_retries_total{result="attempted"}"#))

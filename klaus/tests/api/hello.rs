@@ -7,7 +7,7 @@ use axum::http::HeaderMap;
 use axum::routing::get;
 use serving::testing::{TestPki, client_builder};
 
-use crate::helpers::{get as http_get, metrics, spawn_fake_petra, spawn_klaus_for, spawn_petra};
+use crate::helpers::{get as http_get, spawn_fake_petra, spawn_klaus_for, spawn_petra};
 
 #[tokio::test]
 async fn says_hello_world_through_petra_over_mutual_tls() {
@@ -21,7 +21,7 @@ async fn says_hello_world_through_petra_over_mutual_tls() {
             (200, "text/plain; charset=utf-8", "hello world")
         );
     }
-    let text = metrics(&klaus).await;
+    let text = klaus.metrics().await;
     assert!(
         text.contains(r#"petra_calls_total{outcome="ok"} 3"#),
         "{text}"

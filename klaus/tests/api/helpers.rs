@@ -104,11 +104,6 @@ pub(crate) async fn get(url: &str) -> (u16, String, String) {
     (status, content_type, response.text().await.expect("body"))
 }
 
-/// Klaus's metrics text.
-pub(crate) async fn metrics(klaus: &Running) -> String {
-    get(&format!("{}/metrics", klaus.admin_url())).await.2
-}
-
 /// [`get`] with an owned URL, for spawned tasks.
 pub(crate) async fn get_owned(url: String) -> (u16, String, String) {
     get(&url).await

@@ -10,9 +10,7 @@ use serving::testing::{TestPki, loopback, spawn, wait_until};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
 
-use crate::helpers::{
-    get as http_get, metrics, petra_args, serve_args, spawn_fake_petra, spawn_klaus,
-};
+use crate::helpers::{get as http_get, petra_args, serve_args, spawn_fake_petra, spawn_klaus};
 
 /// A Petra whose first connection reads the request and closes without answering, as a
 /// replica does when it dies under a pooled connection; later connections answer `hello`.
@@ -73,7 +71,7 @@ async fn a_connection_closed_under_a_call_is_retried_once_on_a_fresh_one() {
     .await;
     let (status, _, body) = http_get(&klaus.http_url()).await;
     assert_eq!((status, body.as_str()), (200, "hello world"));
-    let text = metrics(&klaus).await;
+    let text = klaus.metrics().await;
     assert!(
         text.contains(r#"petra_retries_total{result="attempted"} 1"#),
         "{text}"
@@ -96,7 +94,7 @@ async fn retries_stop_when_the_budget_is_spent() {
     }
     // With Petra down, the first 20 failures are retried and the next 10 are not: retries
     // never multiply the load on a Petra that is really gone.
-    let text = metrics(&klaus).await;
+    let text = klaus.metrics().await;
     assert!(
         text.contains(r#"petra_retries_total{result="attempted"} 20"#),
         "{text}"
@@ -178,7 +176,7 @@ async fn requests_over_the_concurrency_limit_get_a_fast_503() {
     .await;
     release.notify_waiters();
     assert_eq!(again.await.expect("task").0, 200);
-    let text = metrics(&klaus).await;
+    let text = klaus.metrics().await;
     assert!(
         text.contains(r#"http_requests_total{route="/",method="GET",status="503"} 1"#),
         "{text}"

@@ -194,14 +194,7 @@ async fn counts_requests_by_route_template_method_and_status() {
             .await
             .expect("request");
     }
-    let text = plain_client()
-        .get(format!("{}/metrics", petra.admin_url()))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
+    let text = petra.metrics().await;
     assert!(
         text.contains(r#"http_requests_total{route="/",method="GET",status="200"} 2"#),
         "{text}"
@@ -275,16 +268,9 @@ async fn closes_an_http2_connection_gracefully_at_its_maximum_age() {
         assert_eq!(response.text().await.expect("body"), "hello");
     };
     let metric = |name: &'static str| {
-        let url = format!("{}/metrics", petra.admin_url());
+        let petra = &petra;
         async move {
-            let text = plain_client()
-                .get(url)
-                .send()
-                .await
-                .expect("metrics")
-                .text()
-                .await
-                .expect("body");
+            let text = petra.metrics().await;
             text.lines()
                 .find_map(|line| line.strip_prefix(name)?.trim().parse::<u64>().ok())
                 .unwrap_or_else(|| panic!("no {name} in {text}"))

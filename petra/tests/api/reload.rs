@@ -32,21 +32,14 @@ async fn serves_a_rotated_certificate_without_a_restart() {
     // A half-written rotation (a key that does not match) keeps the old certificate.
     let next = server_cert(&pki.ca);
     std::fs::write(&pki.petra.cert, &next.cert).expect("write cert");
-    let metrics_url = format!("{}/metrics", petra.admin_url());
-    let admin = serving::testing::plain_client();
     wait_until(
         "the mismatched pair is seen and refused",
         Duration::from_secs(5),
         || async {
-            let text = admin
-                .get(&metrics_url)
-                .send()
+            petra
+                .metrics()
                 .await
-                .expect("metrics")
-                .text()
-                .await
-                .expect("body");
-            text.contains(r#"tls_reloads_total{result="error"}"#)
+                .contains(r#"tls_reloads_total{result="error"}"#)
         },
     )
     .await;
