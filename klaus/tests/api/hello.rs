@@ -39,15 +39,24 @@ async fn says_hello_world_through_petra_over_mutual_tls() {
 }
 
 #[tokio::test]
-async fn reuses_one_connection_to_petra() {
+async fn multiplexes_concurrent_calls_on_one_http2_connection_to_petra() {
     let pki = TestPki::new();
     let petra = spawn_petra(&pki).await;
     let klaus = spawn_klaus_for(&pki, &petra).await;
-    for _ in 0..20 {
-        assert_eq!(http_get(&klaus.http_url()).await.2, "hello world");
+    // A first call opens the connection; 19 at once then share it as HTTP/2 streams, where an
+    // HTTP/1.1 pool would open a connection for each call in flight.
+    assert_eq!(http_get(&klaus.http_url()).await.2, "hello world");
+    let url = klaus.http_url();
+    let calls: Vec<_> = (0..19)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { http_get(&url).await.2 })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.expect("call"), "hello world");
     }
-    // Petra served 20 requests on one connection: a client per request would have opened 20.
-    let petra_metrics = http_get(&format!("{}/metrics", petra.admin_url())).await.2;
+    let petra_metrics = petra.metrics().await;
     assert!(
         petra_metrics.contains(r#"http_requests_total{route="/",method="GET",status="200"} 20"#),
         "{petra_metrics}"
