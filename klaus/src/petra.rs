@@ -230,10 +230,12 @@ impl PetraClient {
             ConfigError::new("PETRA_URL", "is not set; set it to Petra's https:// URL")
         })?;
         let url = parse_url(raw)?;
-        let http = build_client(args, true)?;
+        // The system's roots are read once (about 10 ms), for both clients.
+        let tls = tls_config(args)?;
+        let http = build_client(args, tls.clone(), true)?;
         // A second client that keeps no idle connections: a retry goes out on a fresh
         // connection, never on another pooled one that may have died with the first.
-        let fresh = build_client(args, false)?;
+        let fresh = build_client(args, tls, false)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
@@ -332,12 +334,15 @@ impl PetraClient {
     }
 }
 
-/// Builds the HTTPS client for Petra from the settings; `pooled` keeps idle connections.
-fn build_client(args: &PetraArgs, pooled: bool) -> Result<reqwest::Client, ConfigError> {
+/// Builds the HTTPS client for Petra on `tls`; `pooled` keeps idle connections.
+fn build_client(
+    args: &PetraArgs,
+    tls: rustls::ClientConfig,
+    pooled: bool,
+) -> Result<reqwest::Client, ConfigError> {
     let timeout = Duration::from_millis(args.petra_timeout_ms);
-    let mut builder = reqwest::Client::builder()
-        .use_rustls_tls()
-        .min_tls_version(reqwest::tls::Version::TLS_1_2)
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
         .https_only(true)
         .redirect(reqwest::redirect::Policy::none())
         // Service-to-service calls go straight to Petra, whatever HTTPS_PROXY says.
@@ -351,20 +356,34 @@ fn build_client(args: &PetraArgs, pooled: bool) -> Result<reqwest::Client, Confi
         // MAX_CONNECTION_AGE_SECONDS, so that Klaus's calls spread over new replicas.
         .pool_idle_timeout(Duration::from_secs(50))
         .pool_max_idle_per_host(if pooled { usize::MAX } else { 0 })
-        .user_agent(concat!("klaus/", env!("CARGO_PKG_VERSION")));
+        .user_agent(concat!("klaus/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|err| {
+            ConfigError::new(
+                "PETRA_CA_FILE",
+                format!("cannot build the HTTPS client: {err}"),
+            )
+        })
+}
+
+/// The TLS settings for calls to Petra, built once for both clients: the system's roots plus
+/// PETRA_CA_FILE, Klaus's client identity, TLS 1.3 and 1.2, ALPN `h2` and `http/1.1`.
+/// Verification cannot be turned off.
+fn tls_config(args: &PetraArgs) -> Result<rustls::ClientConfig, ConfigError> {
+    let mut roots = rustls::RootCertStore::empty();
+    // Unreadable system roots leave PETRA_CA_FILE as the only trust anchor, which is what a
+    // private CA needs anyway; a missing bundle is no reason to refuse to start.
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
     if let Some(path) = &args.petra_ca_file {
-        let certs = serving::tls::load_certs("PETRA_CA_FILE", path)?;
-        // Checks that each is a usable trust anchor before handing them to reqwest.
-        serving::tls::load_roots("PETRA_CA_FILE", path)?;
-        for der in certs {
-            let cert = reqwest::Certificate::from_der(&der).map_err(|err| {
-                ConfigError::new("PETRA_CA_FILE", format!("{}: {err}", path.display()))
-            })?;
-            builder = builder.add_root_certificate(cert);
-        }
+        roots.roots.extend(serving::tls::load_roots("PETRA_CA_FILE", path)?.roots);
     }
-    match (&args.petra_client_cert_file, &args.petra_client_key_file) {
-        (None, None) => {}
+    let builder = rustls::ClientConfig::builder_with_provider(serving::tls::provider())
+        .with_protocol_versions(serving::tls::PROTOCOL_VERSIONS)
+        .map_err(|err| ConfigError::new("PETRA_CA_FILE", format!("TLS settings: {err}")))?
+        .with_root_certificates(roots);
+    let mut config = match (&args.petra_client_cert_file, &args.petra_client_key_file) {
+        (None, None) => builder.with_no_client_auth(),
         (Some(_), None) => {
             return Err(ConfigError::new(
                 "PETRA_CLIENT_KEY_FILE",
@@ -378,40 +397,24 @@ fn build_client(args: &PetraArgs, pooled: bool) -> Result<reqwest::Client, Confi
             ));
         }
         (Some(cert), Some(key)) => {
-            serving::tls::Identity::load(
+            let identity = serving::tls::Identity::load(
                 "PETRA_CLIENT_CERT_FILE",
                 cert,
                 "PETRA_CLIENT_KEY_FILE",
                 key,
             )?;
-            let mut pem = std::fs::read(cert).map_err(|err| {
-                ConfigError::new(
-                    "PETRA_CLIENT_CERT_FILE",
-                    format!("cannot read {}: {err}", cert.display()),
-                )
-            })?;
-            pem.push(b'\n');
-            pem.extend(std::fs::read(key).map_err(|err| {
-                ConfigError::new(
-                    "PETRA_CLIENT_KEY_FILE",
-                    format!("cannot read {}: {err}", key.display()),
-                )
-            })?);
-            let identity = reqwest::Identity::from_pem(&pem).map_err(|err| {
-                ConfigError::new(
-                    "PETRA_CLIENT_CERT_FILE",
-                    format!("{} cannot be used: {err}", cert.display()),
-                )
-            })?;
-            builder = builder.identity(identity);
+            builder
+                .with_client_auth_cert(identity.chain, identity.key)
+                .map_err(|err| {
+                    ConfigError::new(
+                        "PETRA_CLIENT_CERT_FILE",
+                        format!("{} cannot be used: {err}", cert.display()),
+                    )
+                })?
         }
-    }
-    builder.build().map_err(|err| {
-        ConfigError::new(
-            "PETRA_CA_FILE",
-            format!("cannot build the HTTPS client: {err}"),
-        )
-    })
+    };
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 /// What went wrong with a TLS connection to Petra.
