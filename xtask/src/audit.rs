@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use xshell::{Shell, cmd};
 
-use crate::util::{root, shell, step};
+use crate::util::{root, shell, step, tools_root};
 
 /// The cargo-deny release installed into `target/tools` when none is there.
 const CARGO_DENY_VERSION: &str = "0.20.2";
@@ -203,15 +203,6 @@ fn ensure_cargo_deny(sh: &Shell) -> anyhow::Result<PathBuf> {
     .run()
     .context("cargo install cargo-deny failed")?;
     Ok(bin)
-}
-
-/// Where `cargo install` puts the audit's and the fuzz task's cargo tools: `target/tools`, or
-/// `$XTASK_TOOLS_ROOT` when set (a folder outside the clone survives fresh CI checkouts).
-pub(crate) fn tools_root() -> PathBuf {
-    std::env::var_os("XTASK_TOOLS_ROOT")
-        .filter(|dir| !dir.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target").join("tools"))
 }
 
 /// The local advisory database cargo-deny would use, if one was ever fetched on this machine.

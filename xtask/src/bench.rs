@@ -23,7 +23,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use xshell::{Shell, cmd};
 
-use crate::util::{root, shell, step};
+use crate::util::{existing, find_oha, nofile_to_raise, root, shell, step, which, with_nofile};
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--quick] [--only petra|klaus] [--duration SECS] [--warmup SECS]
@@ -252,15 +252,7 @@ struct Tools {
 
 impl Tools {
     fn find(sh: &Shell) -> anyhow::Result<Self> {
-        let cached = root().join("target/tools");
-        let oha = match which("oha").or_else(|| existing(cached.join("bin/oha"))) {
-            Some(oha) => oha,
-            None => {
-                println!("oha is missing: cargo install oha --locked --root target/tools");
-                cmd!(sh, "cargo install oha --locked --root {cached}").run()?;
-                cached.join("bin/oha")
-            }
-        };
+        let oha = find_oha(sh)?;
         let nginx = match which("nginx").or_else(|| existing(PathBuf::from("/usr/sbin/nginx"))) {
             Some(nginx) => nginx,
             None => {
@@ -280,17 +272,7 @@ impl Tools {
     /// A command that runs `program` with the raised file-descriptor limit, keeping its PID
     /// (the shell `exec`s it).
     fn command(&self, program: &Path) -> Command {
-        match self.nofile {
-            None => Command::new(program),
-            Some(limit) => {
-                let mut command = Command::new("sh");
-                command
-                    .arg("-c")
-                    .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
-                    .arg(program);
-                command
-            }
-        }
+        with_nofile(program, self.nofile)
     }
 }
 
@@ -310,15 +292,6 @@ fn install_nginx(sh: &Shell) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).find_map(|dir| existing(dir.join(name)))
-}
-
-fn existing(path: PathBuf) -> Option<PathBuf> {
-    path.is_file().then_some(path)
-}
-
 fn is_root() -> anyhow::Result<bool> {
     let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     Ok(status
@@ -326,36 +299,6 @@ fn is_root() -> anyhow::Result<bool> {
         .find_map(|line| line.strip_prefix("Uid:"))
         .and_then(|ids| ids.split_whitespace().next())
         == Some("0"))
-}
-
-/// The hard file-descriptor limit when the soft one is below what 512 connections through
-/// Klaus need (a front and a back socket each, plus oha's).
-fn nofile_to_raise() -> anyhow::Result<Option<u64>> {
-    let limits = fs::read_to_string("/proc/self/limits").context("reading /proc/self/limits")?;
-    let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) else {
-        return Ok(None);
-    };
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    let parse = |s: &str| {
-        if s == "unlimited" {
-            Some(u64::MAX)
-        } else {
-            s.parse().ok()
-        }
-    };
-    let (Some(soft), Some(hard)) = (
-        fields.get(3).and_then(|s| parse(s)),
-        fields.get(4).and_then(|s| parse(s)),
-    ) else {
-        return Ok(None);
-    };
-    if soft >= 4096 {
-        return Ok(None);
-    }
-    if hard < 4096 {
-        println!("warning: the open-files limit is {soft} (hard {hard}); 512 connections may fail");
-    }
-    Ok((hard > soft).then_some(hard.min(65536)))
 }
 
 /// The machine the run is on, and how busy it was.

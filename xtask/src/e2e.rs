@@ -1,7 +1,10 @@
-//! `cargo xtask e2e`: builds the images, brings up each compose topology and checks it end to end.
+//! `cargo xtask e2e`: builds the images, brings up each compose topology and checks it end to end, then
+//! runs the fault scenarios ([`faults`]: rolling restart, partition, overload) on the single-network one.
 //!
 //! Each topology runs under a project name of its own and is always torn down (`down -v --remove-orphans`),
 //! also when a check fails. Every wait polls a condition under a deadline; none is a fixed sleep.
+
+mod faults;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -60,18 +63,22 @@ const TOPOLOGIES: [Topology; 2] = [
     },
 ];
 
-/// Builds both images, then runs every check against each topology in turn.
+/// Builds both images, runs every check against each topology in turn, then the fault scenarios.
 pub(crate) fn e2e() -> anyhow::Result<()> {
     crate::images::images()?;
     let sh = shell()?;
     let compose = step("compose is installed", || compose_command(&sh))?;
     step("curl is installed", || ensure_curl(&sh))?;
+    let oha = step("oha is installed", || faults::Oha::find(&sh))?;
     for topology in &TOPOLOGIES {
         step(&format!("e2e {}", topology.file), || {
             run_topology(&sh, &compose, topology)
         })?;
     }
-    Ok(())
+    step(
+        "e2e docker-compose.yml faults: rolling restart, partition, overload",
+        || faults::run(&sh, &compose, &oha),
+    )
 }
 
 /// The compose command: `docker-compose` (1.29 here) or the `docker compose` plugin; installs
@@ -129,16 +136,41 @@ struct Project<'a> {
 }
 
 impl Project<'_> {
-    /// Runs `compose -p NAME -f FILE <args>`.
-    fn run(&self, args: &[&str]) -> anyhow::Result<()> {
-        self.sh
+    /// `compose -p NAME -f FILE [-f EXTRA]... <args>`.
+    fn command(&self, extra: &[&Path], args: &[&str]) -> xshell::Cmd<'_> {
+        let mut command = self
+            .sh
             .cmd(&self.compose[0])
             .args(&self.compose[1..])
-            .args(["-p", &self.name, "-f", self.file])
-            .args(args)
+            .args(["-p", &self.name, "-f", self.file]);
+        for file in extra {
+            command = command.arg("-f").arg(file);
+        }
+        command.args(args)
+    }
+
+    /// Runs `compose -p NAME -f FILE <args>`.
+    fn run(&self, args: &[&str]) -> anyhow::Result<()> {
+        self.run_with(&[], args)
+    }
+
+    /// Runs `compose -p NAME -f FILE -f EXTRA... <args>`: the compose file with overrides.
+    fn run_with(&self, extra: &[&Path], args: &[&str]) -> anyhow::Result<()> {
+        self.command(extra, args)
             .run()
             .with_context(|| format!("compose {} failed", args.join(" ")))?;
         Ok(())
+    }
+
+    /// The IDs of the containers of `service`. Call it while they run: the compose v2 plugin lists only
+    /// running containers.
+    fn containers(&self, service: &str) -> anyhow::Result<Vec<String>> {
+        let ids = self
+            .command(&[], &["ps", "-q", service])
+            .quiet()
+            .read()
+            .with_context(|| format!("compose ps -q {service} failed"))?;
+        Ok(ids.split_whitespace().map(str::to_owned).collect())
     }
 }
 

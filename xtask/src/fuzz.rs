@@ -158,7 +158,7 @@ fn ensure_nightly(sh: &Shell) -> anyhow::Result<()> {
 
 /// Returns the cargo-fuzz binary in `target/tools`, installing it there when missing or outdated.
 fn ensure_cargo_fuzz(sh: &Shell) -> anyhow::Result<PathBuf> {
-    let tools = crate::audit::tools_root();
+    let tools = crate::util::tools_root();
     let bin = tools.join("bin").join("cargo-fuzz");
     let installed = cmd!(sh, "{bin} --version")
         .quiet()

@@ -1,0 +1,876 @@
+//! The fault scenarios of `cargo xtask e2e`, in the single-network topology (docker-compose.yml)
+//! with two Petra replicas behind the one name `petra`: a rolling restart under steady load, a
+//! partition between Klaus and Petra, and an overload burst of 2,000 connections.
+//!
+//! The load comes from oha on the host and goes to Klaus's address on the project's own network,
+//! so that docker-proxy is not in the path; Klaus's metrics are read from its admin port at the
+//! same address. Every wait polls a condition under a deadline; the only fixed durations are the
+//! load runs themselves.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail, ensure};
+use serde_json::Value;
+use xshell::{Shell, cmd};
+
+use super::{
+    KLAUS_PORT, Project, RECOVERY_DEADLINE, Reply, STARTUP_DEADLINE, ensure_port_free, get, pass,
+    wait_for,
+};
+use crate::util::{find_oha, nofile_to_raise, root, with_nofile};
+
+/// The compose file the scenarios run on.
+const FILE: &str = "docker-compose.yml";
+
+/// Petra replicas behind the name `petra`.
+const REPLICAS: usize = 2;
+
+/// Klaus's admin port (/metrics) inside its container.
+const ADMIN_PORT: u16 = 9090;
+
+/// The rolling restart's steady load through Klaus, in requests per second.
+const ROLLING_RATE: u32 = 200;
+
+/// How long the rolling restart's load runs; the restarts must end within it.
+const ROLLING_LOAD: Duration = Duration::from_secs(30);
+
+/// The connections oha spreads the steady load over.
+const ROLLING_CONNECTIONS: u32 = 20;
+
+/// How long a replica may take to exit after SIGTERM: Petra's delay (SHUTDOWN_DELAY_SECONDS=1)
+/// and its drain; `docker stop` sends SIGKILL after 10 s, which the exit code would show.
+const STOP_DEADLINE: Duration = Duration::from_secs(15);
+
+/// How long a started replica may take to be healthy; compose checks every 2 s.
+const HEALTHY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Klaus's PETRA_TIMEOUT_MS when its container does not set it, as docker-compose.yml does not
+/// (the default in klaus/src/petra.rs).
+const DEFAULT_PETRA_TIMEOUT_MS: u64 = 2000;
+
+/// How long after Klaus's deadline its 504 may reach the host: timers, scheduling and the bridge.
+const DEADLINE_SLACK: Duration = Duration::from_millis(200);
+
+/// Calls sent to Klaus at once during the partition.
+const PARTITION_CALLS: usize = 8;
+
+/// The rules the partition inserts in each Petra replica's network namespace: every packet in
+/// or out is dropped, as on a dead link, and nothing is refused or reset. Loopback stays open,
+/// so Petra's health check keeps passing.
+const CUT_RULES: [[&str; 6]; 2] = [
+    ["INPUT", "!", "-i", "lo", "-j", "DROP"],
+    ["OUTPUT", "!", "-o", "lo", "-j", "DROP"],
+];
+
+/// Connections in the overload burst.
+const BURST_CONNECTIONS: u32 = 2000;
+
+/// How long the burst lasts.
+const BURST: Duration = Duration::from_secs(10);
+
+/// Klaus's MAX_CONCURRENT_REQUESTS during the burst: far below the burst's connections, so that
+/// Klaus must shed. Not the default (1024), nor 256: the 2,000 connections alone take about 45 MiB
+/// of Klaus's 64 MiB (`mem_limit`), and each call in flight holds a TLS connection to Petra of its
+/// own (HTTP/1.1), so at those limits Klaus was OOM-killed (RELIABILITY.md, Overload).
+const BURST_LIMIT: u32 = 64;
+
+/// The calm runs before and after the burst, whose p99 latencies are compared: rate, length,
+/// connections.
+const CALM_RATE: u32 = 50;
+const CALM: Duration = Duration::from_secs(5);
+const CALM_CONNECTIONS: u32 = 10;
+
+/// Brings docker-compose.yml up with two Petra replicas under a project name of its own, runs
+/// the three scenarios, prints the logs if one fails, and tears it down.
+pub(super) fn run(sh: &Shell, compose: &[String], oha: &Oha) -> anyhow::Result<()> {
+    ensure_port_free(KLAUS_PORT)?;
+    let project = Project {
+        sh,
+        compose,
+        name: format!("pk-e2e-{}-faults", std::process::id()),
+        file: FILE,
+    };
+    project.run(&["up", "-d", "--scale", &format!("petra={REPLICAS}")])?;
+    let result = scenarios(sh, &project, oha);
+    if result.is_err() {
+        let _ = project.run(&["logs", "--no-color", "--tail", "40"]);
+    }
+    result
+}
+
+/// Waits for the replicas and Klaus, then runs the scenarios; the overload comes last because
+/// it recreates Klaus with a lower concurrency limit.
+fn scenarios(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let replicas = project.containers("petra")?;
+    ensure!(
+        replicas.len() == REPLICAS,
+        "`up --scale petra={REPLICAS}` made {} Petra containers",
+        replicas.len()
+    );
+    for id in &replicas {
+        wait_for(HEALTHY_DEADLINE, || {
+            state(sh, id).ok().filter(|s| s.health == "healthy")
+        })
+        .with_context(|| format!("Petra replica {} never became healthy", short(id)))?;
+    }
+    let klaus = Klaus::find(sh, project)?;
+    wait_for(STARTUP_DEADLINE, || {
+        get(klaus.main, "/").ok().filter(|r| r.status == 200)
+    })
+    .with_context(|| format!("Klaus at {} did not answer 200 after `up -d`", klaus.main))?;
+    pass(&format!(
+        "{REPLICAS} Petra replicas healthy, Klaus answers 200 at {} ({:.1}s after up)",
+        klaus.main,
+        started.elapsed().as_secs_f64()
+    ));
+
+    rolling_restart(sh, project, oha, &klaus)?;
+    partition(sh, project, &klaus)?;
+    overload(sh, project, oha)
+}
+
+// -------------------------------------------------------------------------------------------------
+// Rolling restart
+
+/// Restarts the replicas one after the other (SIGTERM, exited, started, healthy), round after
+/// round while a steady load runs through Klaus, and checks that no request failed.
+fn rolling_restart(
+    sh: &Shell,
+    project: &Project<'_>,
+    oha: &Oha,
+    klaus: &Klaus,
+) -> anyhow::Result<()> {
+    let replicas = project.containers("petra")?;
+    let retries =
+        |result: &str| klaus.metric("petra_retries_total", &[&format!("result=\"{result}\"")]);
+    let (attempted_before, skipped_before) = (retries("attempted")?, retries("skipped")?);
+    let served_before = klaus.metric("http_requests_total", &[])?;
+
+    let load = oha.start(
+        &klaus.url(),
+        &load_args(Some(ROLLING_RATE), ROLLING_CONNECTIONS, ROLLING_LOAD),
+    )?;
+    let started = Instant::now();
+    // The restarts begin once a second's worth of the load has reached Klaus.
+    wait_for(Duration::from_secs(10), || {
+        klaus
+            .metric("http_requests_total", &[])
+            .ok()
+            .filter(|served| *served >= served_before + f64::from(ROLLING_RATE))
+    })
+    .context("oha's load did not reach Klaus")?;
+    let mut restarts = Vec::new();
+    loop {
+        let round = Instant::now();
+        for id in &replicas {
+            restarts.push(restart_replica(sh, id)?);
+        }
+        // Another round only when it would end before the load does, with two seconds to spare.
+        if started.elapsed() + round.elapsed() + Duration::from_secs(2) > ROLLING_LOAD {
+            break;
+        }
+    }
+    let restarted_in = started.elapsed();
+    ensure!(
+        restarted_in < ROLLING_LOAD,
+        "the restarts ended {restarted_in:.1?} after the load began, after its {ROLLING_LOAD:?}: part of them ran without traffic"
+    );
+    let report = load.finish()?;
+    let attempted = retries("attempted")? - attempted_before;
+    let skipped = retries("skipped")? - skipped_before;
+
+    ensure!(
+        report.failures() == 0,
+        "rolling restart: {} of {} requests failed ({})",
+        report.failures(),
+        report.total(),
+        report.outcomes()
+    );
+    // A load far below its rate would make "nothing failed" mean little.
+    let planned = f64::from(ROLLING_RATE) * report.seconds;
+    ensure!(
+        report.total() as f64 >= planned / 2.0,
+        "rolling restart: oha sent {} requests in {:.1}s, under half the {ROLLING_RATE}/s planned",
+        report.total(),
+        report.seconds
+    );
+    let (stops, starts): (Vec<Duration>, Vec<Duration>) = restarts.into_iter().unzip();
+    pass(&format!(
+        "rolling restart, {} restarts of {REPLICAS} replicas (exit 0 after SIGTERM in {}, healthy {} after start) \
+         under {ROLLING_RATE} req/s: {} requests in {:.1}s, all 200, no errors, p99 {:.1} ms, \
+         Klaus retried {attempted} calls on a fresh connection ({skipped} retries skipped)",
+        stops.len(),
+        span(&stops),
+        span(&starts),
+        report.total(),
+        report.seconds,
+        report.p99_ms
+    ));
+    Ok(())
+}
+
+/// Stops one replica with SIGTERM, checks that it exited 0 (drained, not killed), starts it and
+/// waits until it is healthy. Returns how long each half took.
+fn restart_replica(sh: &Shell, id: &str) -> anyhow::Result<(Duration, Duration)> {
+    let stopping = Instant::now();
+    cmd!(sh, "docker stop {id}")
+        .quiet()
+        .ignore_stdout()
+        .run()
+        .with_context(|| format!("docker stop {} failed", short(id)))?;
+    let stopped = wait_for(STOP_DEADLINE, || {
+        state(sh, id).ok().filter(|s| s.status == "exited")
+    })
+    .with_context(|| format!("Petra replica {} did not exit after SIGTERM", short(id)))?;
+    ensure!(
+        stopped.exit_code == 0,
+        "Petra replica {} exited with status {} after SIGTERM, not 0 (137 is docker stop's SIGKILL: no drain in time)",
+        short(id),
+        stopped.exit_code
+    );
+    let stop_took = stopping.elapsed();
+
+    let starting = Instant::now();
+    cmd!(sh, "docker start {id}")
+        .quiet()
+        .ignore_stdout()
+        .run()
+        .with_context(|| format!("docker start {} failed", short(id)))?;
+    wait_for(HEALTHY_DEADLINE, || {
+        state(sh, id).ok().filter(|s| s.health == "healthy")
+    })
+    .with_context(|| {
+        format!(
+            "Petra replica {} was not healthy after docker start",
+            short(id)
+        )
+    })?;
+    Ok((stop_took, starting.elapsed()))
+}
+
+// -------------------------------------------------------------------------------------------------
+// Partition
+
+/// Drops every packet to and from the Petra replicas while Docker's DNS still
+/// resolves them, and checks that Klaus answers 504 by its deadline, on pooled connections and on
+/// new ones, and 200 again soon after the link returns.
+fn partition(sh: &Shell, project: &Project<'_>, klaus: &Klaus) -> anyhow::Result<()> {
+    let deadline = klaus.petra_timeout(sh)?;
+    // Calls at once leave several connections in Klaus's pool, so that calls during the cut go
+    // out on pooled connections (they wait for an answer until the deadline) as well as on new
+    // ones (they wait for the handshake until the connect timeout, half the deadline).
+    for (_, reply) in calls_at_once(klaus.main, PARTITION_CALLS) {
+        let reply = reply.context("a call before the partition failed")?;
+        ensure!(
+            reply.status == 200,
+            "a call before the partition got {}",
+            reply.status
+        );
+    }
+    let pids = project
+        .containers("petra")?
+        .iter()
+        .map(|id| state(sh, id).map(|s| s.pid))
+        .collect::<anyhow::Result<Vec<u32>>>()?;
+    let mut cut = Cut::new(sh, pids)?;
+    let first = timeouts(klaus.main, deadline).context("during the partition, first calls")?;
+    let next = timeouts(klaus.main, deadline).context("during the partition, next calls")?;
+    cut.restore()?;
+
+    let restored = Instant::now();
+    wait_for(RECOVERY_DEADLINE, || {
+        get(klaus.main, "/")
+            .ok()
+            .filter(|r| r.status == 200 && r.body == "hello world")
+    })
+    .with_context(|| {
+        format!(
+            "Klaus did not answer `hello world` within {RECOVERY_DEADLINE:?} of the link's return"
+        )
+    })?;
+    pass(&format!(
+        "partition (Petra's replicas drop every packet in and out, DNS still resolves them): \
+         {PARTITION_CALLS} calls at once get 504 problem+json `petra_timeout` after {}, the next {PARTITION_CALLS} \
+         after {} (deadline PETRA_TIMEOUT_MS={} ms); 200 again {} ms after the link returned",
+        span(&first),
+        span(&next),
+        deadline.as_millis(),
+        restored.elapsed().as_millis()
+    ));
+    Ok(())
+}
+
+/// Sends [`PARTITION_CALLS`] calls at once and checks that each is a 504 problem with the code
+/// `petra_timeout`, answered no later than `deadline` (plus [`DEADLINE_SLACK`]); returns how long
+/// each took. A call that hangs fails on `get`'s own read timeout.
+fn timeouts(klaus: SocketAddr, deadline: Duration) -> anyhow::Result<Vec<Duration>> {
+    let mut took = Vec::new();
+    for (elapsed, reply) in calls_at_once(klaus, PARTITION_CALLS) {
+        let reply = reply.with_context(|| format!("a call got no answer after {elapsed:.2?}"))?;
+        ensure!(
+            reply.status == 504
+                && reply.content_type == "application/problem+json"
+                && reply.body.contains("\"petra_timeout\""),
+            "a call got {} {:?} {:?}, not a 504 problem `petra_timeout`",
+            reply.status,
+            reply.content_type,
+            reply.body
+        );
+        ensure!(
+            elapsed <= deadline + DEADLINE_SLACK,
+            "a 504 came after {elapsed:.2?}, later than the deadline {deadline:?} (+ {DEADLINE_SLACK:?})"
+        );
+        took.push(elapsed);
+    }
+    Ok(took)
+}
+
+/// `n` calls to Klaus at once, each with the time it took.
+fn calls_at_once(klaus: SocketAddr, n: usize) -> Vec<(Duration, anyhow::Result<Reply>)> {
+    std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..n)
+            .map(|_| {
+                scope.spawn(move || {
+                    let started = Instant::now();
+                    let reply = get(klaus, "/");
+                    (started.elapsed(), reply)
+                })
+            })
+            .collect();
+        calls
+            .into_iter()
+            .map(|call| {
+                call.join().unwrap_or_else(|_| {
+                    (Duration::ZERO, Err(anyhow!("the calling thread panicked")))
+                })
+            })
+            .collect()
+    })
+}
+
+/// [`CUT_RULES`] inserted in the network namespace of each process in `pids` (run on the host
+/// with nsenter and iptables); taken out by [`Cut::restore`], or on drop.
+struct Cut<'a> {
+    sh: &'a Shell,
+    pids: Vec<u32>,
+    active: bool,
+}
+
+impl<'a> Cut<'a> {
+    fn new(sh: &'a Shell, pids: Vec<u32>) -> anyhow::Result<Self> {
+        let mut cut = Self {
+            sh,
+            pids: Vec::new(),
+            active: true,
+        };
+        for pid in pids {
+            iptables(sh, pid, "-I")?;
+            cut.pids.push(pid);
+        }
+        Ok(cut)
+    }
+
+    fn restore(&mut self) -> anyhow::Result<()> {
+        self.active = false;
+        for &pid in &self.pids {
+            iptables(self.sh, pid, "-D")?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cut<'_> {
+    fn drop(&mut self) {
+        if self.active
+            && let Err(err) = self.restore()
+        {
+            eprintln!("warning: taking the partition's DROP rule out failed: {err:#}");
+        }
+    }
+}
+
+/// Inserts (`-I`) or deletes (`-D`) [`CUT_RULES`] in the network namespace of `pid`.
+fn iptables(sh: &Shell, pid: u32, op: &str) -> anyhow::Result<()> {
+    let pid = pid.to_string();
+    for rule in CUT_RULES {
+        cmd!(sh, "nsenter -t {pid} -n iptables -w {op} {rule...}")
+            .quiet()
+            .run()
+            .with_context(|| {
+                format!("iptables {op} in the network namespace of PID {pid} failed (needs root, nsenter and iptables)")
+            })?;
+    }
+    Ok(())
+}
+
+// -------------------------------------------------------------------------------------------------
+// Overload
+
+/// Recreates Klaus with [`BURST_LIMIT`], measures p99 at a calm rate, sends the burst, and checks
+/// that Klaus shed with 503 and nothing else went wrong, that it was neither OOM-killed nor
+/// restarted, and that the calm p99 afterwards is back near the one before.
+fn overload(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<()> {
+    let file = root()
+        .join("target")
+        .join(format!("{}-overload.yml", project.name));
+    std::fs::create_dir_all(root().join("target"))?;
+    std::fs::write(
+        &file,
+        format!(
+            "# Written by `cargo xtask e2e` for the overload scenario, and deleted after use.\n\
+             services:\n  klaus:\n    environment:\n      MAX_CONCURRENT_REQUESTS: \"{BURST_LIMIT}\"\n"
+        ),
+    )
+    .with_context(|| format!("writing {}", file.display()))?;
+    // Compose reads the override only here; `down` removes the recreated container without it.
+    let up = project.run_with(&[&file], &["up", "-d", "--no-deps", "klaus"]);
+    let _ = std::fs::remove_file(&file);
+    up?;
+    let klaus = Klaus::find(sh, project)?;
+    let limit = klaus.env(sh, "MAX_CONCURRENT_REQUESTS")?;
+    ensure!(
+        limit.as_deref() == Some(&*BURST_LIMIT.to_string()),
+        "the recreated Klaus has MAX_CONCURRENT_REQUESTS={limit:?}, not {BURST_LIMIT}"
+    );
+    wait_for(STARTUP_DEADLINE, || {
+        get(klaus.main, "/").ok().filter(|r| r.status == 200)
+    })
+    .context("the recreated Klaus did not answer 200")?;
+    let before = state(sh, &klaus.id)?;
+
+    let calm = load_args(Some(CALM_RATE), CALM_CONNECTIONS, CALM);
+    let baseline = oha
+        .run(&klaus.url(), &calm)
+        .context("the calm run before the burst")?;
+    ensure!(
+        baseline.failures() == 0,
+        "the calm run before the burst had failures: {}",
+        baseline.outcomes()
+    );
+
+    let burst = oha
+        .run(&klaus.url(), &load_args(None, BURST_CONNECTIONS, BURST))
+        .context("the burst")?;
+    let after = state(sh, &klaus.id)?;
+    let peak = PeakMemory::of(before.pid);
+    ensure!(
+        !after.oom_killed
+            && after.restarts == 0
+            && after.status == "running"
+            && after.pid == before.pid,
+        "Klaus did not survive the burst: status {}, OOM-killed {}, restarts {}, PID {} (was {})",
+        after.status,
+        after.oom_killed,
+        after.restarts,
+        after.pid,
+        before.pid
+    );
+    let ok = burst.count(200);
+    let shed = burst.count(503);
+    ensure!(
+        burst.errors.is_empty() && ok + shed == burst.total(),
+        "the burst got other answers than 200 and 503, or errors: {}",
+        burst.outcomes()
+    );
+    ensure!(
+        shed > 0,
+        "no 503 during the burst: Klaus did not shed above MAX_CONCURRENT_REQUESTS={BURST_LIMIT} ({})",
+        burst.outcomes()
+    );
+    let fast = klaus.share_within("503", "0.001")?;
+
+    let recovered = oha
+        .run(&klaus.url(), &calm)
+        .context("the calm run after the burst")?;
+    ensure!(
+        recovered.failures() == 0,
+        "the calm run after the burst had failures: {}",
+        recovered.outcomes()
+    );
+    let bound = 2.0 * baseline.p99_ms + 5.0;
+    ensure!(
+        recovered.p99_ms <= bound,
+        "p99 after the burst is {:.1} ms, above 2 × {:.1} ms + 5 ms: latency did not come back",
+        recovered.p99_ms,
+        baseline.p99_ms
+    );
+    pass(&format!(
+        "overload, {BURST_CONNECTIONS} connections for {:.1}s (MAX_CONCURRENT_REQUESTS={BURST_LIMIT}): \
+         {} requests, {ok} × 200, {shed} × 503 ({:.0} % of them answered within 1 ms), no errors, p99 {:.0} ms; \
+         Klaus not OOM-killed, not restarted, peak memory {} of {} MiB",
+        burst.seconds,
+        burst.total(),
+        fast * 100.0,
+        burst.p99_ms,
+        peak.describe(),
+        after.memory_limit >> 20
+    ));
+    pass(&format!(
+        "after the burst, p99 at {CALM_RATE} req/s is {:.1} ms (before: {:.1} ms, bound {bound:.1} ms)",
+        recovered.p99_ms, baseline.p99_ms
+    ));
+    Ok(())
+}
+
+/// A process's peak memory: its resident high-water mark and, where the kernel keeps it, its
+/// memory cgroup's.
+struct PeakMemory {
+    hwm_kib: Option<u64>,
+    cgroup_bytes: Option<u64>,
+}
+
+impl PeakMemory {
+    fn of(pid: u32) -> Self {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let hwm_kib = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kib| kib.parse().ok());
+        Self {
+            hwm_kib,
+            cgroup_bytes: cgroup_peak(pid),
+        }
+    }
+
+    fn describe(&self) -> String {
+        let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+        let hwm = self.hwm_kib.map_or("unknown".to_owned(), |kib| {
+            format!("{:.1} MiB", mib(kib << 10))
+        });
+        match self.cgroup_bytes {
+            Some(bytes) => format!(
+                "{hwm} resident (VmHWM), {:.1} MiB in its cgroup",
+                mib(bytes)
+            ),
+            None => format!("{hwm} resident (VmHWM)"),
+        }
+    }
+}
+
+/// The memory cgroup's peak usage of `pid`: `memory.peak` (cgroup v2) or
+/// `memory.max_usage_in_bytes` (v1).
+fn cgroup_peak(pid: u32) -> Option<u64> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let read =
+        |path: PathBuf| -> Option<u64> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
+    let base = PathBuf::from("/sys/fs/cgroup");
+    cgroups.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        let path = path.trim_start_matches('/');
+        if controllers.split(',').any(|c| c == "memory") {
+            read(
+                base.join("memory")
+                    .join(path)
+                    .join("memory.max_usage_in_bytes"),
+            )
+        } else if controllers.is_empty() {
+            read(base.join(path).join("memory.peak"))
+        } else {
+            None
+        }
+    })
+}
+
+// -------------------------------------------------------------------------------------------------
+// Klaus, containers, oha
+
+/// Klaus's container and its two listeners, at its address on the project's network.
+struct Klaus {
+    id: String,
+    main: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Klaus {
+    fn find(sh: &Shell, project: &Project<'_>) -> anyhow::Result<Self> {
+        let ids = project.containers("klaus")?;
+        let [id] = ids.as_slice() else {
+            bail!("expected one Klaus container, found {}", ids.len());
+        };
+        let format = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}";
+        let addresses = cmd!(sh, "docker inspect -f {format} {id}").quiet().read()?;
+        let ip: IpAddr = addresses
+            .split_whitespace()
+            .find_map(|ip| ip.parse().ok())
+            .with_context(|| format!("Klaus's container has no IP address ({addresses:?})"))?;
+        Ok(Self {
+            id: id.clone(),
+            main: SocketAddr::new(ip, KLAUS_PORT),
+            admin: SocketAddr::new(ip, ADMIN_PORT),
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/", self.main)
+    }
+
+    /// The value of `name` in Klaus's container environment, if it is set.
+    fn env(&self, sh: &Shell, name: &str) -> anyhow::Result<Option<String>> {
+        let id = &self.id;
+        let format = "{{json .Config.Env}}";
+        let json = cmd!(sh, "docker inspect -f {format} {id}").quiet().read()?;
+        let vars: Vec<String> = serde_json::from_str(&json).context("parsing Config.Env")?;
+        Ok(vars.iter().find_map(|var| {
+            var.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix('='))
+                .map(str::to_owned)
+        }))
+    }
+
+    /// Klaus's deadline for calls to Petra.
+    fn petra_timeout(&self, sh: &Shell) -> anyhow::Result<Duration> {
+        let ms = match self.env(sh, "PETRA_TIMEOUT_MS")? {
+            Some(ms) => ms
+                .parse()
+                .context("Klaus's PETRA_TIMEOUT_MS is not a number")?,
+            None => DEFAULT_PETRA_TIMEOUT_MS,
+        };
+        Ok(Duration::from_millis(ms))
+    }
+
+    /// The sum of the samples of `name` that carry every one of `labels` (`key="value"`), from
+    /// Klaus's /metrics.
+    fn metric(&self, name: &str, labels: &[&str]) -> anyhow::Result<f64> {
+        let reply = get(self.admin, "/metrics")?;
+        ensure!(
+            reply.status == 200,
+            "Klaus's /metrics answered {}",
+            reply.status
+        );
+        Ok(sum_samples(&reply.body, name, labels))
+    }
+
+    /// The share of Klaus's answers with `status` that took at most `le` seconds, from its
+    /// latency histogram.
+    fn share_within(&self, status: &str, le: &str) -> anyhow::Result<f64> {
+        let status = format!("status=\"{status}\"");
+        let total = self.metric("http_request_duration_seconds_count", &[&status])?;
+        let within = self.metric(
+            "http_request_duration_seconds_bucket",
+            &[&status, &format!("le=\"{le}\"")],
+        )?;
+        Ok(if total > 0.0 { within / total } else { 0.0 })
+    }
+}
+
+/// Sums the samples of the metric `name` that carry every one of `labels` in a Prometheus text
+/// exposition.
+fn sum_samples(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            let ours = (rest.is_empty() || rest.starts_with('{'))
+                && labels.iter().all(|label| rest.contains(label));
+            ours.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .fold(0.0, |sum, value| sum + value)
+}
+
+/// What `docker inspect` says about a container.
+#[derive(Debug)]
+struct State {
+    status: String,
+    exit_code: i64,
+    oom_killed: bool,
+    restarts: u64,
+    pid: u32,
+    health: String,
+    memory_limit: u64,
+}
+
+/// Reads a container's [`State`].
+fn state(sh: &Shell, id: &str) -> anyhow::Result<State> {
+    let format = "{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}} {{.RestartCount}} \
+                  {{.State.Pid}} {{.HostConfig.Memory}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}";
+    let line = cmd!(sh, "docker inspect -f {format} {id}").quiet().read()?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let [
+        status,
+        exit_code,
+        oom_killed,
+        restarts,
+        pid,
+        memory_limit,
+        health,
+    ] = fields[..]
+    else {
+        bail!("unexpected docker inspect output {line:?}");
+    };
+    Ok(State {
+        status: status.to_owned(),
+        exit_code: exit_code.parse()?,
+        oom_killed: oom_killed == "true",
+        restarts: restarts.parse()?,
+        pid: pid.parse()?,
+        health: health.to_owned(),
+        memory_limit: memory_limit.parse()?,
+    })
+}
+
+/// The first 12 characters of a container ID, as docker prints it.
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// "a–b s" over some durations, or "a s" when they are all alike.
+fn span(durations: &[Duration]) -> String {
+    let secs = |d: &Duration| d.as_secs_f64();
+    let min = durations.iter().map(secs).fold(f64::INFINITY, f64::min);
+    let max = durations.iter().map(secs).fold(0.0, f64::max);
+    if format!("{min:.2}") == format!("{max:.2}") {
+        format!("{max:.2}s")
+    } else {
+        format!("{min:.2}–{max:.2}s")
+    }
+}
+
+/// The arguments of an oha run: a rate (none for as fast as it goes), connections, duration.
+fn load_args(rate: Option<u32>, connections: u32, duration: Duration) -> Vec<String> {
+    let mut args = vec![
+        "-c".to_owned(),
+        connections.to_string(),
+        "-z".to_owned(),
+        format!("{}ms", duration.as_millis()),
+    ];
+    if let Some(rate) = rate {
+        args.extend(["-q".to_owned(), rate.to_string()]);
+    }
+    args
+}
+
+/// The load generator, and the open-files limit it needs for thousands of connections.
+pub(super) struct Oha {
+    path: PathBuf,
+    nofile: Option<u64>,
+}
+
+impl Oha {
+    /// Finds oha, installing it when missing.
+    pub(super) fn find(sh: &Shell) -> anyhow::Result<Self> {
+        Ok(Self {
+            path: find_oha(sh)?,
+            nofile: nofile_to_raise()?,
+        })
+    }
+
+    /// Starts oha against `url` in the background; requests still running at the end are waited
+    /// for (`-w`), so that none is counted as an error.
+    fn start(&self, url: &str, args: &[String]) -> anyhow::Result<Load> {
+        let child = with_nofile(&self.path, self.nofile)
+            .args(["--no-tui", "--output-format", "json", "-w"])
+            .args(args)
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting oha")?;
+        Ok(Load { child: Some(child) })
+    }
+
+    /// Runs oha against `url` and returns its report.
+    fn run(&self, url: &str, args: &[String]) -> anyhow::Result<Report> {
+        self.start(url, args)?.finish()
+    }
+}
+
+/// An oha run in the background, killed if it is dropped before it finished.
+struct Load {
+    child: Option<Child>,
+}
+
+impl Load {
+    /// Waits for oha to end and reads its report.
+    fn finish(mut self) -> anyhow::Result<Report> {
+        let child = self.child.take().context("oha was already waited for")?;
+        let output = child.wait_with_output().context("waiting for oha")?;
+        ensure!(output.status.success(), "oha failed ({})", output.status);
+        let json: Value = serde_json::from_slice(&output.stdout).context("parsing oha's JSON")?;
+        Report::parse(&json)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What an oha run reports: answers by status, errors by message, length, p99 latency.
+#[derive(Debug)]
+struct Report {
+    statuses: BTreeMap<u16, u64>,
+    errors: BTreeMap<String, u64>,
+    seconds: f64,
+    p99_ms: f64,
+}
+
+impl Report {
+    fn parse(json: &Value) -> anyhow::Result<Self> {
+        let counts = |key: &str| -> BTreeMap<String, u64> {
+            json[key]
+                .as_object()
+                .map(|map| {
+                    map.iter()
+                        .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let statuses = counts("statusCodeDistribution")
+            .into_iter()
+            .map(|(code, n)| Ok((code.parse()?, n)))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self {
+            statuses,
+            errors: counts("errorDistribution"),
+            seconds: json["summary"]["total"]
+                .as_f64()
+                .context("oha's report has no summary.total")?,
+            p99_ms: json["latencyPercentiles"]["p99"]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+                * 1e3,
+        })
+    }
+
+    fn count(&self, status: u16) -> u64 {
+        self.statuses.get(&status).copied().unwrap_or(0)
+    }
+
+    /// Every request: answered, or failed with an error.
+    fn total(&self) -> u64 {
+        self.statuses.values().sum::<u64>() + self.errors.values().sum::<u64>()
+    }
+
+    /// Requests that did not end in 200.
+    fn failures(&self) -> u64 {
+        self.total() - self.count(200)
+    }
+
+    /// The answers by status and the errors, on one line.
+    fn outcomes(&self) -> String {
+        let mut parts: Vec<String> = self
+            .statuses
+            .iter()
+            .map(|(status, n)| format!("{n} × {status}"))
+            .collect();
+        parts.extend(
+            self.errors
+                .iter()
+                .map(|(error, n)| format!("{n} × error {error:?}")),
+        );
+        parts.join(", ")
+    }
+}
