@@ -22,6 +22,11 @@ use url::Url;
 /// The largest body Klaus accepts from Petra.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// How often Klaus pings Petra on an HTTP/2 connection, and how long it waits for the answer
+/// before it closes the connection.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(5);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The W3C trace state header, passed on with `traceparent`.
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
@@ -356,6 +361,13 @@ fn build_client(
         // MAX_CONNECTION_AGE_SECONDS, so that Klaus's calls spread over new replicas.
         .pool_idle_timeout(Duration::from_secs(50))
         .pool_max_idle_per_host(if pooled { usize::MAX } else { 0 })
+        // A connection whose peer went silent (a cut link, a replica gone without a FIN)
+        // would otherwise carry every call into its deadline until TCP gives up, minutes
+        // later, and keep doing so for seconds after the link returns. A ping unanswered
+        // within 3 s closes it, so new calls get a new connection.
+        .http2_keep_alive_interval(H2_PING_INTERVAL)
+        .http2_keep_alive_timeout(H2_PING_TIMEOUT)
+        .http2_keep_alive_while_idle(true)
         .user_agent(concat!("klaus/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|err| {
@@ -376,7 +388,9 @@ fn tls_config(args: &PetraArgs) -> Result<rustls::ClientConfig, ConfigError> {
     let native = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(native.certs);
     if let Some(path) = &args.petra_ca_file {
-        roots.roots.extend(serving::tls::load_roots("PETRA_CA_FILE", path)?.roots);
+        roots
+            .roots
+            .extend(serving::tls::load_roots("PETRA_CA_FILE", path)?.roots);
     }
     let builder = rustls::ClientConfig::builder_with_provider(serving::tls::provider())
         .with_protocol_versions(serving::tls::PROTOCOL_VERSIONS)
@@ -629,7 +643,7 @@ fn classify(err: reqwest::Error, target: String, timeout_ms: u64) -> PetraError 
             };
         }
         if let Some(io) = current.downcast_ref::<std::io::Error>() {
-            io_kind.get_or_insert(io.kind());
+            io_kind.get_or_insert(innermost_kind(io));
         }
         if let Some(hyper) = current.downcast_ref::<hyper::Error>() {
             closed |= hyper.is_incomplete_message() || hyper.is_canceled() || hyper.is_closed();
@@ -722,6 +736,18 @@ const ALERTS_AFTER_HANDSHAKE: [AlertDescription; 8] = [
     AlertDescription::CertificateRevoked,
     AlertDescription::AccessDenied,
 ];
+
+/// The kind of the innermost `io::Error` in `io`: the connector wraps a reset or an early EOF
+/// in the handshake as `Other`, and `source` skips the error an `io::Error` wraps.
+fn innermost_kind(io: &std::io::Error) -> std::io::ErrorKind {
+    match io
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<std::io::Error>())
+    {
+        Some(inner) => innermost_kind(inner),
+        None => io.kind(),
+    }
+}
 
 /// The cause chain of an error on one line, for the log.
 struct Chain<'a>(&'a dyn std::error::Error);

@@ -12,9 +12,18 @@ use tokio::sync::Notify;
 
 use crate::helpers::{get as http_get, petra_args, serve_args, spawn_fake_petra, spawn_klaus};
 
-/// A Petra whose first connection reads the request and closes without answering, as a
-/// replica does when it dies under a pooled connection; later connections answer `hello`.
-async fn spawn_flaky_petra(pki: &TestPki) -> std::net::SocketAddr {
+/// How a flaky Petra treats its first connection.
+#[derive(Clone, Copy)]
+enum FirstConnection {
+    /// Reads the request and closes without answering, as a replica does when it dies under a
+    /// pooled connection.
+    ClosedUnderTheCall,
+    /// Closed before the TLS handshake, as a balancer does when its backend is gone.
+    ClosedInTheHandshake,
+}
+
+/// A Petra whose first connection fails as `first` says; later connections answer `hello`.
+async fn spawn_flaky_petra(pki: &TestPki, first: FirstConnection) -> std::net::SocketAddr {
     let files = serving::tls::ServerFiles {
         cert: pki.petra.cert.clone(),
         key: pki.petra.key.clone(),
@@ -28,15 +37,20 @@ async fn spawn_flaky_petra(pki: &TestPki) -> std::net::SocketAddr {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let mut first = true;
+        let mut first_one = true;
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
+            if first_one && matches!(first, FirstConnection::ClosedInTheHandshake) {
+                first_one = false;
+                drop(tcp);
+                continue;
+            }
             let Ok(mut tls) = acceptor.accept(tcp).await else {
                 continue;
             };
-            if std::mem::take(&mut first) {
+            if std::mem::take(&mut first_one) {
                 let mut buf = [0u8; 1024];
                 let _ = tls.read(&mut buf).await;
                 drop(tls);
@@ -60,8 +74,17 @@ async fn spawn_flaky_petra(pki: &TestPki) -> std::net::SocketAddr {
 
 #[tokio::test]
 async fn a_connection_closed_under_a_call_is_retried_once_on_a_fresh_one() {
+    for first in [
+        FirstConnection::ClosedUnderTheCall,
+        FirstConnection::ClosedInTheHandshake,
+    ] {
+        retried_once(first).await;
+    }
+}
+
+async fn retried_once(first: FirstConnection) {
     let pki = TestPki::new();
-    let addr = spawn_flaky_petra(&pki).await;
+    let addr = spawn_flaky_petra(&pki, first).await;
     let url = format!("https://localhost:{}", addr.port());
     let klaus = spawn_klaus(&petra_args(
         &url,
