@@ -323,6 +323,18 @@ impl Balancer {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
+        // A Service sends traffic once it has ready endpoints; before that, this one would
+        // drop connections (Klaus's first calls would fail for the harness's sake).
+        let first_probe = ready.clone();
+        wait_until(
+            "the balancer sees a ready replica",
+            Duration::from_secs(10),
+            || {
+                let ready = first_probe.clone();
+                async move { !ready.lock().expect("lock").is_empty() }
+            },
+        )
+        .await;
         tokio::spawn(async move {
             let mut next = 0usize;
             while let Ok((mut client, _)) = listener.accept().await {
