@@ -428,8 +428,8 @@ fn iptables(sh: &Shell, pid: u32, op: &str) -> anyhow::Result<()> {
 // -------------------------------------------------------------------------------------------------
 // Overload
 
-/// With Klaus at its defaults (MAX_CONCURRENT_REQUESTS 256, far below the burst's connections,
-/// so Klaus must shed; the 2,000 connections alone take about 45 MiB of its 64 MiB `mem_limit`),
+/// With Klaus at its defaults (MAX_CONCURRENT_REQUESTS 512, far below the burst's connections,
+/// so Klaus must shed; the 2,000 connections alone take about 45 MiB of its 128 MiB `mem_limit`),
 /// measures p99 at a calm rate, sends the burst, and checks
 /// that Klaus shed with 503 and nothing else went wrong, that it was neither OOM-killed nor
 /// restarted, and that the calm p99 afterwards is back near the one before.
