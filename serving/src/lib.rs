@@ -48,11 +48,14 @@ pub fn run(build: impl FnOnce() -> Result<Service, ConfigError>, args: &ServeArg
         }
     };
     runtime.block_on(async {
+        // Before the service binds and says it is serving, so that an early SIGTERM still
+        // drains instead of killing the process.
+        let signals = shutdown::Signals::listen();
         let bound = match service.bind().await {
             Ok(bound) => bound,
             Err(err) => return err.exit(),
         };
-        bound.serve(shutdown::signal()).await;
+        bound.serve(signals.first()).await;
         ExitCode::SUCCESS
     })
 }
