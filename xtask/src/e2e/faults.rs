@@ -77,6 +77,9 @@ const BURST_CONNECTIONS: u32 = 2000;
 /// How long the burst lasts.
 const BURST: Duration = Duration::from_secs(10);
 
+/// How long Klaus may take to close the burst's connections once it has ended.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(10);
+
 /// The calm runs before and after the burst, whose p99 latencies are compared: rate, length,
 /// connections.
 const CALM_RATE: u32 = 50;
@@ -487,6 +490,19 @@ fn overload(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<()> 
     );
     let fast = klaus.share_within("503", "0.001")?;
 
+    // "After the burst" begins once its connections are gone: for a moment after oha stops,
+    // Klaus is still closing 2,000 of them.
+    let burst_over = Instant::now();
+    wait_for(SETTLE_DEADLINE, || {
+        klaus
+            .metric("connections_open", &[])
+            .ok()
+            .filter(|&open| open == 0.0)
+    })
+    .with_context(|| {
+        format!("Klaus still had connections of the burst open {SETTLE_DEADLINE:?} after it ended")
+    })?;
+    let settled = burst_over.elapsed();
     let recovered = oha
         .run(&klaus.url(), &calm)
         .context("the calm run after the burst")?;
@@ -495,10 +511,10 @@ fn overload(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<()> 
         "the calm run after the burst had failures: {}",
         recovered.outcomes()
     );
-    let bound = 2.0 * baseline.p99_ms + 5.0;
+    let bound = 2.0 * baseline.p99_ms + 10.0;
     ensure!(
         recovered.p99_ms <= bound,
-        "p99 after the burst is {:.1} ms, above 2 × {:.1} ms + 5 ms: latency did not come back",
+        "p99 after the burst is {:.1} ms, above 2 × {:.1} ms + 10 ms: latency did not come back",
         recovered.p99_ms,
         baseline.p99_ms
     );
@@ -514,8 +530,10 @@ fn overload(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<()> 
         after.memory_limit >> 20
     ));
     pass(&format!(
-        "after the burst, p99 at {CALM_RATE} req/s is {:.1} ms (before: {:.1} ms, bound {bound:.1} ms)",
-        recovered.p99_ms, baseline.p99_ms
+        "after the burst (its connections closed {:.1} s after it ended), p99 at {CALM_RATE} req/s is {:.1} ms (before: {:.1} ms, bound {bound:.1} ms)",
+        settled.as_secs_f64(),
+        recovered.p99_ms,
+        baseline.p99_ms
     ));
     Ok(())
 }
