@@ -239,8 +239,13 @@ impl PetraClient {
         let tls = tls_config(args)?;
         let http = build_client(args, tls.clone(), true)?;
         // A second client that keeps no idle connections: a retry goes out on a fresh
-        // connection, never on another pooled one that may have died with the first.
-        let fresh = build_client(args, tls, false)?;
+        // connection, never on another pooled one that may have died with the first. It
+        // speaks HTTP/1.1, where a certificate alert after the handshake always arrives as the
+        // answer to the request; over HTTP/2 the connection can end first, and the call then
+        // only says "closed". Retries are rare, so this costs nothing on the hot path.
+        let mut http1 = tls;
+        http1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let fresh = build_client(args, http1, false)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
@@ -346,7 +351,13 @@ fn build_client(
     pooled: bool,
 ) -> Result<reqwest::Client, ConfigError> {
     let timeout = Duration::from_millis(args.petra_timeout_ms);
-    reqwest::Client::builder()
+    let builder = reqwest::Client::builder();
+    let builder = if pooled {
+        builder
+    } else {
+        builder.http1_only()
+    };
+    builder
         .use_preconfigured_tls(tls)
         .https_only(true)
         .redirect(reqwest::redirect::Policy::none())
