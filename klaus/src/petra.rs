@@ -237,15 +237,8 @@ impl PetraClient {
         let url = parse_url(raw)?;
         // The system's roots are read once (about 10 ms), for both clients.
         let tls = tls_config(args)?;
-        let http = build_client(args, tls.clone(), true)?;
-        // A second client that keeps no idle connections: a retry goes out on a fresh
-        // connection, never on another pooled one that may have died with the first. It
-        // speaks HTTP/1.1, where a certificate alert after the handshake always arrives as the
-        // answer to the request; over HTTP/2 the connection can end first, and the call then
-        // only says "closed". Retries are rare, so this costs nothing on the hot path.
-        let mut http1 = tls;
-        http1.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let fresh = build_client(args, http1, false)?;
+        let http = build_client(args, tls.clone(), Profile::Pooled)?;
+        let fresh = build_client(args, tls, Profile::Fresh)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
@@ -344,17 +337,33 @@ impl PetraClient {
     }
 }
 
-/// Builds the HTTPS client for Petra on `tls`; `pooled` keeps idle connections.
+/// The two clients Klaus keeps for Petra.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    /// Every first attempt: HTTP/2 when Petra offers it (ALPN), else HTTP/1.1, with idle
+    /// connections kept.
+    Pooled,
+    /// Retries: a new connection each time, never another pooled one that may have died with
+    /// the first, and HTTP/1.1 only, where a certificate alert after the handshake always
+    /// arrives as the answer to the request (over HTTP/2 the connection can end first, and the
+    /// call then only says "closed"). Retries are rare, so this costs nothing on the hot path.
+    Fresh,
+}
+
+/// Builds the HTTPS client for Petra on `tls` with the settings of `profile`, ALPN included.
 fn build_client(
     args: &PetraArgs,
-    tls: rustls::ClientConfig,
-    pooled: bool,
+    mut tls: rustls::ClientConfig,
+    profile: Profile,
 ) -> Result<reqwest::Client, ConfigError> {
     let timeout = Duration::from_millis(args.petra_timeout_ms);
+    let pooled = profile == Profile::Pooled;
     let builder = reqwest::Client::builder();
     let builder = if pooled {
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         builder
     } else {
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         builder.http1_only()
     };
     builder
@@ -390,7 +399,7 @@ fn build_client(
 }
 
 /// The TLS settings for calls to Petra, built once for both clients: the system's roots plus
-/// PETRA_CA_FILE, Klaus's client identity, TLS 1.3 and 1.2, ALPN `h2` and `http/1.1`.
+/// PETRA_CA_FILE, Klaus's client identity, TLS 1.3 and 1.2 (ALPN is the client profile's).
 /// Verification cannot be turned off.
 fn tls_config(args: &PetraArgs) -> Result<rustls::ClientConfig, ConfigError> {
     let mut roots = rustls::RootCertStore::empty();
@@ -407,7 +416,7 @@ fn tls_config(args: &PetraArgs) -> Result<rustls::ClientConfig, ConfigError> {
         .with_protocol_versions(serving::tls::PROTOCOL_VERSIONS)
         .map_err(|err| ConfigError::new("PETRA_CA_FILE", format!("TLS settings: {err}")))?
         .with_root_certificates(roots);
-    let mut config = match (&args.petra_client_cert_file, &args.petra_client_key_file) {
+    let config = match (&args.petra_client_cert_file, &args.petra_client_key_file) {
         (None, None) => builder.with_no_client_auth(),
         (Some(_), None) => {
             return Err(ConfigError::new(
@@ -438,7 +447,6 @@ fn tls_config(args: &PetraArgs) -> Result<rustls::ClientConfig, ConfigError> {
                 })?
         }
     };
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 
