@@ -37,10 +37,7 @@ pub fn run(build: impl FnOnce() -> Result<Service, ConfigError>, args: &ServeArg
         Ok(service) => service,
         Err(err) => return err.exit(),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(args.worker_threads) {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -58,4 +55,17 @@ pub fn run(build: impl FnOnce() -> Result<Service, ConfigError>, args: &ServeArg
         bound.serve(signals.first()).await;
         ExitCode::SUCCESS
     })
+}
+
+/// The async runtime for `workers` threads: one thread runs a current-thread runtime (no work
+/// stealing, no wake-ups across threads), more a multi-threaded one.
+fn runtime(workers: u16) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(usize::from(workers));
+        builder
+    };
+    builder.enable_all().build()
 }

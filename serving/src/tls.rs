@@ -318,9 +318,17 @@ impl ReloadingConfig {
                     () = stop.cancelled() => return,
                     _ = ticks.tick() => {}
                 }
-                let set = match FileSet::read(&this.files) {
-                    Ok(set) => set,
+                // Off the serving thread: a slow volume must not stall requests (one worker
+                // thread by default).
+                let files = this.files.clone();
+                let read = tokio::task::spawn_blocking(move || FileSet::read(&files)).await;
+                let set = match read {
+                    Ok(Ok(set)) => set,
                     Err(err) => {
+                        tracing::warn!(error = %err, "reading the TLS files failed; keeping the loaded certificate");
+                        continue;
+                    }
+                    Ok(Err(err)) => {
                         tracing::warn!(error = %err, "TLS files unreadable; keeping the loaded certificate");
                         continue;
                     }

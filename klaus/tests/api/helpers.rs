@@ -23,6 +23,7 @@ pub(crate) fn serve_args() -> ServeArgs {
         shutdown_timeout_seconds: 5,
         max_concurrent_requests: 1024,
         max_connection_age_seconds: 0,
+        worker_threads: 1,
         log_format: LogFormat::Text,
     }
 }

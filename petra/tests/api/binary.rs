@@ -95,6 +95,14 @@ fn invalid_configuration_exits_2_with_one_line_naming_the_variable() {
             ],
             "SHUTDOWN_DELAY_SECONDS",
         ),
+        (
+            &[
+                ("TLS_CERT_FILE", cert),
+                ("TLS_KEY_FILE", key),
+                ("WORKER_THREADS", "0"),
+            ],
+            "WORKER_THREADS",
+        ),
     ];
     assert_config_errors(EXE, cases);
 }
@@ -122,6 +130,7 @@ fn help_and_version_exit_0() {
         "SHUTDOWN_DELAY_SECONDS",
         "SHUTDOWN_TIMEOUT_SECONDS",
         "LOG_FORMAT",
+        "WORKER_THREADS",
     ] {
         assert!(help.contains(var), "--help does not document {var}");
     }
@@ -129,12 +138,23 @@ fn help_and_version_exit_0() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_turns_unready_keeps_serving_through_the_delay_then_exits_0() {
+    graceful_shutdown("1").await;
+}
+
+/// The same on the multi-threaded runtime, which more than one worker thread selects.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_the_same_with_four_worker_threads() {
+    graceful_shutdown("4").await;
+}
+
+async fn graceful_shutdown(worker_threads: &str) {
     let pki = TestPki::new();
     let env = [
         ("TLS_CERT_FILE", pki.petra.cert.to_str().expect("path")),
         ("TLS_KEY_FILE", pki.petra.key.to_str().expect("path")),
         ("TLS_CLIENT_CA_FILE", pki.ca_file.to_str().expect("path")),
         ("SHUTDOWN_DELAY_SECONDS", "2"),
+        ("WORKER_THREADS", worker_threads),
     ];
     let mut petra = Binary::start(EXE, &env);
     let admin = plain_client();
