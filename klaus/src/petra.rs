@@ -16,7 +16,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use rustls::{AlertDescription, CertificateError};
 use serving::ConfigError;
-use serving::observe::{REQUEST_ID, TRACEPARENT};
+use serving::observe::{self, REQUEST_ID, TRACEPARENT};
 use url::Url;
 
 /// The largest body Klaus accepts from Petra.
@@ -302,7 +302,7 @@ impl PetraClient {
         let mut request = client.get(inner.url.clone()).timeout(timeout);
         for name in FORWARDED {
             if let Some(value) = incoming.get(&name) {
-                request = request.header(name, value.clone());
+                request = request.header(name, observe::unique(value));
             }
         }
         let mut response = request.send().await.map_err(|err| self.classify(err))?;

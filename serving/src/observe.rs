@@ -81,7 +81,7 @@ async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: 
     };
     response
         .headers_mut()
-        .insert(REQUEST_ID, request_id.clone());
+        .insert(REQUEST_ID, unique(&request_id));
 
     let elapsed = started.elapsed().as_secs_f64();
     let status = response.status().as_u16();
@@ -103,6 +103,16 @@ async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: 
         elapsed,
     );
     response
+}
+
+/// `value`, marked as one that HTTP/2's header compression should never index: a request id
+/// or trace context differs on every request, so adding it to the HPACK table only evicts
+/// entries that would have been reused (and costs both ends a table update per request).
+/// HTTP/1.1 ignores the mark.
+pub fn unique(value: &HeaderValue) -> HeaderValue {
+    let mut value = value.clone();
+    value.set_sensitive(true);
+    value
 }
 
 /// A short plain-text response.
@@ -159,5 +169,14 @@ mod tests {
         let long = "x".repeat(MAX_REQUEST_ID_LEN + 1);
         assert!(!is_sane_id(&HeaderValue::from_str(&long).expect("ascii")));
         assert_eq!(new_request_id().len(), 36);
+    }
+
+    #[test]
+    fn unique_values_keep_their_bytes_and_are_never_indexed() {
+        let id = HeaderValue::from_static("abc-123");
+        let marked = unique(&id);
+        assert_eq!(marked, id);
+        assert!(marked.is_sensitive());
+        assert!(!id.is_sensitive());
     }
 }
