@@ -44,7 +44,7 @@ pub fn run(build: impl FnOnce() -> Result<Service, ConfigError>, args: &ServeArg
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let status = runtime.block_on(async {
         // Before the service binds and says it is serving, so that an early SIGTERM still
         // drains instead of killing the process.
         let signals = shutdown::Signals::listen();
@@ -54,7 +54,9 @@ pub fn run(build: impl FnOnce() -> Result<Service, ConfigError>, args: &ServeArg
         };
         bound.serve(signals.first()).await;
         ExitCode::SUCCESS
-    })
+    });
+    telemetry::flush();
+    status
 }
 
 /// The async runtime for `workers` threads: one thread runs a current-thread runtime (no work

@@ -183,6 +183,22 @@ async fn graceful_shutdown(worker_threads: &str) {
 
     let status = tokio::task::block_in_place(|| petra.wait_exit(Duration::from_secs(10)));
     assert_eq!(status.code(), Some(0));
+    // Every line reached stdout before the exit, the request's among them (lines are
+    // written in batches).
+    let mut lines = Vec::new();
+    while let Ok(line) = petra.lines.recv_timeout(Duration::from_secs(5)) {
+        lines.push(line);
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains(r#""message":"request""#)),
+        "{lines:?}"
+    );
+    assert!(
+        lines.last().is_some_and(|line| line.contains("stopped")),
+        "{lines:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
