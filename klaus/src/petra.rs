@@ -1,14 +1,24 @@
-//! The client Klaus calls Petra with: one pooled `reqwest::Client` built at startup (trust
-//! anchors, client identity, timeouts), Petra's base URL, and the errors a call can end in,
-//! each answered as an RFC 9457 problem that tells an operator what to fix.
+//! The client Klaus calls Petra with: one pooled hyper client built at startup (trust anchors,
+//! client identity, timeouts), Petra's base URL, and the errors a call can end in, each
+//! answered as an RFC 9457 problem that tells an operator what to fix.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header::CONTENT_TYPE};
+use axum::http::header::{CONTENT_TYPE, USER_AGENT};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -32,6 +42,18 @@ const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Headers of the incoming request that Klaus passes on to Petra.
 const FORWARDED: [HeaderName; 3] = [TRACEPARENT, TRACESTATE, REQUEST_ID];
+
+/// The `user-agent` Klaus sends.
+const KLAUS_AGENT: HeaderValue =
+    HeaderValue::from_static(concat!("klaus/", env!("CARGO_PKG_VERSION")));
+
+/// How many times a call is sent again at once, on the same client, when Petra refused its
+/// stream unprocessed (HTTP/2 `REFUSED_STREAM`, or a graceful `GOAWAY` that came first).
+/// These retries are free of the budget: Petra did no work, and the connection is going away.
+const MAX_REFUSED_RETRIES: u32 = 2;
+
+/// An error from the HTTP client, the connector or the deadline.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How Klaus reaches Petra.
 #[derive(Debug, Clone, clap::Args)]
@@ -218,12 +240,17 @@ pub struct PetraClient {
     inner: Arc<Inner>,
 }
 
+/// The HTTP client for one [`Profile`].
+type HttpClient = Client<Connector, Empty<Bytes>>;
+
 #[derive(Debug)]
 struct Inner {
-    http: reqwest::Client,
-    fresh: reqwest::Client,
+    http: HttpClient,
+    fresh: HttpClient,
     budget: RetryBudget,
     url: Url,
+    /// `url` as the request target, parsed once.
+    uri: Uri,
     timeout_ms: u64,
     metrics: PetraMetrics,
 }
@@ -235,6 +262,12 @@ impl PetraClient {
             ConfigError::new("PETRA_URL", "is not set; set it to Petra's https:// URL")
         })?;
         let url = parse_url(raw)?;
+        let uri = url.as_str().parse::<Uri>().map_err(|err| {
+            ConfigError::new(
+                "PETRA_URL",
+                format!("'{raw}' is not a valid request URI ({err})"),
+            )
+        })?;
         // The system's roots are read once (about 10 ms), for both clients.
         let tls = tls_config(args)?;
         let http = build_client(args, tls.clone(), Profile::Pooled)?;
@@ -244,6 +277,7 @@ impl PetraClient {
                 http,
                 fresh,
                 url,
+                uri,
                 timeout_ms: args.petra_timeout_ms,
                 budget: RetryBudget::default(),
                 metrics,
@@ -292,41 +326,74 @@ impl PetraClient {
         result
     }
 
+    /// One attempt on `client`: the request sent and the body read within `timeout`.
     async fn attempt(
         &self,
-        client: &reqwest::Client,
+        client: &HttpClient,
         incoming: &HeaderMap,
         timeout: Duration,
     ) -> Result<String, PetraError> {
-        let inner = &*self.inner;
-        let mut request = client.get(inner.url.clone()).timeout(timeout);
-        for name in FORWARDED {
-            if let Some(value) = incoming.get(&name) {
-                request = request.header(name, observe::unique(value));
-            }
+        match tokio::time::timeout(timeout, self.exchange(client, incoming)).await {
+            Ok(result) => result,
+            Err(elapsed) => Err(PetraError::Timeout {
+                timeout_ms: self.inner.timeout_ms,
+                source: Box::new(elapsed),
+            }),
         }
-        let mut response = request.send().await.map_err(|err| self.classify(err))?;
+    }
+
+    async fn exchange(
+        &self,
+        client: &HttpClient,
+        incoming: &HeaderMap,
+    ) -> Result<String, PetraError> {
+        let mut refused = 0;
+        let response = loop {
+            match client.request(self.request(incoming)).await {
+                Ok(response) => break response,
+                Err(err) if refused < MAX_REFUSED_RETRIES && is_refused(&err) => refused += 1,
+                Err(err) => return Err(self.classify(err.into())),
+            }
+        };
         let status = response.status();
         if !status.is_success() {
             return Err(PetraError::Status(status));
         }
-        if response
-            .content_length()
+        let mut body = response.into_body();
+        if hyper::body::Body::size_hint(&body)
+            .exact()
             .is_some_and(|len| len > MAX_BODY_BYTES as u64)
         {
             return Err(PetraError::TooLarge);
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|err| self.classify(err))? {
-            if body.len() + chunk.len() > MAX_BODY_BYTES {
-                return Err(PetraError::TooLarge);
+        let mut text = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|err| self.classify(err.into()))?;
+            if let Ok(chunk) = frame.into_data() {
+                if text.len() + chunk.len() > MAX_BODY_BYTES {
+                    return Err(PetraError::TooLarge);
+                }
+                text.extend_from_slice(&chunk);
             }
-            body.extend_from_slice(&chunk);
         }
-        body_text(body)
+        body_text(text)
     }
 
-    fn classify(&self, err: reqwest::Error) -> PetraError {
+    /// `GET {PETRA_URL}/` with Klaus's user agent and the headers passed on from `incoming`.
+    fn request(&self, incoming: &HeaderMap) -> Request<Empty<Bytes>> {
+        let mut request = Request::new(Empty::new());
+        *request.uri_mut() = self.inner.uri.clone();
+        let headers = request.headers_mut();
+        headers.insert(USER_AGENT, KLAUS_AGENT);
+        for name in FORWARDED {
+            if let Some(value) = incoming.get(&name) {
+                headers.insert(name, observe::unique(value));
+            }
+        }
+        request
+    }
+
+    fn classify(&self, err: BoxError) -> PetraError {
         let url = &self.inner.url;
         let target = format!(
             "{}:{}",
@@ -355,26 +422,35 @@ fn build_client(
     args: &PetraArgs,
     mut tls: rustls::ClientConfig,
     profile: Profile,
-) -> Result<reqwest::Client, ConfigError> {
+) -> Result<HttpClient, ConfigError> {
     let timeout = Duration::from_millis(args.petra_timeout_ms);
     let pooled = profile == Profile::Pooled;
-    let builder = reqwest::Client::builder();
-    let builder = if pooled {
-        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        builder
+    let mut http = HttpConnector::new();
+    // The TLS connector checks the scheme: https only.
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    // TCP keep-alive as reqwest set it, which Klaus used before: probes after 15 s idle,
+    // every 15 s, 3 unanswered close the connection.
+    http.set_keepalive(Some(Duration::from_secs(15)));
+    http.set_keepalive_interval(Some(Duration::from_secs(15)));
+    http.set_keepalive_retries(Some(3));
+    tls.alpn_protocols = if pooled {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     } else {
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        builder.http1_only()
+        vec![b"http/1.1".to_vec()]
     };
+    // Built from its parts rather than by `HttpsConnectorBuilder`, which insists on setting
+    // ALPN itself and, for HTTP/1.1 only, would offer none rather than http/1.1.
+    let mut https = HttpsConnector::from((http, tls));
+    https.enforce_https();
+    let connector = Connector {
+        https,
+        timeout: timeout / 2,
+    };
+    let mut builder = Client::builder(TokioExecutor::new());
     builder
-        .use_preconfigured_tls(tls)
-        .https_only(true)
-        .redirect(reqwest::redirect::Policy::none())
-        // Service-to-service calls go straight to Petra, whatever HTTPS_PROXY says.
-        .no_proxy()
-        .timeout(timeout)
-        .connect_timeout(timeout / 2)
-        .tcp_nodelay(true)
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
         // HTTP/2 when Petra offers it (ALPN), else HTTP/1.1: one multiplexed connection
         // measured 29 % less CPU per request than a pool of HTTP/1.1 connections (fewer
         // system calls, BENCHMARKS.md). Petra closes connections gracefully after
@@ -387,15 +463,43 @@ fn build_client(
         // within 3 s closes it, so new calls get a new connection.
         .http2_keep_alive_interval(H2_PING_INTERVAL)
         .http2_keep_alive_timeout(H2_PING_TIMEOUT)
-        .http2_keep_alive_while_idle(true)
-        .user_agent(concat!("klaus/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|err| {
-            ConfigError::new(
-                "PETRA_CA_FILE",
-                format!("cannot build the HTTPS client: {err}"),
-            )
+        .http2_keep_alive_while_idle(true);
+    // No proxy (service-to-service calls go straight to Petra, whatever HTTPS_PROXY says) and
+    // no redirects: this client follows neither.
+    Ok(builder.build(connector))
+}
+
+/// The HTTPS connector with a deadline on connecting, TCP and TLS handshake together.
+#[derive(Debug, Clone)]
+struct Connector {
+    https: HttpsConnector<HttpConnector>,
+    timeout: Duration,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.https.poll_ready(cx)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let connecting = self.https.call(dst);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            tokio::time::timeout(timeout, connecting)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connecting to Petra timed out",
+                    )
+                    .into())
+                })
         })
+    }
 }
 
 /// The TLS settings for calls to Petra, built once for both clients: the system's roots plus
@@ -547,7 +651,7 @@ pub enum PetraError {
         timeout_ms: u64,
         /// The client's error.
         #[source]
-        source: reqwest::Error,
+        source: BoxError,
     },
     /// 502: Petra's certificate, or Klaus's, was not accepted.
     #[error("TLS with Petra failed: {problem:?}")]
@@ -558,7 +662,7 @@ pub enum PetraError {
         target: String,
         /// The client's error.
         #[source]
-        source: reqwest::Error,
+        source: BoxError,
     },
     /// 502: Petra could not be reached, or the connection broke.
     #[error("{detail}")]
@@ -570,7 +674,7 @@ pub enum PetraError {
         retryable: bool,
         /// The client's error.
         #[source]
-        source: reqwest::Error,
+        source: BoxError,
     },
     /// 502: Petra answered with a status other than 2xx.
     #[error("Petra answered with status {0}")]
@@ -641,9 +745,46 @@ impl PetraError {
     }
 }
 
+/// Whether Petra refused the request unprocessed, so that it may be sent again at once: a
+/// stream Petra reset with `REFUSED_STREAM`, or one a graceful `GOAWAY` came before.
+fn is_refused(err: &hyper_util::client::legacy::Error) -> bool {
+    use std::error::Error as _;
+    // The client's error wraps hyper's, which wraps h2's.
+    let Some(h2) = err
+        .source()
+        .and_then(|hyper| hyper.source())
+        .and_then(|cause| cause.downcast_ref::<h2::Error>())
+    else {
+        return false;
+    };
+    h2.is_remote()
+        && ((h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
+            || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)))
+}
+
+/// Whether `err` is a timeout: connecting took longer than its share of the deadline, or an
+/// HTTP/2 ping went unanswered.
+fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(current) = cause {
+        if current.is::<tokio::time::error::Elapsed>()
+            || current
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_timeout)
+            || current
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
+}
+
 /// Sorts a client error into a [`PetraError`] by looking through its chain of causes.
-fn classify(err: reqwest::Error, target: String, timeout_ms: u64) -> PetraError {
-    if err.is_timeout() {
+fn classify(err: BoxError, target: String, timeout_ms: u64) -> PetraError {
+    if is_timeout(&*err) {
         return PetraError::Timeout {
             timeout_ms,
             source: err,
@@ -652,8 +793,12 @@ fn classify(err: reqwest::Error, target: String, timeout_ms: u64) -> PetraError 
     let mut io_kind = None;
     let mut dns = false;
     let mut closed = false;
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    let mut connect = false;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*err);
     while let Some(current) = cause {
+        if let Some(client) = current.downcast_ref::<hyper_util::client::legacy::Error>() {
+            connect |= client.is_connect();
+        }
         if let Some(problem) = tls_problem(current) {
             return PetraError::Tls {
                 problem,
@@ -704,7 +849,7 @@ fn classify(err: reqwest::Error, target: String, timeout_ms: u64) -> PetraError 
         ) => {
             format!("the connection to Petra at {target} was closed before Petra answered")
         }
-        _ if err.is_connect() => format!("Klaus could not connect to Petra at {target}"),
+        _ if connect => format!("Klaus could not connect to Petra at {target}"),
         _ if closed => {
             format!("the connection to Petra at {target} was closed before Petra answered")
         }
