@@ -284,3 +284,56 @@ async fn klaus_recovers_when_petra_comes_back() {
     klaus.stop().await;
     back.stop().await;
 }
+
+#[tokio::test]
+async fn a_petra_that_never_finishes_the_tls_handshake_gives_504_at_the_deadline() {
+    // Accepts TCP connections and never says a word: the handshake cannot finish.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let pki = TestPki::new();
+    let mut args = petra_args(
+        &format!("https://localhost:{}", addr.port()),
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    );
+    args.petra_timeout_ms = 400;
+    let klaus = spawn_klaus(&args).await;
+    let started = Instant::now();
+    expect_problem(&klaus.http_url(), 504, "petra_timeout").await;
+    let took = started.elapsed();
+    // Connecting gets half the deadline; the call never outlives the whole of it.
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_millis(900),
+        "took {took:?}"
+    );
+    klaus.stop().await;
+    held.abort();
+}
+
+#[tokio::test]
+async fn a_petra_host_that_does_not_resolve_gives_502_saying_so() {
+    let pki = TestPki::new();
+    // `.invalid` never resolves (RFC 6761).
+    let mut args = petra_args(
+        "https://petra.invalid:8443",
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    );
+    args.petra_timeout_ms = 10_000;
+    let klaus = spawn_klaus(&args).await;
+    let problem = expect_problem(&klaus.http_url(), 502, "petra_unreachable").await;
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("does not resolve") && detail.contains("petra.invalid:8443"),
+        "{detail}"
+    );
+    klaus.stop().await;
+}
