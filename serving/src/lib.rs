@@ -12,6 +12,7 @@ pub mod certs;
 pub mod config;
 pub mod contract;
 pub mod healthcheck;
+pub mod memory;
 pub mod metrics;
 pub mod observe;
 pub mod server;

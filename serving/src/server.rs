@@ -65,6 +65,9 @@ struct ConnMetrics {
     accepted: Counter,
     open: Gauge,
     handshake_failures: Counter,
+    /// The most connections open at once since the last memory trim.
+    peak_open: Arc<std::sync::atomic::AtomicI64>,
+    memory_trims: Counter,
 }
 
 impl ConnMetrics {
@@ -84,6 +87,11 @@ impl ConnMetrics {
             "tls_handshake_failures",
             "TLS handshakes on the main listener that failed or timed out (refused client certificates among them)",
             this.handshake_failures.clone(),
+        );
+        registry.register(
+            "memory_trims",
+            "Times free memory was given back to the system after a burst of connections ended",
+            this.memory_trims.clone(),
         );
         this
     }
@@ -183,6 +191,12 @@ impl Bound {
         if let Some(tls) = &self.tls {
             tls.spawn_reloader(stop_admin.clone());
         }
+        crate::memory::spawn_trimmer(
+            self.conn_metrics.open.clone(),
+            Arc::clone(&self.conn_metrics.peak_open),
+            self.conn_metrics.memory_trims.clone(),
+            stop_admin.clone(),
+        );
         let admin_router = admin::router(self.health.clone(), Arc::clone(&self.registry));
         let admin = tokio::spawn(accept_loop(
             self.admin,
@@ -264,7 +278,10 @@ async fn accept_loop(
         tracker.spawn(async move {
             if let Some(metrics) = &metrics {
                 metrics.accepted.inc();
-                metrics.open.inc();
+                let open = metrics.open.inc() + 1;
+                metrics
+                    .peak_open
+                    .fetch_max(open, std::sync::atomic::Ordering::Relaxed);
             }
             match tls {
                 None => serve_http1(stream, service, &limits, &stop, peer).await,

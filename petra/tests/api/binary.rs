@@ -216,3 +216,79 @@ async fn a_second_signal_exits_at_once() {
     let status = tokio::task::block_in_place(|| petra.wait_exit(Duration::from_secs(5)));
     assert_eq!(status.code(), Some(143));
 }
+
+/// Resident memory of `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_a_burst_of_connections_freed_goes_back_to_the_system() {
+    const CONNECTIONS: usize = 800;
+    let pki = TestPki::new();
+    let env = [
+        ("TLS_CERT_FILE", pki.petra.cert.to_str().expect("path")),
+        ("TLS_KEY_FILE", pki.petra.key.to_str().expect("path")),
+        ("TLS_CLIENT_CA_FILE", pki.ca_file.to_str().expect("path")),
+    ];
+    let petra = Binary::start(EXE, &env);
+    let pid = petra.child.id();
+    let url = format!("https://localhost:{}", petra.main_addr.port());
+    let idle = rss_kib(pid);
+
+    // Every client holds its own connection, with one request answered on it.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..CONNECTIONS {
+        let client = client(&pki.ca_file, Some(&pki.klaus));
+        let url = url.clone();
+        calls.spawn(async move {
+            let answer = client.get(&url).send().await.expect("hello");
+            assert_eq!(answer.text().await.expect("body"), "hello");
+            client
+        });
+    }
+    let mut clients = Vec::new();
+    while let Some(client) = calls.join_next().await {
+        clients.push(client.expect("call"));
+    }
+    let loaded = rss_kib(pid);
+    assert!(
+        loaded > idle + 8 * 1024,
+        "{CONNECTIONS} connections should take memory: {idle} -> {loaded} KiB"
+    );
+    drop(clients);
+
+    // Once the connections are gone, the trimmer gives the memory back (it looks every 2 s).
+    let metrics = plain_client();
+    let started = std::time::Instant::now();
+    let mut now = loaded;
+    while now > idle + (loaded - idle) / 3 {
+        if started.elapsed() > Duration::from_secs(20) {
+            let text = metrics
+                .get(petra.admin_url("/metrics"))
+                .send()
+                .await
+                .expect("metrics");
+            panic!(
+                "resident memory stayed at {now} KiB after the connections closed (idle {idle}, loaded {loaded}): {}",
+                text.text().await.unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        now = rss_kib(pid);
+    }
+    let text = metrics
+        .get(petra.admin_url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(text.contains("memory_trims_total 1"), "{text}");
+}
