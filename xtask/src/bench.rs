@@ -23,7 +23,9 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use xshell::{Shell, cmd};
 
-use crate::util::{existing, find_oha, nofile_to_raise, root, shell, step, which, with_nofile};
+use crate::util::{
+    existing, find_oha, nofile_to_raise, root, shell, status_kib, step, which, with_nofile,
+};
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--quick] [--only petra|klaus] [--duration SECS] [--warmup SECS]
@@ -462,18 +464,6 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
             .with_context(|| format!("/proc/{pid}/stat has no field {}", i + 3))
     };
     Ok(field(11)? + field(12)?)
-}
-
-/// A line of `/proc/PID/status` in KiB: `VmRSS` (resident now) or `VmHWM` (peak).
-fn status_kib(pid: u32, key: &str) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// Free loopback ports, all distinct (each listener is held until all are picked).

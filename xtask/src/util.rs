@@ -129,3 +129,15 @@ pub(crate) fn with_nofile(program: &Path, nofile: Option<u64>) -> Command {
         }
     }
 }
+
+/// A figure in KiB from `/proc/PID/status`, by its key (`VmRSS`, `VmHWM`).
+pub(crate) fn status_kib(pid: u32, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
