@@ -56,6 +56,8 @@ pub fn run(build: impl FnOnce() -> Result<Service, ConfigError>, args: &ServeArg
         bound.serve(signals.first()).await;
         ExitCode::SUCCESS
     });
+    // Tasks still running on other worker threads may log until the runtime is gone.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     telemetry::flush();
     status
 }

@@ -49,7 +49,9 @@ pub(crate) fn spawn_trimmer(
                     "gave free memory back after a burst"
                 );
                 trims.inc();
-                peak.store(now, Ordering::Relaxed);
+                // Only if no new peak came while the trim ran; that one is kept for the next.
+                let _ =
+                    peak.compare_exchange(most, open.get(), Ordering::Relaxed, Ordering::Relaxed);
             }
         }
     });

@@ -310,7 +310,11 @@ impl ReloadingConfig {
         };
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            let mut last = FileSet::read(&this.files).map(|set| set.fingerprint()).ok();
+            let mut last = read_off_thread(&this.files)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|set| set.fingerprint());
             let mut ticks = tokio::time::interval(interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -318,11 +322,7 @@ impl ReloadingConfig {
                     () = stop.cancelled() => return,
                     _ = ticks.tick() => {}
                 }
-                // Off the serving thread: a slow volume must not stall requests (one worker
-                // thread by default).
-                let files = this.files.clone();
-                let read = tokio::task::spawn_blocking(move || FileSet::read(&files)).await;
-                let set = match read {
+                let set = match read_off_thread(&this.files).await {
                     Ok(Ok(set)) => set,
                     Err(err) => {
                         tracing::warn!(error = %err, "reading the TLS files failed; keeping the loaded certificate");
@@ -358,4 +358,13 @@ impl ReloadingConfig {
             }
         });
     }
+}
+
+/// Reads the files on the blocking pool: a slow volume must not stall the serving thread (one
+/// by default).
+async fn read_off_thread(
+    files: &ServerFiles,
+) -> Result<Result<FileSet, ConfigError>, tokio::task::JoinError> {
+    let files = files.clone();
+    tokio::task::spawn_blocking(move || FileSet::read(&files)).await
 }

@@ -513,7 +513,9 @@ fn overload(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<()> 
     );
     // The memory the burst took goes back to the system once its connections are gone (the
     // services trim glibc's heap every 2 s after a burst; without it Klaus stayed near its peak).
-    let peak_kib = peak.hwm_kib.unwrap_or_default();
+    let peak_kib = peak
+        .hwm_kib
+        .with_context(|| format!("cannot read VmHWM of Klaus (PID {})", before.pid))?;
     let resident_kib = wait_for(SETTLE_DEADLINE, || {
         resident_kib(before.pid).filter(|&kib| kib <= peak_kib / 2)
     })
