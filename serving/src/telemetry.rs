@@ -520,27 +520,15 @@ mod tests {
 
     /// What `emit` logs, as JSON lines.
     fn one_line(emit: impl FnOnce()) -> String {
-        let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = std::sync::Arc::clone(&buffer);
+        let sink = Counting::default();
+        let writer = sink.clone();
         let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || SharedVec(std::sync::Arc::clone(&sink)))
+            .with_writer(move || writer.clone())
             .event_format(JsonLine)
             .finish();
         tracing::subscriber::with_default(subscriber, emit);
-        let bytes = buffer.lock().expect("lock").clone();
+        let bytes = sink.0.lock().expect("lock").0.clone();
         String::from_utf8(bytes).expect("UTF-8")
-    }
-
-    struct SharedVec(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for SharedVec {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("lock").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
     }
 
     #[test]
