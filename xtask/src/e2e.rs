@@ -1,9 +1,11 @@
 //! `cargo xtask e2e`: builds the images, brings up each compose topology and checks it end to end, then
-//! runs the fault scenarios ([`faults`]: rolling restart, partition, overload) on the single-network one.
+//! runs the fault scenarios ([`faults`]: rolling restart, partition, overload) on the single-network one
+//! and the failover between two clouds ([`failover`]) on the two-cloud one.
 //!
 //! Each topology runs under a project name of its own and is always torn down (`down -v --remove-orphans`),
 //! also when a check fails. Every wait polls a condition under a deadline; none is a fixed sleep.
 
+mod failover;
 mod faults;
 
 use std::io::{Read, Write};
@@ -16,7 +18,7 @@ use xshell::{Shell, cmd};
 
 use crate::util::{root, shell, step};
 
-/// Where Klaus is published on the host in both topologies.
+/// Where Klaus is published on the host in every topology.
 const KLAUS_PORT: u16 = 8080;
 
 /// How long the services may take to come up and answer after `up -d`.
@@ -44,15 +46,18 @@ struct Topology {
     petra_url: &'static str,
     /// The host port Petra is published on, if it is.
     petra_port: Option<u16>,
+    /// Every Petra service: all are stopped for the outage check.
+    petra_services: &'static [&'static str],
 }
 
-const TOPOLOGIES: [Topology; 2] = [
+const TOPOLOGIES: [Topology; 3] = [
     Topology {
         name: "one",
         file: "docker-compose.yml",
         klaus_network: "default",
         petra_url: "https://petra:8443",
         petra_port: None,
+        petra_services: &["petra"],
     },
     Topology {
         name: "split",
@@ -60,6 +65,16 @@ const TOPOLOGIES: [Topology; 2] = [
         klaus_network: "klaus-side",
         petra_url: "https://host.docker.internal:8443",
         petra_port: Some(8443),
+        petra_services: &["petra"],
+    },
+    Topology {
+        name: "clouds",
+        file: "docker-compose.clouds.yml",
+        klaus_network: "cloud-a",
+        petra_url: "https://petra-a:8443,https://host.docker.internal:8444",
+        // Cloud B's Petra; cloud A's is not published.
+        petra_port: Some(8444),
+        petra_services: &["petra-a", "petra-b"],
     },
 ];
 
@@ -78,6 +93,10 @@ pub(crate) fn e2e() -> anyhow::Result<()> {
     step(
         "e2e docker-compose.yml faults: rolling restart, partition, overload",
         || faults::run(&sh, &compose, &oha),
+    )?;
+    step(
+        "e2e docker-compose.clouds.yml failover: cloud A stopped and started under load",
+        || failover::run(&sh, &compose, &oha),
     )
 }
 
@@ -253,7 +272,9 @@ fn checks(sh: &Shell, project: &Project<'_>, topology: &Topology) -> anyhow::Res
         curl_petra_directly(sh, project, port)?;
     }
 
-    project.run(&["stop", "petra"])?;
+    let mut stop = vec!["stop"];
+    stop.extend(topology.petra_services);
+    project.run(&stop)?;
     let stopped = Instant::now();
     let reply = wait_for(OUTAGE_DEADLINE, || {
         get(klaus, "/").ok().filter(|r| r.status == 502)
@@ -267,11 +288,14 @@ fn checks(sh: &Shell, project: &Project<'_>, topology: &Topology) -> anyhow::Res
         reply.content_type
     );
     pass(&format!(
-        "Petra stopped: Klaus answers 502 application/problem+json after {:.2}s",
+        "{} stopped: Klaus answers 502 application/problem+json after {:.2}s",
+        topology.petra_services.join(", "),
         stopped.elapsed().as_secs_f64()
     ));
 
-    project.run(&["start", "petra"])?;
+    let mut start = vec!["start"];
+    start.extend(topology.petra_services);
+    project.run(&start)?;
     let restarted = Instant::now();
     wait_for(RECOVERY_DEADLINE, || {
         get(klaus, "/")
@@ -282,7 +306,8 @@ fn checks(sh: &Shell, project: &Project<'_>, topology: &Topology) -> anyhow::Res
         format!("Klaus did not answer `hello world` within {RECOVERY_DEADLINE:?} of Petra starting")
     })?;
     pass(&format!(
-        "Petra started: Klaus answers `hello world` again after {:.2}s",
+        "{} started: Klaus answers `hello world` again after {:.2}s",
+        topology.petra_services.join(", "),
         restarted.elapsed().as_secs_f64()
     ));
     Ok(())

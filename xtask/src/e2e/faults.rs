@@ -26,8 +26,8 @@ const FILE: &str = "docker-compose.yml";
 /// Petra replicas behind the name `petra`.
 const REPLICAS: usize = 2;
 
-/// Klaus's admin port (/metrics) inside its container.
-const ADMIN_PORT: u16 = 9090;
+/// The admin port (/metrics) inside Klaus's and Petra's containers.
+pub(super) const ADMIN_PORT: u16 = 9090;
 
 /// The rolling restart's steady load through Klaus, in requests per second.
 const ROLLING_RATE: u32 = 200;
@@ -40,10 +40,10 @@ const ROLLING_CONNECTIONS: u32 = 20;
 
 /// How long a replica may take to exit after SIGTERM: Petra's delay (SHUTDOWN_DELAY_SECONDS=1)
 /// and its drain; `docker stop` sends SIGKILL after 10 s, which the exit code would show.
-const STOP_DEADLINE: Duration = Duration::from_secs(15);
+pub(super) const STOP_DEADLINE: Duration = Duration::from_secs(15);
 
 /// How long a started replica may take to be healthy; compose checks every 2 s.
-const HEALTHY_DEADLINE: Duration = Duration::from_secs(30);
+pub(super) const HEALTHY_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Klaus's PETRA_TIMEOUT_MS when its container does not set it, as docker-compose.yml does not
 /// (the default in klaus/src/petra.rs).
@@ -618,24 +618,19 @@ fn cgroup_peak(pid: u32) -> Option<u64> {
 // Klaus, containers, oha
 
 /// Klaus's container and its two listeners, at its address on the project's network.
-struct Klaus {
-    id: String,
-    main: SocketAddr,
-    admin: SocketAddr,
+pub(super) struct Klaus {
+    pub(super) id: String,
+    pub(super) main: SocketAddr,
+    pub(super) admin: SocketAddr,
 }
 
 impl Klaus {
-    fn find(sh: &Shell, project: &Project<'_>) -> anyhow::Result<Self> {
+    pub(super) fn find(sh: &Shell, project: &Project<'_>) -> anyhow::Result<Self> {
         let ids = project.containers("klaus")?;
         let [id] = ids.as_slice() else {
             bail!("expected one Klaus container, found {}", ids.len());
         };
-        let format = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}";
-        let addresses = cmd!(sh, "docker inspect -f {format} {id}").quiet().read()?;
-        let ip: IpAddr = addresses
-            .split_whitespace()
-            .find_map(|ip| ip.parse().ok())
-            .with_context(|| format!("Klaus's container has no IP address ({addresses:?})"))?;
+        let ip = container_ip(sh, id)?;
         Ok(Self {
             id: id.clone(),
             main: SocketAddr::new(ip, KLAUS_PORT),
@@ -643,12 +638,12 @@ impl Klaus {
         })
     }
 
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         format!("http://{}/", self.main)
     }
 
     /// The value of `name` in Klaus's container environment, if it is set.
-    fn env(&self, sh: &Shell, name: &str) -> anyhow::Result<Option<String>> {
+    pub(super) fn env(&self, sh: &Shell, name: &str) -> anyhow::Result<Option<String>> {
         let id = &self.id;
         let format = "{{json .Config.Env}}";
         let json = cmd!(sh, "docker inspect -f {format} {id}").quiet().read()?;
@@ -673,14 +668,8 @@ impl Klaus {
 
     /// The sum of the samples of `name` that carry every one of `labels` (`key="value"`), from
     /// Klaus's /metrics.
-    fn metric(&self, name: &str, labels: &[&str]) -> anyhow::Result<f64> {
-        let reply = get(self.admin, "/metrics")?;
-        ensure!(
-            reply.status == 200,
-            "Klaus's /metrics answered {}",
-            reply.status
-        );
-        Ok(sum_samples(&reply.body, name, labels))
+    pub(super) fn metric(&self, name: &str, labels: &[&str]) -> anyhow::Result<f64> {
+        Ok(sum_samples(&scrape(self.admin)?, name, labels))
     }
 
     /// The share of Klaus's answers with `status` that took at most `le` seconds, from its
@@ -696,9 +685,30 @@ impl Klaus {
     }
 }
 
+/// The address of a container on its (first) network, as the host reaches it.
+pub(super) fn container_ip(sh: &Shell, id: &str) -> anyhow::Result<IpAddr> {
+    let format = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}";
+    let addresses = cmd!(sh, "docker inspect -f {format} {id}").quiet().read()?;
+    addresses
+        .split_whitespace()
+        .find_map(|ip| ip.parse().ok())
+        .with_context(|| format!("container {} has no IP address ({addresses:?})", short(id)))
+}
+
+/// The metrics text an admin port serves at `/metrics`.
+pub(super) fn scrape(admin: SocketAddr) -> anyhow::Result<String> {
+    let reply = get(admin, "/metrics")?;
+    ensure!(
+        reply.status == 200,
+        "/metrics at {admin} answered {}",
+        reply.status
+    );
+    Ok(reply.body)
+}
+
 /// Sums the samples of the metric `name` that carry every one of `labels` in a Prometheus text
 /// exposition.
-fn sum_samples(text: &str, name: &str, labels: &[&str]) -> f64 {
+pub(super) fn sum_samples(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
         .filter(|line| !line.starts_with('#'))
         .filter_map(|line| {
@@ -713,18 +723,18 @@ fn sum_samples(text: &str, name: &str, labels: &[&str]) -> f64 {
 
 /// What `docker inspect` says about a container.
 #[derive(Debug)]
-struct State {
-    status: String,
-    exit_code: i64,
+pub(super) struct State {
+    pub(super) status: String,
+    pub(super) exit_code: i64,
     oom_killed: bool,
     restarts: u64,
     pid: u32,
-    health: String,
+    pub(super) health: String,
     memory_limit: u64,
 }
 
 /// Reads a container's [`State`].
-fn state(sh: &Shell, id: &str) -> anyhow::Result<State> {
+pub(super) fn state(sh: &Shell, id: &str) -> anyhow::Result<State> {
     let format = "{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}} {{.RestartCount}} \
                   {{.State.Pid}} {{.HostConfig.Memory}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}";
     let line = cmd!(sh, "docker inspect -f {format} {id}").quiet().read()?;
@@ -753,12 +763,12 @@ fn state(sh: &Shell, id: &str) -> anyhow::Result<State> {
 }
 
 /// The first 12 characters of a container ID, as docker prints it.
-fn short(id: &str) -> &str {
+pub(super) fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
 }
 
 /// "a–b s" over some durations, or "a s" when they are all alike.
-fn span(durations: &[Duration]) -> String {
+pub(super) fn span(durations: &[Duration]) -> String {
     let secs = |d: &Duration| d.as_secs_f64();
     let min = durations.iter().map(secs).fold(f64::INFINITY, f64::min);
     let max = durations.iter().map(secs).fold(0.0, f64::max);
@@ -770,7 +780,7 @@ fn span(durations: &[Duration]) -> String {
 }
 
 /// The arguments of an oha run: a rate (none for as fast as it goes), connections, duration.
-fn load_args(rate: Option<u32>, connections: u32, duration: Duration) -> Vec<String> {
+pub(super) fn load_args(rate: Option<u32>, connections: u32, duration: Duration) -> Vec<String> {
     let mut args = vec![
         "-c".to_owned(),
         connections.to_string(),
@@ -800,7 +810,7 @@ impl Oha {
 
     /// Starts oha against `url` in the background; requests still running at the end are waited
     /// for (`-w`), so that none is counted as an error.
-    fn start(&self, url: &str, args: &[String]) -> anyhow::Result<Load> {
+    pub(super) fn start(&self, url: &str, args: &[String]) -> anyhow::Result<Load> {
         let child = with_nofile(&self.path, self.nofile)
             .args(["--no-tui", "--output-format", "json", "-w"])
             .args(args)
@@ -819,13 +829,13 @@ impl Oha {
 }
 
 /// An oha run in the background, killed if it is dropped before it finished.
-struct Load {
+pub(super) struct Load {
     child: Option<Child>,
 }
 
 impl Load {
     /// Waits for oha to end and reads its report.
-    fn finish(mut self) -> anyhow::Result<Report> {
+    pub(super) fn finish(mut self) -> anyhow::Result<Report> {
         let child = self.child.take().context("oha was already waited for")?;
         let output = child.wait_with_output().context("waiting for oha")?;
         ensure!(output.status.success(), "oha failed ({})", output.status);
@@ -845,11 +855,11 @@ impl Drop for Load {
 
 /// What an oha run reports: answers by status, errors by message, length, p99 latency.
 #[derive(Debug)]
-struct Report {
+pub(super) struct Report {
     statuses: BTreeMap<u16, u64>,
     errors: BTreeMap<String, u64>,
-    seconds: f64,
-    p99_ms: f64,
+    pub(super) seconds: f64,
+    pub(super) p99_ms: f64,
 }
 
 impl Report {
@@ -881,22 +891,22 @@ impl Report {
         })
     }
 
-    fn count(&self, status: u16) -> u64 {
+    pub(super) fn count(&self, status: u16) -> u64 {
         self.statuses.get(&status).copied().unwrap_or(0)
     }
 
     /// Every request: answered, or failed with an error.
-    fn total(&self) -> u64 {
+    pub(super) fn total(&self) -> u64 {
         self.statuses.values().sum::<u64>() + self.errors.values().sum::<u64>()
     }
 
     /// Requests that did not end in 200.
-    fn failures(&self) -> u64 {
+    pub(super) fn failures(&self) -> u64 {
         self.total() - self.count(200)
     }
 
     /// The answers by status and the errors, on one line.
-    fn outcomes(&self) -> String {
+    pub(super) fn outcomes(&self) -> String {
         let mut parts: Vec<String> = self
             .statuses
             .iter()
