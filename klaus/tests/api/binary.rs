@@ -65,7 +65,10 @@ fn invalid_configuration_exits_2_with_one_line_naming_the_variable() {
             "PETRA_URL: 'http://petra.other:8443' uses http",
         ),
         (&[url, ("PETRA_EJECT_AFTER", "0")], "PETRA_EJECT_AFTER"),
-        (&[url, ("PETRA_EJECTION_MS", "forever")], "PETRA_EJECTION_MS"),
+        (
+            &[url, ("PETRA_EJECTION_MS", "forever")],
+            "PETRA_EJECTION_MS",
+        ),
         (
             &[url, ("PETRA_RESOLVE_INTERVAL_SECONDS", "0")],
             "PETRA_RESOLVE_INTERVAL_SECONDS",

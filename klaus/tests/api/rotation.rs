@@ -134,6 +134,11 @@ async fn the_three_step_ca_replacement_fails_no_call() {
     picked_up("only the new CA trusted", &petra, &klaus, &before).await;
 
     let statuses = load.finish().await;
+    eprintln!(
+        "figure: CA replaced in three steps under load: {} calls, {} failed",
+        statuses.len(),
+        failed(&statuses)
+    );
     assert!(statuses.len() > 100, "too few calls: {}", statuses.len());
     assert_eq!(
         failed(&statuses),

@@ -181,6 +181,7 @@ async fn calls_spread_evenly_over_three_replicas_behind_one_name() {
         shares.push(served(replica).await);
     }
     let total: f64 = shares.iter().sum();
+    eprintln!("figure: 1,500 calls, 16 at a time, per replica {shares:?}");
     assert_eq!(total, 1500.0, "{shares:?}");
     for share in &shares {
         let third = total / 3.0;
@@ -241,6 +242,7 @@ async fn a_failing_endpoint_is_ejected_and_comes_back_when_it_answers_again() {
 
     // It comes back once it answers: its ejection ends and calls reach it again.
     let revived = petra_at(&pki, &cert, down_addr).await;
+    let started = Instant::now();
     wait_until(
         "the revived endpoint serves calls",
         Duration::from_secs(10),
@@ -251,6 +253,10 @@ async fn a_failing_endpoint_is_ejected_and_comes_back_when_it_answers_again() {
     )
     .await;
     assert!(served(&revived).await > 0.0);
+    eprintln!(
+        "figure: 40 calls, 0 failed, the dead endpoint ejected after 3 refusals; back in use {:?} after it answered",
+        started.elapsed()
+    );
     klaus.stop().await;
     healthy.stop().await;
     revived.stop().await;
@@ -286,6 +292,7 @@ async fn klaus_fails_over_to_the_second_priority_and_back_without_a_failed_call(
 
     // Cloud A is back: once its ejection ends, calls return to it.
     let cloud_a = petra_at(&pki, &cert, a).await;
+    let returned = Instant::now();
     wait_until(
         "calls return to the first priority",
         Duration::from_secs(10),
@@ -296,6 +303,10 @@ async fn klaus_fails_over_to_the_second_priority_and_back_without_a_failed_call(
     )
     .await;
     let before = served(&cloud_b).await;
+    eprintln!(
+        "figure: cloud A stopped: 40 calls, 0 failed, {before} served by B; failed back {:?} after A returned",
+        returned.elapsed()
+    );
     assert_eq!(failed(&calls(&klaus, 20, 2).await), 0);
     assert_eq!(
         served(&cloud_b).await,
@@ -351,6 +362,7 @@ async fn a_call_moves_to_another_endpoint_within_its_deadline() {
     for later in &took[3..] {
         assert!(*later < Duration::from_millis(400), "{took:?}");
     }
+    eprintln!("figure: call durations with a hung first priority {took:?}");
     let hung = SocketAddr::new(silent_ip, port);
     assert_eq!(attempts(&klaus, 0, hung, "timeout").await, 3.0);
     let text = klaus.metrics().await;
