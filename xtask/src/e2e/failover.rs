@@ -251,9 +251,11 @@ fn failover(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<()> 
         moments.back
     );
 
-    // Requests that failed: none is the goal. A call fails only when its attempt and Klaus's one
-    // retry both fail, and an endpoint of A fails at most PETRA_EJECT_AFTER attempts in a row
-    // before Klaus ejects it, so more than that per replica of A means failover did not work.
+    // Requests that failed: none is the goal. A call fails only when all its attempts fail, and
+    // an endpoint of A fails at most PETRA_EJECT_AFTER attempts in a row before Klaus ejects it
+    // (and resolves `petra-a` again, which no longer has their addresses); so each failed call
+    // spends at least one of those PETRA_EJECT_AFTER failures per replica of A, and more failed
+    // calls than that mean the failover did not work.
     let bound = eject_after * REPLICAS_A as u64;
     let planned = f64::from(RATE) * report.seconds;
     ensure!(

@@ -46,7 +46,7 @@ pub(super) const STOP_DEADLINE: Duration = Duration::from_secs(15);
 pub(super) const HEALTHY_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Klaus's PETRA_TIMEOUT_MS when its container does not set it, as docker-compose.yml does not
-/// (the default in klaus/src/petra.rs).
+/// (the default in klaus/src/upstream/config.rs).
 const DEFAULT_PETRA_TIMEOUT_MS: u64 = 2000;
 
 /// How long after Klaus's deadline its 504 may reach the host: timers, scheduling and the bridge.
