@@ -78,26 +78,48 @@ const TOPOLOGIES: [Topology; 3] = [
     },
 ];
 
-/// Builds both images, runs every check against each topology in turn, then the fault scenarios.
+/// The parts of `cargo xtask e2e` that can be run alone: each topology's name, then the scenarios.
+const PARTS: [&str; 5] = ["one", "split", "clouds", "faults", "failover"];
+
+/// Builds both images, runs every check against each topology in turn, then the fault scenarios
+/// and the failover.
 pub(crate) fn e2e() -> anyhow::Result<()> {
+    e2e_parts(&[])
+}
+
+/// `cargo xtask e2e [PART...]`: as [`e2e`], but only the named parts (of [`PARTS`]) when some are
+/// named; the images are built in any case.
+pub(crate) fn e2e_parts(only: &[String]) -> anyhow::Result<()> {
+    if let Some(unknown) = only.iter().find(|part| !PARTS.contains(&part.as_str())) {
+        bail!(
+            "unknown e2e part {unknown:?}; the parts are {}",
+            PARTS.join(", ")
+        );
+    }
+    let wanted = |part: &str| only.is_empty() || only.iter().any(|p| p == part);
     crate::images::images()?;
     let sh = shell()?;
     let compose = step("compose is installed", || compose_command(&sh))?;
     step("curl is installed", || ensure_curl(&sh))?;
     let oha = step("oha is installed", || faults::Oha::find(&sh))?;
-    for topology in &TOPOLOGIES {
+    for topology in TOPOLOGIES.iter().filter(|t| wanted(t.name)) {
         step(&format!("e2e {}", topology.file), || {
             run_topology(&sh, &compose, topology)
         })?;
     }
-    step(
-        "e2e docker-compose.yml faults: rolling restart, partition, overload",
-        || faults::run(&sh, &compose, &oha),
-    )?;
-    step(
-        "e2e docker-compose.clouds.yml failover: cloud A stopped and started under load",
-        || failover::run(&sh, &compose, &oha),
-    )
+    if wanted("faults") {
+        step(
+            "e2e docker-compose.yml faults: rolling restart, partition, overload",
+            || faults::run(&sh, &compose, &oha),
+        )?;
+    }
+    if wanted("failover") {
+        step(
+            "e2e docker-compose.clouds.yml failover: cloud A stopped and started under load",
+            || failover::run(&sh, &compose, &oha),
+        )?;
+    }
+    Ok(())
 }
 
 /// The compose command: `docker-compose` (1.29 here) or the `docker compose` plugin; installs

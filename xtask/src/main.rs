@@ -18,7 +18,8 @@ tasks:
   ci       every check CI runs: fmt, clippy, tests, manifests, images and end-to-end tests
   test     the Rust tests only (cargo nextest, or cargo test where nextest is missing)
   images   build petra:dev and klaus:dev from Dockerfile.petra and Dockerfile.klaus
-  e2e      build the images, bring up both compose topologies and check them end to end
+  e2e      build the images, bring up each compose topology and check it end to end, then the fault
+           and failover scenarios; cargo xtask e2e [one|split|clouds|faults|failover]... runs only those
   k8s      render every kustomize overlay and component, validate and policy-check them
   bench    load-test Petra and Klaus and check the performance budget
   certs    write a private CA and the service certificates: cargo xtask certs --out DIR
@@ -35,7 +36,7 @@ fn main() -> ExitCode {
         "test" => ci::test(),
         "certs" => ci::certs(&rest),
         "images" => images::images(),
-        "e2e" => e2e::e2e(),
+        "e2e" => e2e::e2e_parts(&rest),
         "k8s" => k8s::k8s(),
         "bench" => bench::bench(&rest),
         "audit" => audit::audit(&rest),
