@@ -274,14 +274,15 @@ fn failover(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<()> 
         failures
     );
     pass(&format!(
-        "cloud A stopped for {:.1}s under {RATE} req/s: {} requests in {:.1}s, {} failed{} ({}), p99 {:.1} ms",
+        "cloud A stopped for {:.1}s under {RATE} req/s: {} requests in {:.1}s, {} failed{} ({}), p99 {:.1} ms, slowest {:.0} ms",
         (moments.start - moments.stop).as_secs_f64(),
         report.total(),
         report.seconds,
         report.failures(),
         failures,
         report.outcomes(),
-        report.p99_ms
+        report.p99_ms,
+        report.slowest_ms
     ));
 
     // Cloud B served while A was down: by its own count (the hold waited for that) and by

@@ -853,13 +853,14 @@ impl Drop for Load {
     }
 }
 
-/// What an oha run reports: answers by status, errors by message, length, p99 latency.
+/// What an oha run reports: answers by status, errors by message, length, p99 and slowest latency.
 #[derive(Debug)]
 pub(super) struct Report {
     statuses: BTreeMap<u16, u64>,
     errors: BTreeMap<String, u64>,
     pub(super) seconds: f64,
     pub(super) p99_ms: f64,
+    pub(super) slowest_ms: f64,
 }
 
 impl Report {
@@ -888,6 +889,7 @@ impl Report {
                 .as_f64()
                 .unwrap_or(f64::NAN)
                 * 1e3,
+            slowest_ms: json["summary"]["slowest"].as_f64().unwrap_or(f64::NAN) * 1e3,
         })
     }
 
