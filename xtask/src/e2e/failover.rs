@@ -11,9 +11,10 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, ensure};
+use serde_json::Value;
 use xshell::{Shell, cmd};
 
 use super::faults::{
@@ -173,9 +174,11 @@ fn sum_samples_of(admin: SocketAddr) -> Option<f64> {
 }
 
 /// When the scenario's steps happened, since the load began.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Moments {
     stop: Duration,
+    /// The wall-clock time of the stop, to place Klaus's log lines.
+    stop_wall: SystemTime,
     stopped: Duration,
     start: Duration,
     healthy: Duration,
@@ -330,7 +333,7 @@ fn failover(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<()> 
         served.b_after_back,
         list(&served.a_before)
     ));
-    print_klaus_log_summary(sh, &klaus);
+    print_klaus_upstream_log(sh, &klaus, moments.stop_wall);
     Ok(())
 }
 
@@ -343,7 +346,14 @@ fn steps(
     b: &Petra,
     t0: Instant,
 ) -> anyhow::Result<(Moments, Served, Vec<Petra>)> {
-    let mut moments = Moments::default();
+    let mut moments = Moments {
+        stop: Duration::ZERO,
+        stop_wall: SystemTime::now(),
+        stopped: Duration::ZERO,
+        start: Duration::ZERO,
+        healthy: Duration::ZERO,
+        back: Duration::ZERO,
+    };
     let mut served = Served::default();
     let b_count = || b.served().context("reading cloud B's /metrics");
     let b_at_load = b_count()?;
@@ -376,6 +386,7 @@ fn steps(
     );
 
     moments.stop = t0.elapsed();
+    moments.stop_wall = SystemTime::now();
     let ids: Vec<&str> = a.iter().map(|p| p.id.as_str()).collect();
     let ids = ids.as_slice();
     cmd!(sh, "docker stop {ids...}")
@@ -505,20 +516,65 @@ fn list(counts: &[f64]) -> String {
         .join(" + ")
 }
 
-/// Prints how often Klaus logged the failover, the failback and ejections (the log lines of its
-/// upstream), so that flapping shows.
-fn print_klaus_log_summary(sh: &Shell, klaus: &Klaus) {
+/// What Klaus logs about its endpoints (ejections, returns, failover, failback, DNS changes):
+/// the messages that contain one of these.
+const UPSTREAM_MESSAGES: [&str; 5] = [
+    "eject",
+    "failing",
+    "endpoints changed",
+    "has no endpoint",
+    "back after",
+];
+
+/// Prints Klaus's log lines about its endpoints, each with its time relative to `docker stop`
+/// of cloud A, so that the sequence (and any flapping) shows.
+fn print_klaus_upstream_log(sh: &Shell, klaus: &Klaus, stop: SystemTime) {
     let id = &klaus.id;
     let Ok(log) = cmd!(sh, "docker logs {id}").quiet().ignore_stderr().read() else {
+        eprintln!("warning: cannot read Klaus's log");
         return;
     };
-    let count = |message: &str| log.lines().filter(|l| l.contains(message)).count();
-    println!(
-        "  Klaus logged: {} × \"failing over to the next Petra priority\", {} × \"failing back to a higher Petra priority\", \
-         {} × \"ejected a Petra endpoint\", {} × \"Petra endpoints changed\"",
-        count("failing over to the next Petra priority"),
-        count("failing back to a higher Petra priority"),
-        count("ejected a Petra endpoint"),
-        count("Petra endpoints changed")
-    );
+    let stop_of_day = stop
+        .duration_since(UNIX_EPOCH)
+        .map_or(f64::NAN, |d| d.as_secs_f64() % DAY);
+    println!("  Klaus's log about its endpoints (seconds after `docker stop` of A):");
+    for line in log.lines() {
+        let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let text = |key: &str| fields.get(key).and_then(Value::as_str).unwrap_or("");
+        let message = text("message");
+        if !UPSTREAM_MESSAGES.iter().any(|m| message.contains(m)) {
+            continue;
+        }
+        let at = seconds_of_day(text("timestamp")).map_or("?".to_owned(), |t| {
+            // Wrapped into ±12 h, in case the run crosses midnight.
+            let offset = (t - stop_of_day + DAY * 1.5) % DAY - DAY / 2.0;
+            format!("{offset:+.2}")
+        });
+        let details: Vec<String> = fields
+            .iter()
+            .filter(|(key, _)| {
+                !["timestamp", "level", "message", "target", "url"].contains(&key.as_str())
+            })
+            .map(|(key, value)| match value {
+                Value::String(text) => format!("{key}={text}"),
+                other => format!("{key}={other}"),
+            })
+            .collect();
+        println!("    {at:>7}s {message} ({})", details.join(", "));
+    }
+}
+
+/// Seconds in a day.
+const DAY: f64 = 86_400.0;
+
+/// The time of day, in seconds, of an RFC 3339 UTC timestamp such as `2026-11-30T22:19:29.438198Z`.
+fn seconds_of_day(timestamp: &str) -> Option<f64> {
+    let (_, time) = timestamp.split_once('T')?;
+    let mut parts = time.trim_end_matches('Z').splitn(3, ':');
+    let hours: f64 = parts.next()?.parse().ok()?;
+    let minutes: f64 = parts.next()?.parse().ok()?;
+    let seconds: f64 = parts.next()?.parse().ok()?;
+    Some(hours * 3600.0 + minutes * 60.0 + seconds)
 }
