@@ -92,12 +92,12 @@ impl Endpoints {
         &self.targets
     }
 
-    /// Resolves when an ejection asks discovery to resolve again.
+    /// Resolves when a failed attempt asks discovery to resolve again.
     pub(crate) async fn resolve_requested(&self) {
         self.resolve_now.notified().await;
     }
 
-    /// Asks discovery to resolve every host again now: an ejected endpoint may be a replica
+    /// Asks discovery to resolve every host again now: a failing endpoint may be a replica
     /// that is gone.
     pub(crate) fn request_resolve(&self) {
         self.resolve_now.notify_one();

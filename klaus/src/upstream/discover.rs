@@ -1,5 +1,5 @@
-//! Discovery: each URL's host is resolved again periodically, and at once when an endpoint is
-//! ejected; every address becomes an endpoint, kept (with its connections and outlier state)
+//! Discovery: each URL's host is resolved again periodically, and at once when an attempt
+//! fails; every address becomes an endpoint, kept (with its connections and outlier state)
 //! for as long as the answers name it.
 
 use std::fmt::Debug;
@@ -88,8 +88,8 @@ fn is_not_found(err: &std::io::Error) -> bool {
     .any(|says| text.contains(says))
 }
 
-/// Resolves every URL's host now, then every `interval` and whenever `endpoints` asks (an
-/// ejection), until `stop`.
+/// Resolves every URL's host now, then every `interval` and whenever `endpoints` asks (a
+/// failed attempt), at most every 250 ms, until `stop`.
 pub(crate) fn spawn(
     endpoints: Arc<Endpoints>,
     resolver: Arc<dyn Resolve>,

@@ -262,13 +262,16 @@ impl PetraClient {
         match &result {
             Ok(_) => endpoint.succeeded(),
             Err(err) => {
-                let metrics = &self.inner.metrics;
+                let counts = err.counts_against_endpoint();
                 if endpoint
-                    .failed(err.outcome(), err.counts_against_endpoint(), metrics)
+                    .failed(err.outcome(), counts, &self.inner.metrics)
                     .is_some()
                 {
                     self.inner.endpoints.refresh_gauges();
-                    // The endpoint may be a replica that is gone: look again.
+                }
+                if counts {
+                    // The endpoint may be a replica that is gone, whose address the DNS no
+                    // longer gives: look again now rather than at the next interval.
                     self.inner.endpoints.request_resolve();
                 }
             }
