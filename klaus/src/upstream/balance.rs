@@ -14,8 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Notify, watch};
 
 use super::config::Target;
-use super::discover::Resolution;
-use super::endpoint::{Endpoint, OutlierSettings};
+use super::discover::{Resolution, Resolve};
+use super::endpoint::{Connection, Endpoint, OutlierSettings};
 use super::metrics::{PetraMetrics, StateLabel};
 use super::tls::ClientTls;
 
@@ -54,6 +54,7 @@ pub(crate) struct Endpoints {
     /// The priority the last first attempt went to, -1 for none.
     in_use: AtomicI64,
     tls: Arc<ClientTls>,
+    resolver: Arc<dyn Resolve>,
     connect_timeout: Duration,
     outlier: OutlierSettings,
     metrics: PetraMetrics,
@@ -63,6 +64,7 @@ impl Endpoints {
     pub(crate) fn new(
         targets: Vec<Target>,
         tls: Arc<ClientTls>,
+        resolver: Arc<dyn Resolve>,
         connect_timeout: Duration,
         outlier: OutlierSettings,
         metrics: PetraMetrics,
@@ -81,10 +83,16 @@ impl Endpoints {
             resolve_now: Notify::new(),
             in_use: AtomicI64::new(-1),
             tls,
+            resolver,
             connect_timeout,
             outlier,
             metrics,
         }
+    }
+
+    /// The resolver of the URLs' hosts.
+    pub(crate) fn resolver(&self) -> &Arc<dyn Resolve> {
+        &self.resolver
     }
 
     /// The URLs, in priority order.
@@ -125,8 +133,11 @@ impl Endpoints {
                                     Arc::new(Endpoint::new(
                                         Arc::clone(target),
                                         addr,
-                                        &self.tls,
-                                        self.connect_timeout,
+                                        Connection {
+                                            tls: &self.tls,
+                                            resolver: &self.resolver,
+                                            timeout: self.connect_timeout,
+                                        },
                                         self.outlier,
                                         &self.metrics,
                                     ))

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::counter::Counter;
 
 use super::config::Target;
+use super::discover::Resolve;
 use super::metrics::{AttemptLabel, EndpointLabel, OUTCOMES, PetraMetrics};
 use super::tls::{ClientTls, Profile};
-use super::transport::{self, HttpClient};
+use super::transport::{self, Dial, HttpClient};
 
 /// The outlier detection settings.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +33,14 @@ impl OutlierSettings {
     fn ejection(&self, nth: u32) -> Duration {
         self.base * (1u32 << nth.min(Self::MAX_FACTOR.trailing_zeros()))
     }
+}
+
+/// What every endpoint's connections share.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Connection<'a> {
+    pub(crate) tls: &'a Arc<ClientTls>,
+    pub(crate) resolver: &'a Arc<dyn Resolve>,
+    pub(crate) timeout: Duration,
 }
 
 /// An endpoint: one address of one of PETRA_URL's URLs.
@@ -54,20 +63,19 @@ impl Endpoint {
     pub(crate) fn new(
         target: Arc<Target>,
         addr: SocketAddr,
-        tls: &Arc<ClientTls>,
-        connect_timeout: Duration,
+        connection: Connection<'_>,
         settings: OutlierSettings,
         metrics: &PetraMetrics,
     ) -> Self {
-        let client = |profile| {
-            transport::client(
-                addr.ip(),
-                target.server_name.clone(),
-                Arc::clone(tls),
-                profile,
-                connect_timeout,
-            )
+        let dial = Dial {
+            ip: addr.ip(),
+            host: target.host.clone(),
+            server_name: target.server_name.clone(),
+            resolver: Arc::clone(connection.resolver),
+            tls: Arc::clone(connection.tls),
+            connect_timeout: connection.timeout,
         };
+        let client = |profile| transport::client(dial.clone(), profile);
         let label = EndpointLabel {
             priority: target.priority.to_string(),
             endpoint: addr.to_string(),

@@ -7,7 +7,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use rustls::{AlertDescription, CertificateError};
 
-use super::transport::{BoxError, ConnectTimeout};
+use super::transport::{BoxError, ConnectTimeout, Gone};
 
 /// The largest body Klaus accepts from Petra.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -277,18 +277,34 @@ fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Whether connecting timed out somewhere in `err`'s chain.
 fn is_connect_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    find::<ConnectTimeout>(err).is_some()
+}
+
+/// The first error of type `E` in `err`'s chain of causes.
+fn find<'a, E: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
     let mut cause = Some(err);
     while let Some(current) = cause {
-        if current.is::<ConnectTimeout>() {
-            return true;
+        if let Some(found) = current.downcast_ref::<E>() {
+            return Some(found);
         }
         cause = current.source();
     }
-    false
+    None
 }
 
 /// Sorts a client error into a [`PetraError`] by looking through its chain of causes.
 pub(crate) fn classify(err: BoxError, target: String, timeout_ms: u64) -> PetraError {
+    if find::<Gone>(&*err).is_some() {
+        return PetraError::Unreachable {
+            detail: format!(
+                "the Petra endpoint Klaus tried is no longer an address of {target}; Petra may be restarting or scaled down"
+            ),
+            retryable: true,
+            source: err,
+        };
+    }
     if is_timeout(&*err) {
         return PetraError::Timeout {
             timeout_ms,

@@ -110,7 +110,6 @@ pub struct PetraClient {
 struct Inner {
     endpoints: Arc<Endpoints>,
     tls: Arc<ClientTls>,
-    resolver: Arc<dyn Resolve>,
     budget: RetryBudget,
     timeout: Duration,
     resolve_interval: Duration,
@@ -133,6 +132,7 @@ impl PetraClient {
         let endpoints = Arc::new(Endpoints::new(
             targets,
             Arc::clone(&tls),
+            resolver,
             args.timeout() / 2,
             OutlierSettings {
                 eject_after: args.petra_eject_after,
@@ -144,7 +144,6 @@ impl PetraClient {
             inner: Arc::new(Inner {
                 endpoints,
                 tls,
-                resolver,
                 budget: RetryBudget::default(),
                 timeout: args.timeout(),
                 resolve_interval: Duration::from_secs(args.petra_resolve_interval_seconds),
@@ -159,7 +158,7 @@ impl PetraClient {
         let inner = &self.inner;
         discover::spawn(
             Arc::clone(&inner.endpoints),
-            Arc::clone(&inner.resolver),
+            Arc::clone(inner.endpoints.resolver()),
             inner.resolve_interval,
             stop.clone(),
         );

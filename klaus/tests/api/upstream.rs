@@ -503,3 +503,60 @@ impl Load {
         all
     }
 }
+
+#[tokio::test]
+async fn a_replica_gone_from_the_dns_is_not_dialled() {
+    let pki = TestPki::new();
+    let cert = server_cert(&pki, &["petra.test"]);
+    let (stays, goes) = (ip(61), ip(62));
+    let port = shared_port(&[stays, goes]);
+    let staying = petra_at(&pki, &cert, SocketAddr::new(stays, port)).await;
+    let going = petra_at(&pki, &cert, SocketAddr::new(goes, port)).await;
+    let dns = Arc::new(Dns::default());
+    dns.set("petra.test", &[stays, goes]);
+    let klaus = klaus_with(&pki, &format!("https://petra.test:{port}"), &dns, |args| {
+        args.petra_resolve_interval_seconds = 3600;
+    })
+    .await;
+    assert_eq!(failed(&calls(&klaus, 20, 2).await), 0);
+    assert!(served(&going).await > 0.0);
+
+    // The replica goes and its address stops answering altogether (a pod's address after the
+    // pod is gone: packets go nowhere), and the DNS no longer names it. Klaus still has it
+    // until it resolves again; a new connection to it would wait for the connect timeout.
+    going.stop().await;
+    let void = tokio::net::TcpListener::bind((goes, port))
+        .await
+        .expect("bind");
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = void.accept().await {
+            open.push(stream);
+        }
+    });
+    dns.set("petra.test", &[stays]);
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert_eq!(get(&klaus.http_url()).await.0, 200);
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "a call waited {:?}: the gone address was dialled",
+            started.elapsed()
+        );
+    }
+    wait_until(
+        "the gone endpoint is dropped",
+        Duration::from_secs(5),
+        || async {
+            value(
+                &klaus.metrics().await,
+                r#"petra_endpoints{priority="0",state="active"}"#,
+            ) == 1.0
+        },
+    )
+    .await;
+
+    klaus.stop().await;
+    staying.stop().await;
+    held.abort();
+}
