@@ -100,14 +100,18 @@ pub(crate) fn spawn(
         // At most this often on demand, so that a flapping endpoint cannot flood the DNS.
         const MIN_GAP: Duration = Duration::from_millis(250);
         loop {
-            let answers = futures_util::future::join_all(
-                endpoints
-                    .targets()
-                    .iter()
-                    .map(|target| resolver.resolve(&target.host)),
-            )
+            // Each URL's answer is taken as it comes: a slow name (another cloud's) does not
+            // hold up the others.
+            futures_util::future::join_all(endpoints.targets().iter().enumerate().map(
+                |(index, target)| {
+                    let (endpoints, resolver) = (&endpoints, &resolver);
+                    async move {
+                        let answer = resolver.resolve(&target.host).await;
+                        endpoints.update(index, answer);
+                    }
+                },
+            ))
             .await;
-            endpoints.update(answers);
             let rested = tokio::time::sleep(MIN_GAP);
             tokio::select! {
                 () = stop.cancelled() => return,

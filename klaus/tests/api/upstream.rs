@@ -405,7 +405,7 @@ async fn dns_answers_that_change_are_followed_without_a_restart() {
     )
     .await;
 
-    // One is removed: it gets no more calls.
+    // One is removed: it gets no more calls, and its series go.
     dns.set("petra.test", &[second]);
     wait_until(
         "the removed replica is dropped",
@@ -416,6 +416,9 @@ async fn dns_answers_that_change_are_followed_without_a_restart() {
         },
     )
     .await;
+    let text = klaus.metrics().await;
+    let removed = format!("endpoint=\"{}\"", SocketAddr::new(first, port));
+    assert!(!text.contains(&removed), "{text}");
     let before = served(&one).await;
     assert_eq!(failed(&calls(&klaus, 20, 2).await), 0);
     assert_eq!(served(&one).await, before);
