@@ -130,30 +130,9 @@ async fn attempts(klaus: &Running, priority: usize, addr: SocketAddr, outcome: &
 
 /// `n` calls to Klaus, `parallel` at a time; the statuses, in no order.
 async fn calls(klaus: &Running, n: usize, parallel: usize) -> Vec<u16> {
-    let url = klaus.http_url();
-    let next = Arc::new(AtomicUsize::new(0));
-    let tasks: Vec<_> = (0..parallel)
-        .map(|_| {
-            let (url, next) = (url.clone(), next.clone());
-            tokio::spawn(async move {
-                let client = serving::testing::plain_client();
-                let mut statuses = Vec::new();
-                while next.fetch_add(1, Ordering::Relaxed) < n {
-                    let status = match client.get(&url).send().await {
-                        Ok(response) => response.status().as_u16(),
-                        Err(_) => 0,
-                    };
-                    statuses.push(status);
-                }
-                statuses
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await.expect("caller"));
-    }
-    all
+    Load::start_limited(klaus.http_url(), parallel, Some(n))
+        .finished()
+        .await
 }
 
 pub(crate) fn failed(statuses: &[u16]) -> usize {
@@ -476,15 +455,24 @@ pub(crate) struct Load {
 }
 
 impl Load {
+    /// `parallel` callers, each calling one after the other until stopped.
     pub(crate) fn start(url: String, parallel: usize) -> Self {
+        Self::start_limited(url, parallel, None)
+    }
+
+    /// As [`Load::start`], and all of them together stop after `limit` calls.
+    fn start_limited(url: String, parallel: usize, limit: Option<usize>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
         let tasks = (0..parallel)
             .map(|_| {
-                let (url, stop) = (url.clone(), stop.clone());
+                let (url, stop, sent) = (url.clone(), stop.clone(), sent.clone());
                 tokio::spawn(async move {
                     let client = serving::testing::plain_client();
                     let mut statuses = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
+                    while !stop.load(Ordering::Relaxed)
+                        && limit.is_none_or(|limit| sent.fetch_add(1, Ordering::Relaxed) < limit)
+                    {
                         statuses.push(match client.get(&url).send().await {
                             Ok(response) => response.status().as_u16(),
                             Err(_) => 0,
@@ -497,8 +485,14 @@ impl Load {
         Self { stop, tasks }
     }
 
+    /// Stops the callers; every status they saw.
     pub(crate) async fn finish(self) -> Vec<u16> {
         self.stop.store(true, Ordering::Relaxed);
+        self.finished().await
+    }
+
+    /// Waits until the callers have stopped by themselves; every status they saw.
+    async fn finished(self) -> Vec<u16> {
         let mut all = Vec::new();
         for task in self.tasks {
             all.extend(task.await.expect("caller"));
