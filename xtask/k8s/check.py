@@ -853,8 +853,9 @@ def check_images(report: Report, renders: list[Render]) -> None:
             report.check(tags <= {"dev"}, r.name, f"the local overlay must use the dev images, has {tags}")
 
 
-# The overlays of Klaus's cluster in the two-cluster topology, and how many URLs PETRA_URL lists there.
-KLAUS_CLUSTERS = {"overlays/klaus-cluster": 1}
+# The overlays of Klaus's cluster in the two-cluster topology, and how many URLs PETRA_URL lists there:
+# Petra's external name alone, or the local Petra first and the external name on failure.
+KLAUS_CLUSTERS = {"overlays/klaus-cluster": 1, "overlays/klaus-cluster-failover": 2}
 
 
 def check_two_clusters(report: Report, renders: list[Render], host: str) -> None:
@@ -868,6 +869,12 @@ def check_two_clusters(report: Report, renders: list[Render], host: str) -> None
             # petra-public listens on 443, the https default, so the URL carries no port.
             report.check(last.hostname == host and last.port is None, r.name,
                          f"the last URL in PETRA_URL {','.join(urls)} is not https://{host}")
+        if r.overlay == "overlays/klaus-cluster-failover":
+            first = urlsplit(urls[0] if urls else "").hostname or ""
+            report.check(IN_CLUSTER_HOST.fullmatch(first) is not None, r.name,
+                         f"PETRA_URL must start with this cluster's own Petra, not {first}")
+            report.check(r.get("Deployment", "petra") is not None and produced_secrets(r).get("petra-tls"), r.name,
+                         "Petra and its certificate must run in Klaus's cluster too (Klaus's first choice)")
         if r.overlay == "overlays/petra-cluster":
             svc = r.get("Service", "petra-public")
             if report.check(svc is not None and dig(svc, "spec", "type") == "LoadBalancer", r.name,
@@ -1156,6 +1163,23 @@ MUTATIONS = [
     ("single-cluster", "Secret petra-tls has no SAN petra-pods", lambda r: _rename_petra_service(r, "petra-pods")),
     ("single-cluster", "lists a URL twice", lambda r: _set_url(r, f"{LOCAL},{LOCAL}")),
     ("klaus-cluster", "must list 1 URL", lambda r: _set_url(r, f"{LOCAL},https://petra.example.com")),
+    # The active-passive variant: the local Petra first, the other cluster's on failure.
+    ("klaus-cluster-failover", "must come first", lambda r: _set_url(r, f"https://petra.example.com,{LOCAL}")),
+    ("klaus-cluster-failover", "must start with this cluster's own Petra",
+     lambda r: _set_url(r, "https://petra.example.com")),
+    ("klaus-cluster-failover+cert-manager", "must run in Klaus's cluster too",
+     lambda r: _drop(r, "Certificate", "petra")),
+    ("klaus-cluster-failover", "is not https://petra.example.com",
+     lambda r: _set_url(r, f"{LOCAL},https://petra.example.com:8443")),
+    ("klaus-cluster-failover", "must be https://", lambda r: _set_url(r, f"{LOCAL},http://petra.example.com")),
+    ("klaus-cluster-failover", "no Service petra-typo",
+     lambda r: _set_url(r, "https://petra-typo.petra-klaus.svc.cluster.local:8443,https://petra.example.com")),
+    ("klaus-cluster-failover", "egress to petra.example.com:443 blocked",
+     lambda r: _drop(r, "NetworkPolicy", "klaus-allow-egress-to-petra-external")),
+    ("klaus-cluster-failover", "Klaus may not connect to Petra",
+     lambda r: _drop(r, "NetworkPolicy", "klaus-allow-egress-to-petra")),
+    ("klaus-cluster-failover+cert-manager", "Certificate petra has no SAN",
+     lambda r: _obj(r, "Certificate", "petra")["spec"]["dnsNames"].remove("petra.petra-klaus.svc.cluster.local")),
 ]
 
 # A compose file as the compose topology might write it, broken once per entry.
