@@ -1,6 +1,6 @@
 //! Klaus's configuration: any command line (arguments separated by NUL bytes, not necessarily
 //! UTF-8) parses or gives a clap error, never a panic; a parsed PETRA_URL then goes through
-//! `parse_url` as at startup.
+//! `parse_urls` as at startup.
 #![no_main]
 
 use std::ffi::OsString;
@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     match klaus::Cli::try_parse_from(args) {
         Ok(cli) => {
             if let Some(raw) = cli.petra.petra_url.as_deref() {
-                let _ = klaus::petra::parse_url(raw);
+                let _ = klaus::upstream::parse_urls(raw);
             }
         }
         Err(err) => {

@@ -6,7 +6,7 @@
 //! without libFuzzer having to grow 64 KiB inputs.
 #![no_main]
 
-use klaus::petra::{MAX_BODY_BYTES, PetraError, body_text};
+use klaus::upstream::{MAX_BODY_BYTES, PetraError, body_text};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,8 +1,11 @@
 //! Klaus, the edge service: answers `GET /` with Petra's `hello` followed by ` world`, calling
-//! Petra over HTTPS with mutual TLS through one pooled client.
+//! Petra over HTTPS with mutual TLS through one client over every Petra endpoint
+//! ([`upstream`]).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -15,9 +18,9 @@ use serving::metrics::HttpMetrics;
 use serving::observe;
 use serving::{ConfigError, ServeArgs, Service};
 
-pub mod petra;
+pub mod upstream;
 
-pub use petra::{PetraArgs, PetraClient, PetraError};
+pub use upstream::{PetraArgs, PetraClient, PetraError, Resolve, SystemResolver};
 
 /// Klaus's command line; every option is also an environment variable.
 #[derive(Debug, Parser)]
@@ -84,18 +87,43 @@ async fn hello(
 }
 
 /// Builds the service from its configuration: the Petra client (checked now, so that a bad
-/// URL or certificate fails at startup, not on the first request) and the routes.
+/// URL or certificate fails at startup, not on the first request) and the routes. Petra's
+/// host names are resolved with the system's resolver.
 pub fn service(
     listen_addr: SocketAddr,
     serve: &ServeArgs,
     petra: &PetraArgs,
 ) -> Result<Service, ConfigError> {
+    service_with(listen_addr, serve, petra, Arc::new(SystemResolver))
+}
+
+/// [`service`] with Petra's host names resolved by `resolver`.
+pub fn service_with(
+    listen_addr: SocketAddr,
+    serve: &ServeArgs,
+    petra: &PetraArgs,
+    resolver: Arc<dyn Resolve>,
+) -> Result<Service, ConfigError> {
     let tls = serve.tls_files()?;
     let mut registry = Registry::default();
     let metrics = HttpMetrics::register(&mut registry);
-    let client = PetraClient::new(petra, petra::PetraMetrics::register(&mut registry))?;
-    let routes = router(client, metrics, serve.max_concurrent_requests as usize);
-    Ok(serve.service("klaus", listen_addr, routes, tls, registry))
+    let client = PetraClient::new(
+        petra,
+        resolver,
+        upstream::PetraMetrics::register(&mut registry),
+    )?;
+    let routes = router(
+        client.clone(),
+        metrics,
+        serve.max_concurrent_requests as usize,
+    );
+    let mut service = serve.service("klaus", listen_addr, routes, tls, registry);
+    // Discovery and the client's certificate reloads run while Klaus serves, on the same
+    // interval as the listener's.
+    let reload = (serve.tls_reload_interval_seconds > 0)
+        .then(|| Duration::from_secs(serve.tls_reload_interval_seconds));
+    service.tasks.push(move |stop| client.start(reload, stop));
+    Ok(service)
 }
 
 /// Runs the command line: serve, or one of the subcommands.

@@ -97,6 +97,7 @@ impl ServeArgs {
                     .then(|| Duration::from_secs(self.max_connection_age_seconds)),
                 ..crate::server::Limits::default()
             },
+            tasks: crate::server::Tasks::default(),
         }
     }
 

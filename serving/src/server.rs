@@ -116,6 +116,27 @@ pub struct Service {
     pub timing: Timing,
     /// Connection limits.
     pub limits: Limits,
+    /// Work the service runs beside its listeners while it serves.
+    pub tasks: Tasks,
+}
+
+/// Work a service runs beside its listeners (re-reading files, resolving names): each task is
+/// started once the service serves, inside its runtime, and is handed a token that is cancelled
+/// when the admin listener stops, last in the shutdown.
+#[derive(Default)]
+pub struct Tasks(Vec<Box<dyn FnOnce(CancellationToken) + Send>>);
+
+impl Tasks {
+    /// Adds a task.
+    pub fn push(&mut self, task: impl FnOnce(CancellationToken) + Send + 'static) {
+        self.0.push(Box::new(task));
+    }
+}
+
+impl std::fmt::Debug for Tasks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tasks({})", self.0.len())
+    }
 }
 
 /// A service whose TLS files are loaded and whose listeners are bound, ready to serve.
@@ -131,6 +152,7 @@ pub struct Bound {
     health: Health,
     timing: Timing,
     limits: Limits,
+    tasks: Tasks,
 }
 
 impl Service {
@@ -155,6 +177,7 @@ impl Service {
             health: Health::default(),
             timing: self.timing,
             limits: self.limits,
+            tasks: self.tasks,
         })
     }
 }
@@ -190,6 +213,9 @@ impl Bound {
         let stop_admin = CancellationToken::new();
         if let Some(tls) = &self.tls {
             tls.spawn_reloader(stop_admin.clone());
+        }
+        for task in self.tasks.0 {
+            task(stop_admin.clone());
         }
         crate::memory::spawn_trimmer(
             self.conn_metrics.open.clone(),

@@ -195,81 +195,118 @@ impl Identity {
 /// Builds the server configuration from the files, checking everything an operator could get
 /// wrong before the listener binds.
 pub fn server_config(files: &ServerFiles) -> Result<ServerConfig, ConfigError> {
-    let contents = FileSet::read(files)?;
-    contents.server_config(files)
+    server_config_from(files, &watched(files).read()?)
 }
 
-/// The bytes of a listener's TLS files, read together so that a reload sees one consistent set.
-struct FileSet {
-    cert: Vec<u8>,
-    key: Vec<u8>,
-    client_ca: Option<Vec<u8>>,
+/// The files of a listener, in the order [`server_config_from`] reads them.
+fn watched(files: &ServerFiles) -> WatchedFiles {
+    let mut watched = WatchedFiles::default()
+        .with("TLS_CERT_FILE", &files.cert)
+        .with("TLS_KEY_FILE", &files.key);
+    if let Some(path) = &files.client_ca {
+        watched = watched.with("TLS_CLIENT_CA_FILE", path);
+    }
+    watched
+}
+
+fn server_config_from(files: &ServerFiles, set: &FileSet) -> Result<ServerConfig, ConfigError> {
+    let identity = Identity::parse(
+        "TLS_CERT_FILE",
+        &files.cert,
+        set.get(0),
+        "TLS_KEY_FILE",
+        &files.key,
+        set.get(1),
+    )?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)
+        .map_err(|err| ConfigError::new("TLS_CERT_FILE", format!("TLS setup failed: {err}")))?;
+    let builder = match &files.client_ca {
+        Some(path) => {
+            let var = "TLS_CLIENT_CA_FILE";
+            let roots = roots_from(var, path, parse_certs(var, path, set.get(2))?)?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|err| ConfigError::new(var, format!("{}: {err}", path.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(identity.chain, identity.key)
+        .map_err(|err| {
+            ConfigError::new(
+                "TLS_CERT_FILE",
+                format!("{} cannot be served: {err}", files.cert.display()),
+            )
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// PEM files that are read together, so that a reload sees one consistent set, each named by
+/// the variable it came from.
+#[derive(Debug, Clone, Default)]
+pub struct WatchedFiles {
+    files: Vec<(&'static str, PathBuf)>,
+}
+
+impl WatchedFiles {
+    /// Adds `path`, set by `var`.
+    #[must_use]
+    pub fn with(mut self, var: &'static str, path: &Path) -> Self {
+        self.files.push((var, path.to_owned()));
+        self
+    }
+
+    /// Reads every file; the first that cannot be read is an error naming its variable.
+    pub fn read(&self) -> Result<FileSet, ConfigError> {
+        let contents = self
+            .files
+            .iter()
+            .map(|(var, path)| read(var, path))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(FileSet { contents })
+    }
+
+    /// [`WatchedFiles::read`] on the blocking pool: a slow volume must not stall the serving
+    /// thread (one by default).
+    async fn read_off_thread(&self) -> Result<FileSet, ConfigError> {
+        let files = self.clone();
+        tokio::task::spawn_blocking(move || files.read())
+            .await
+            .map_err(|err| {
+                ConfigError::new(
+                    "TLS_RELOAD_INTERVAL_SECONDS",
+                    format!("reading the TLS files failed: {err}"),
+                )
+            })?
+    }
+}
+
+/// The bytes of [`WatchedFiles`], in the order they were added.
+#[derive(Debug, Clone)]
+pub struct FileSet {
+    contents: Vec<Vec<u8>>,
 }
 
 impl FileSet {
-    fn read(files: &ServerFiles) -> Result<Self, ConfigError> {
-        Ok(Self {
-            cert: read("TLS_CERT_FILE", &files.cert)?,
-            key: read("TLS_KEY_FILE", &files.key)?,
-            client_ca: files
-                .client_ca
-                .as_deref()
-                .map(|path| read("TLS_CLIENT_CA_FILE", path))
-                .transpose()?,
-        })
+    /// The bytes of the `index`-th file; empty when there is none.
+    pub fn get(&self, index: usize) -> &[u8] {
+        self.contents.get(index).map_or(&[], Vec::as_slice)
     }
 
-    fn fingerprint(&self) -> u64 {
+    /// A hash of every file's bytes, to notice a change.
+    pub fn fingerprint(&self) -> u64 {
         let mut hasher = DefaultHasher::new();
-        (&self.cert, &self.key, &self.client_ca).hash(&mut hasher);
+        self.contents.hash(&mut hasher);
         hasher.finish()
-    }
-
-    fn server_config(&self, files: &ServerFiles) -> Result<ServerConfig, ConfigError> {
-        let identity = Identity::parse(
-            "TLS_CERT_FILE",
-            &files.cert,
-            &self.cert,
-            "TLS_KEY_FILE",
-            &files.key,
-            &self.key,
-        )?;
-        let builder = ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(PROTOCOL_VERSIONS)
-            .map_err(|err| ConfigError::new("TLS_CERT_FILE", format!("TLS setup failed: {err}")))?;
-        let builder = match (&files.client_ca, &self.client_ca) {
-            (Some(path), Some(pem)) => {
-                let var = "TLS_CLIENT_CA_FILE";
-                let roots = roots_from(var, path, parse_certs(var, path, pem)?)?;
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                        .build()
-                        .map_err(|err| {
-                            ConfigError::new(var, format!("{}: {err}", path.display()))
-                        })?;
-                builder.with_client_cert_verifier(verifier)
-            }
-            _ => builder.with_no_client_auth(),
-        };
-        let mut config = builder
-            .with_single_cert(identity.chain, identity.key)
-            .map_err(|err| {
-                ConfigError::new(
-                    "TLS_CERT_FILE",
-                    format!("{} cannot be served: {err}", files.cert.display()),
-                )
-            })?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(config)
     }
 }
 
-/// The TLS configuration a listener uses for each new connection. It is swapped whole when the
-/// files change, so connections already open keep the configuration they started with.
-#[derive(Debug)]
-pub struct ReloadingConfig {
-    current: ArcSwap<ServerConfig>,
-    files: ServerFiles,
+/// `tls_reloads_total{result="ok|error"}` (or another name), which counts changed file sets.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadMetrics {
     reloads: Family<ResultLabel, Counter>,
 }
 
@@ -278,20 +315,95 @@ struct ResultLabel {
     result: &'static str,
 }
 
+impl ReloadMetrics {
+    /// Registers the counter as `name` (`_total` is added).
+    pub fn register(registry: &mut Registry, name: &str, help: &str) -> Self {
+        let this = Self::default();
+        registry.register(name, help, this.reloads.clone());
+        this
+    }
+
+    fn count(&self, result: &'static str) {
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+    }
+}
+
+/// Watches `files` every `interval` until `stop` is cancelled. `loaded` is the fingerprint of
+/// the set in use, taken from the very bytes it was built from, so that a change made between
+/// that first read and the watcher's start is seen too. A changed set is handed to `apply`: when
+/// it succeeds the set is counted as `ok`; when it fails (a half-written rotation, a key that
+/// does not match) the error is logged, counted once as `error`, and what is in use stays.
+pub fn spawn_reloader(
+    what: &'static str,
+    files: WatchedFiles,
+    interval: Duration,
+    loaded: u64,
+    metrics: ReloadMetrics,
+    stop: CancellationToken,
+    mut apply: impl FnMut(&FileSet) -> Result<(), ConfigError> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let mut last = loaded;
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            let set = match files.read_off_thread().await {
+                Ok(set) => set,
+                Err(err) => {
+                    tracing::warn!(what, error = %err, "TLS files unreadable; keeping the loaded ones");
+                    continue;
+                }
+            };
+            let fingerprint = set.fingerprint();
+            if fingerprint == last {
+                continue;
+            }
+            // Counted once per changed set, not on every tick.
+            last = fingerprint;
+            match apply(&set) {
+                Ok(()) => {
+                    metrics.count("ok");
+                    tracing::info!(what, "reloaded changed TLS files");
+                }
+                Err(err) => {
+                    metrics.count("error");
+                    tracing::warn!(what, error = %err, "changed TLS files are not valid; keeping the loaded ones");
+                }
+            }
+        }
+    });
+}
+
+/// The TLS configuration a listener uses for each new connection. It is swapped whole when the
+/// files change, so connections already open keep the configuration they started with.
+#[derive(Debug)]
+pub struct ReloadingConfig {
+    current: ArcSwap<ServerConfig>,
+    files: ServerFiles,
+    /// The fingerprint of the files `current` was built from.
+    loaded: u64,
+    reloads: ReloadMetrics,
+}
+
 impl ReloadingConfig {
     /// Loads the files once (an error here is a configuration error) and registers
     /// `tls_reloads_total{result="ok|error"}`, which counts changed file sets.
     pub fn load(files: ServerFiles, registry: &mut Registry) -> Result<Arc<Self>, ConfigError> {
-        let config = server_config(&files)?;
-        let reloads = Family::<ResultLabel, Counter>::default();
-        registry.register(
+        let set = watched(&files).read()?;
+        let config = server_config_from(&files, &set)?;
+        let reloads = ReloadMetrics::register(
+            registry,
             "tls_reloads",
             "Changed TLS files seen, by whether they were loaded (ok) or kept out (error)",
-            reloads.clone(),
         );
         Ok(Arc::new(Self {
             current: ArcSwap::from_pointee(config),
             files,
+            loaded: set.fingerprint(),
             reloads,
         }))
     }
@@ -309,62 +421,18 @@ impl ReloadingConfig {
             return;
         };
         let this = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut last = read_off_thread(&this.files)
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .map(|set| set.fingerprint());
-            let mut ticks = tokio::time::interval(interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    _ = ticks.tick() => {}
-                }
-                let set = match read_off_thread(&this.files).await {
-                    Ok(Ok(set)) => set,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "reading the TLS files failed; keeping the loaded certificate");
-                        continue;
-                    }
-                    Ok(Err(err)) => {
-                        tracing::warn!(error = %err, "TLS files unreadable; keeping the loaded certificate");
-                        continue;
-                    }
-                };
-                let fingerprint = set.fingerprint();
-                if last == Some(fingerprint) {
-                    continue;
-                }
-                match set.server_config(&this.files) {
-                    Ok(config) => {
-                        this.current.store(Arc::new(config));
-                        last = Some(fingerprint);
-                        this.reloads
-                            .get_or_create(&ResultLabel { result: "ok" })
-                            .inc();
-                        tracing::info!(cert = %this.files.cert.display(), "reloaded changed TLS files");
-                    }
-                    Err(err) => {
-                        // Counted once per bad set, not on every tick.
-                        last = Some(fingerprint);
-                        this.reloads
-                            .get_or_create(&ResultLabel { result: "error" })
-                            .inc();
-                        tracing::warn!(error = %err, "changed TLS files are not valid; keeping the loaded certificate");
-                    }
-                }
-            }
-        });
+        spawn_reloader(
+            "server certificate",
+            watched(&self.files),
+            interval,
+            self.loaded,
+            self.reloads.clone(),
+            stop,
+            move |set| {
+                let config = server_config_from(&this.files, set)?;
+                this.current.store(Arc::new(config));
+                Ok(())
+            },
+        );
     }
-}
-
-/// Reads the files on the blocking pool: a slow volume must not stall the serving thread (one
-/// by default).
-async fn read_off_thread(
-    files: &ServerFiles,
-) -> Result<Result<FileSet, ConfigError>, tokio::task::JoinError> {
-    let files = files.clone();
-    tokio::task::spawn_blocking(move || FileSet::read(&files)).await
 }

@@ -56,6 +56,23 @@ fn invalid_configuration_exits_2_with_one_line_naming_the_variable() {
             "PETRA_CLIENT_KEY_FILE: ",
         ),
         (&[url, ("PETRA_TIMEOUT_MS", "soon")], "PETRA_TIMEOUT_MS"),
+        (
+            &[("PETRA_URL", "https://petra:8443,,https://petra.other:8443")],
+            "PETRA_URL: has an empty entry at position 2",
+        ),
+        (
+            &[("PETRA_URL", "https://petra:8443,http://petra.other:8443")],
+            "PETRA_URL: 'http://petra.other:8443' uses http",
+        ),
+        (&[url, ("PETRA_EJECT_AFTER", "0")], "PETRA_EJECT_AFTER"),
+        (
+            &[url, ("PETRA_EJECTION_MS", "forever")],
+            "PETRA_EJECTION_MS",
+        ),
+        (
+            &[url, ("PETRA_RESOLVE_INTERVAL_SECONDS", "0")],
+            "PETRA_RESOLVE_INTERVAL_SECONDS",
+        ),
         (&[url, ("LISTEN_ADDR", "localhost")], "LISTEN_ADDR"),
         (&[url, ("TLS_KEY_FILE", key)], "TLS_CERT_FILE: is not set"),
         (&[url, ("LOG_FORMAT", "yaml")], "LOG_FORMAT"),

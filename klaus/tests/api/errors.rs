@@ -229,7 +229,7 @@ async fn bad_answers_from_petra_give_502() {
         .route("/binary/", get(|| async { vec![0xff_u8, 0xfe, 0x00] }))
         .route(
             "/huge/",
-            get(|| async { "x".repeat(klaus::petra::MAX_BODY_BYTES + 1) }),
+            get(|| async { "x".repeat(klaus::upstream::MAX_BODY_BYTES + 1) }),
         );
     let petra = spawn_fake_petra(&pki, &pki.petra, fake).await;
     for (prefix, code) in [

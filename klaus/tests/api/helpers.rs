@@ -31,11 +31,10 @@ pub(crate) fn serve_args() -> ServeArgs {
 /// Klaus's settings for a Petra at `url`, trusting `pki`'s CA and presenting `identity`.
 pub(crate) fn petra_args(url: &str, ca: Option<PathBuf>, identity: Option<&Files>) -> PetraArgs {
     PetraArgs {
-        petra_url: Some(url.to_owned()),
         petra_ca_file: ca,
         petra_client_cert_file: identity.map(|files| files.cert.clone()),
         petra_client_key_file: identity.map(|files| files.key.clone()),
-        petra_timeout_ms: 2000,
+        ..PetraArgs::for_url(url)
     }
 }
 
@@ -68,6 +67,7 @@ pub(crate) async fn spawn_fake_petra(pki: &TestPki, cert: &Files, router: Router
             drain_timeout: Duration::from_secs(1),
         },
         limits: Limits::default(),
+        tasks: Default::default(),
     })
     .await
 }

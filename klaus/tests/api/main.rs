@@ -7,3 +7,5 @@ mod faults;
 mod hello;
 mod helpers;
 mod resilience;
+mod rotation;
+mod upstream;

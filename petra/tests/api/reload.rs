@@ -60,3 +60,41 @@ async fn serves_a_rotated_certificate_without_a_restart() {
     assert_eq!(response.text().await.expect("body"), "hello");
     petra.stop().await;
 }
+
+#[tokio::test]
+async fn a_rotation_between_loading_and_serving_is_not_missed() {
+    let pki = TestPki::new();
+    let args = crate::helpers::args(&pki, Some(&pki.ca_file));
+    let mut service = petra::service(loopback(), &args).expect("valid configuration");
+    if let Some(tls) = service.tls.as_mut() {
+        tls.reload_interval = Some(Duration::from_millis(50));
+    }
+    // The files are read when the service binds; the reloader starts when it serves. A
+    // rotation in between must still be picked up.
+    let bound = service.bind().await.expect("binds");
+    let addr = bound.main_addr();
+    let next = server_cert(&pki.ca);
+    std::fs::write(&pki.petra.cert, &next.cert).expect("write cert");
+    std::fs::write(&pki.petra.key, &next.key).expect("write key");
+    let serving = tokio::spawn(bound.serve(std::future::pending()));
+    let leaf = || async {
+        handshake(
+            addr,
+            &pki.ca_file,
+            Some(&pki.klaus),
+            &[&TLS13],
+            &[b"http/1.1"],
+        )
+        .await
+        .expect("handshake")
+        .leaf
+    };
+    let loaded = leaf().await;
+    wait_until(
+        "the certificate rotated before serving is served",
+        Duration::from_secs(5),
+        || async { leaf().await != loaded },
+    )
+    .await;
+    serving.abort();
+}

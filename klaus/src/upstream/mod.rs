@@ -1,0 +1,378 @@
+//! Klaus's side of the call to Petra: one client built at startup over every endpoint of every
+//! URL in PETRA_URL. Each call goes to an endpoint of the best priority that has one available
+//! ([`balance`]), which discovery keeps up to date ([`discover`]); failures eject endpoints
+//! ([`endpoint`]); an attempt that surely did not reach Petra moves to another endpoint within
+//! the call's deadline and the retry budget; and the TLS files are re-read while Klaus runs
+//! ([`tls`]).
+//!
+//! The rooms, one job each: [`config`] (settings), [`discover`] (names to addresses),
+//! [`balance`] (the endpoint set and the choice), [`endpoint`] (one endpoint's connections and
+//! outlier state), [`transport`] (connecting), [`tls`] (trust and identity), [`error`]
+//! (what went wrong), [`metrics`].
+
+mod balance;
+pub mod config;
+pub mod discover;
+mod endpoint;
+pub mod error;
+mod metrics;
+mod tls;
+mod transport;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::http::header::USER_AGENT;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use serving::ConfigError;
+use serving::observe::{self, REQUEST_ID, TRACEPARENT};
+use tokio_util::sync::CancellationToken;
+
+pub use config::{PetraArgs, Target, parse_url, parse_urls};
+pub use discover::{Resolution, Resolve, SystemResolver};
+pub use error::{MAX_BODY_BYTES, PetraError, Retry, TlsProblem, body_text};
+pub use metrics::PetraMetrics;
+
+use balance::{Endpoints, NoEndpoint};
+use endpoint::{Endpoint, OutlierSettings};
+use error::Chain;
+use tls::{ClientTls, Profile};
+
+/// The W3C trace state header, passed on with `traceparent`.
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// Headers of the incoming request that Klaus passes on to Petra.
+const FORWARDED: [HeaderName; 3] = [TRACEPARENT, TRACESTATE, REQUEST_ID];
+
+/// The `user-agent` Klaus sends.
+const KLAUS_AGENT: HeaderValue =
+    HeaderValue::from_static(concat!("klaus/", env!("CARGO_PKG_VERSION")));
+
+/// How many times a call is sent again at once, on the same client, when Petra refused its
+/// stream unprocessed (HTTP/2 `REFUSED_STREAM`, or a graceful `GOAWAY` that came first).
+/// These retries are free of the budget: Petra did no work, and the connection is going away.
+const MAX_REFUSED_RETRIES: u32 = 2;
+
+/// Attempts of one call at most: the first and two retries, each on an endpoint not tried yet
+/// where there is one (a replica gone, then a whole priority).
+const MAX_ATTEMPTS: usize = 3;
+
+/// Retries allowed: at most [`RetryBudget::MAX_TOKENS`] at once, refilled by a tenth of a
+/// retry for each successful call, so that retries add at most about 10 % to the load on a
+/// healthy Petra and stop altogether when Petra is really down.
+#[derive(Debug)]
+struct RetryBudget {
+    /// Thousandths of a retry.
+    milli_tokens: AtomicU64,
+}
+
+impl RetryBudget {
+    const MAX_TOKENS: u64 = 20;
+    const PER_SUCCESS_MILLI: u64 = 100;
+
+    fn withdraw(&self) -> bool {
+        self.milli_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tokens| {
+                tokens.checked_sub(1000)
+            })
+            .is_ok()
+    }
+
+    fn deposit(&self) {
+        let _ = self
+            .milli_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tokens| {
+                (tokens < Self::MAX_TOKENS * 1000)
+                    .then(|| (tokens + Self::PER_SUCCESS_MILLI).min(Self::MAX_TOKENS * 1000))
+            });
+    }
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            milli_tokens: AtomicU64::new(Self::MAX_TOKENS * 1000),
+        }
+    }
+}
+
+/// The one client Klaus uses for Petra, built at startup and shared by every request, so that
+/// connections (and TLS sessions) are reused.
+#[derive(Debug, Clone)]
+pub struct PetraClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    endpoints: Arc<Endpoints>,
+    tls: Arc<ClientTls>,
+    resolver: Arc<dyn Resolve>,
+    budget: RetryBudget,
+    timeout: Duration,
+    resolve_interval: Duration,
+    metrics: PetraMetrics,
+}
+
+impl PetraClient {
+    /// Checks the settings and reads the TLS files; every error names the variable to fix.
+    /// Nothing is resolved or connected yet: [`PetraClient::start`] does that.
+    pub fn new(
+        args: &PetraArgs,
+        resolver: Arc<dyn Resolve>,
+        metrics: PetraMetrics,
+    ) -> Result<Self, ConfigError> {
+        let raw = args.petra_url.as_deref().ok_or_else(|| {
+            ConfigError::new("PETRA_URL", "is not set; set it to Petra's https:// URL")
+        })?;
+        let targets = parse_urls(raw)?;
+        let tls = Arc::new(ClientTls::load(args)?);
+        let endpoints = Arc::new(Endpoints::new(
+            targets,
+            Arc::clone(&tls),
+            args.timeout() / 2,
+            OutlierSettings {
+                eject_after: args.petra_eject_after,
+                base: Duration::from_millis(args.petra_ejection_ms),
+            },
+            metrics.clone(),
+        ));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                endpoints,
+                tls,
+                resolver,
+                budget: RetryBudget::default(),
+                timeout: args.timeout(),
+                resolve_interval: Duration::from_secs(args.petra_resolve_interval_seconds),
+                metrics,
+            }),
+        })
+    }
+
+    /// Starts discovery and, when `tls_reload` is given, the re-reading of the TLS files, until
+    /// `stop` is cancelled. Calls made before discovery's first round wait for it.
+    pub fn start(&self, tls_reload: Option<Duration>, stop: CancellationToken) {
+        let inner = &self.inner;
+        discover::spawn(
+            Arc::clone(&inner.endpoints),
+            Arc::clone(&inner.resolver),
+            inner.resolve_interval,
+            stop.clone(),
+        );
+        if let Some(interval) = tls_reload {
+            inner
+                .tls
+                .spawn_reloader(interval, inner.metrics.tls_reloads.clone(), stop);
+        }
+    }
+
+    /// The URLs Klaus calls, in priority order.
+    pub fn targets(&self) -> impl Iterator<Item = &Target> {
+        self.inner
+            .endpoints
+            .targets()
+            .iter()
+            .map(|target| &**target)
+    }
+
+    /// Calls `GET {PETRA_URL}/`, passing on the trace context and request id of `incoming`,
+    /// and returns Petra's body.
+    pub async fn hello(&self, incoming: &HeaderMap) -> Result<String, PetraError> {
+        let started = Instant::now();
+        let result = self.call(incoming).await;
+        let outcome = result.as_ref().map_or_else(PetraError::outcome, |_| "ok");
+        self.inner.metrics.record(outcome, started.elapsed());
+        result
+    }
+
+    /// One call: a first attempt on the endpoint the balancer picks; when it surely did not
+    /// reach Petra, a retry on an endpoint not tried yet (or, when there is none and the
+    /// connection failed under the request, on a fresh connection to the same one), as long as
+    /// the deadline and the retry budget allow.
+    async fn call(&self, incoming: &HeaderMap) -> Result<String, PetraError> {
+        let inner = &*self.inner;
+        let deadline = tokio::time::Instant::now() + inner.timeout;
+        let first = match inner.endpoints.first(deadline).await {
+            Ok(endpoint) => endpoint,
+            Err(none) => return Err(self.no_endpoint(none)),
+        };
+        let mut result = self
+            .attempt(&first, Profile::Pooled, incoming, deadline)
+            .await;
+        if result.is_ok() {
+            inner.budget.deposit();
+            return result;
+        }
+        let mut tried = vec![first];
+        while let Err(err) = &result {
+            let Some(scope) = err.retry() else { break };
+            if tried.len() >= MAX_ATTEMPTS {
+                break;
+            }
+            let next = match inner.endpoints.other(&tried) {
+                Some(other) => other,
+                // The only endpoint: once more on a fresh connection, as the connection
+                // failed under the request, not the endpoint.
+                None if scope == Retry::Anywhere && tried.len() == 1 => Arc::clone(&tried[0]),
+                None => break,
+            };
+            if tokio::time::Instant::now() >= deadline || !inner.budget.withdraw() {
+                inner.metrics.retry("skipped");
+                break;
+            }
+            inner.metrics.retry("attempted");
+            tracing::debug!(error = %Chain(err), from = %tried[tried.len() - 1].addr, to = %next.addr, "retrying the call to Petra");
+            result = self
+                .attempt(&next, Profile::Fresh, incoming, deadline)
+                .await;
+            tried.push(next);
+        }
+        if result.is_ok() {
+            inner.budget.deposit();
+        }
+        result
+    }
+
+    /// One attempt on `endpoint` with the client of `profile`: the request sent and the body
+    /// read before `deadline`. The outcome is recorded against the endpoint.
+    async fn attempt(
+        &self,
+        endpoint: &Endpoint,
+        profile: Profile,
+        incoming: &HeaderMap,
+        deadline: tokio::time::Instant,
+    ) -> Result<String, PetraError> {
+        let in_flight = endpoint.start();
+        let result =
+            match tokio::time::timeout_at(deadline, self.exchange(endpoint, profile, incoming))
+                .await
+            {
+                Ok(result) => result,
+                Err(elapsed) => Err(PetraError::Timeout {
+                    timeout_ms: self.timeout_ms(),
+                    connecting: false,
+                    source: Box::new(elapsed),
+                }),
+            };
+        drop(in_flight);
+        match &result {
+            Ok(_) => endpoint.succeeded(),
+            Err(err) => {
+                let counts = err.counts_against_endpoint();
+                if endpoint
+                    .failed(err.outcome(), counts, &self.inner.metrics)
+                    .is_some()
+                {
+                    self.inner.endpoints.refresh_gauges();
+                }
+                if counts {
+                    // The endpoint may be a replica that is gone, whose address the DNS no
+                    // longer gives: look again now rather than at the next interval.
+                    self.inner.endpoints.request_resolve();
+                }
+            }
+        }
+        result
+    }
+
+    async fn exchange(
+        &self,
+        endpoint: &Endpoint,
+        profile: Profile,
+        incoming: &HeaderMap,
+    ) -> Result<String, PetraError> {
+        let client = endpoint.client(profile);
+        let mut refused = 0;
+        let response = loop {
+            match client.request(request(endpoint, incoming)).await {
+                Ok(response) => break response,
+                Err(err) if refused < MAX_REFUSED_RETRIES && error::is_refused(&err) => {
+                    refused += 1;
+                }
+                Err(err) => return Err(self.classify(endpoint, err.into())),
+            }
+        };
+        let status = response.status();
+        if !status.is_success() {
+            return Err(PetraError::Status(status));
+        }
+        let mut body = response.into_body();
+        if hyper::body::Body::size_hint(&body)
+            .exact()
+            .is_some_and(|len| len > MAX_BODY_BYTES as u64)
+        {
+            return Err(PetraError::TooLarge);
+        }
+        let mut text = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|err| self.classify(endpoint, err.into()))?;
+            if let Ok(chunk) = frame.into_data() {
+                if text.len() + chunk.len() > MAX_BODY_BYTES {
+                    return Err(PetraError::TooLarge);
+                }
+                text.extend_from_slice(&chunk);
+            }
+        }
+        body_text(text)
+    }
+
+    fn timeout_ms(&self) -> u64 {
+        self.inner.timeout.as_millis() as u64
+    }
+
+    /// Sorts a client error; the problem names the URL's host and port, never the address,
+    /// which is an internal detail (the log has it).
+    fn classify(&self, endpoint: &Endpoint, err: transport::BoxError) -> PetraError {
+        let err = error::classify(err, endpoint.target.authority(), self.timeout_ms());
+        tracing::debug!(endpoint = %endpoint.addr, error = %Chain(&err), "attempt to call Petra failed");
+        err
+    }
+
+    fn no_endpoint(&self, none: NoEndpoint) -> PetraError {
+        let detail = match none {
+            NoEndpoint::NotResolvedYet => format!(
+                "Klaus is still resolving Petra's host names ({}) after {} ms; check the cluster's DNS and PETRA_URL",
+                self.targets()
+                    .map(Target::authority)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.timeout_ms()
+            ),
+            NoEndpoint::Unresolved(groups) if groups.len() == 1 => format!(
+                "Petra's host name in {} {}; check PETRA_URL",
+                groups[0].0, groups[0].1
+            ),
+            NoEndpoint::Unresolved(groups) => format!(
+                "no Petra endpoint is known: {}; check PETRA_URL",
+                groups
+                    .iter()
+                    .map(|(target, problem)| format!("{target} {problem}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        PetraError::Unreachable {
+            detail,
+            retryable: false,
+            source: "no endpoint".into(),
+        }
+    }
+}
+
+/// `GET {url}/` with Klaus's user agent and the headers passed on from `incoming`.
+fn request(endpoint: &Endpoint, incoming: &HeaderMap) -> Request<Empty<Bytes>> {
+    let mut request = Request::new(Empty::new());
+    *request.uri_mut() = endpoint.target.uri.clone();
+    let headers = request.headers_mut();
+    headers.insert(USER_AGENT, KLAUS_AGENT);
+    for name in FORWARDED {
+        if let Some(value) = incoming.get(&name) {
+            headers.insert(name, observe::unique(value));
+        }
+    }
+    request
+}
