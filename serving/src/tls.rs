@@ -110,7 +110,9 @@ pub fn load_roots(var: &'static str, path: &Path) -> Result<RootCertStore, Confi
     roots_from(var, path, load_certs(var, path)?)
 }
 
-fn roots_from(
+/// Puts `certs`, read from `path`, into a root store; one that is not a usable CA is an error
+/// naming `var`.
+pub fn roots_from(
     var: &'static str,
     path: &Path,
     certs: Vec<CertificateDer<'static>>,

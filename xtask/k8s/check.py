@@ -9,7 +9,10 @@ Steps, each counted and printed:
                 minor versions in strict mode (kubernetes-validate), and cert-manager / Gateway API
                 objects against the CRD-derived schemas in ./schemas
   4. policy     Pod Security "restricted", resources, probes, image tags, labels, references
-                between objects, NetworkPolicy reachability, provider-neutral base and overlays
+                between objects, NetworkPolicy reachability, provider-neutral base and overlays,
+                every URL in Klaus's PETRA_URL (an in-cluster one: a headless Service whose ready
+                pods Klaus may reach and whose name Petra's certificate carries; an external one:
+                egress open; the local Petra before the other cluster's)
   5. contract   ports, probe paths, env var names and shutdown timing against what the binaries
                 report (`petra contract`, `klaus contract`) and against docker-compose*.yml
 
@@ -686,36 +689,106 @@ def petra_url(r: Render, klaus: dict) -> str | None:
     return None
 
 
+def petra_urls(r: Render, klaus: dict | None) -> list[str]:
+    """PETRA_URL as Klaus reads it: one URL, or a comma-separated list in priority order."""
+    url = petra_url(r, klaus) if klaus else None
+    return url.split(",") if url else []
+
+
+# A host that names a Service of Klaus's own cluster: `svc`, `svc.NS.svc` or `svc.NS.svc.cluster.local`.
+IN_CLUSTER_HOST = re.compile(r"(?P<svc>[a-z0-9-]+)(\.(?P<ns>[a-z0-9-]+)\.svc(\.cluster\.local)?)?")
+
+
+@functools.lru_cache(maxsize=None)
+def cert_sans(pem_b64: str) -> frozenset[str]:
+    """The DNS names and IP addresses of a base64 PEM certificate (a Secret's tls.crt)."""
+    out = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName"], input=base64.b64decode(pem_b64),
+                         capture_output=True).stdout.decode()
+    return frozenset(re.findall(r"(?:DNS|IP Address):([^,\s]+)", out))
+
+
+def petra_cert_names(r: Render, petra: dict) -> tuple[str, set[str]] | None:
+    """What Petra's serving certificate will be valid for: (its source, names), from the Secret of
+    Petra's TLS volume or the cert-manager Certificate that writes it; None when neither is in the render."""
+    for volume in pod_spec(petra).get("volumes") or []:
+        name = dig(volume, "secret", "secretName")
+        if name is None:
+            continue
+        for cert in r.of_kind("Certificate"):
+            if dig(cert, "spec", "secretName") == name:
+                return (f"Certificate {dig(cert, 'metadata', 'name')}",
+                        set(dig(cert, "spec", "dnsNames", default=[])) | set(dig(cert, "spec", "ipAddresses", default=[])))
+        secret = r.get("Secret", name)
+        if secret is not None and "tls.crt" in (secret.get("data") or {}):
+            return f"Secret {name}", set(cert_sans(secret["data"]["tls.crt"]))
+    return None
+
+
 def check_klaus_to_petra(report: Report, r: Render, klaus: dict, petra: dict | None, contracts: dict) -> None:
+    """Every URL in PETRA_URL leads somewhere Klaus may go: an in-cluster one to every ready Petra pod
+    through a headless Service whose name Petra's certificate carries, an external one through egress
+    to outside addresses; Klaus's own cluster's Petra comes first."""
     w = f"{r.name}: Klaus -> Petra"
-    url = petra_url(r, klaus)
-    if not report.check(bool(url) and url.startswith("https://"), w, f"PETRA_URL {url!r} must be https://"):
+    urls = petra_urls(r, klaus)
+    if not report.check(bool(urls), w, "PETRA_URL is missing or empty"):
         return
-    parts = urlsplit(url)
-    host, port = parts.hostname, parts.port or 443
-    in_cluster = host == "petra" or re.fullmatch(r"petra\.[a-z0-9-]+\.svc(\.cluster\.local)?", host) is not None
-    if not in_cluster:
-        report.check(egress_allowed(r, klaus, port, WORLD), w, f"egress to {host}:{port} blocked")
+    report.check(len(set(urls)) == len(urls), w, f"PETRA_URL {','.join(urls)} lists a URL twice")
+    external = None  # the first URL outside the cluster, once seen
+    for priority, url in enumerate(urls):
+        wp = f"{w} (priority {priority})"
+        if not report.check(url.startswith("https://"), wp, f"PETRA_URL {url!r} must be https://"):
+            continue
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port or 443
+        local = IN_CLUSTER_HOST.fullmatch(host)
+        if local is None:
+            external = external or host
+            for world in (WORLD, WORLD6):
+                report.check(egress_allowed(r, klaus, port, world), wp,
+                             f"egress to {host}:{port} blocked ({world[1]})")
+            continue
+        report.check(external is None, wp, f"{host} is in this cluster but comes after {external}: "
+                                            "Klaus's own cluster's Petra must come first")
+        check_local_petra(report, wp, r, klaus, petra, host, local, port, contracts)
+
+
+def check_local_petra(report: Report, w: str, r: Render, klaus: dict, petra: dict | None, host: str,
+                      local: re.Match, port: int, contracts: dict) -> None:
+    name, namespace = local["svc"], local["ns"]
+    if not report.check(petra is not None, w, f"PETRA_URL host {host} is in-cluster but Petra is not in the render"):
         return
-    if not report.check(petra is not None, w, f"PETRA_URL {url} is in-cluster but Petra is not in the render"):
+    if namespace is not None:
+        report.check(namespace == r.namespace, w, f"PETRA_URL names namespace {namespace}, "
+                                                  f"the render uses {r.namespace}")
+    svc = r.get("Service", name)
+    if not report.check(svc is not None, w, f"PETRA_URL host {host}: no Service {name} in the render"):
         return
-    if host != "petra":
-        report.check(host.split(".")[1] == r.namespace, w, f"PETRA_URL names namespace {host.split('.')[1]}, "
-                                                           f"the render uses {r.namespace}")
-    svc = r.get("Service", "petra")
+    selector = dig(svc, "spec", "selector")
+    if not report.check(bool(selector) and labels_match({"matchLabels": selector}, pod_labels(petra)), w,
+                        f"Service {name} does not select Petra's pods"):
+        return
+    report.check(dig(svc, "spec", "clusterIP") == "None", w,
+                 f"Service {name} is not headless (clusterIP: None): Klaus would see one virtual address, "
+                 "not every Petra pod")
+    report.check(not dig(svc, "spec", "publishNotReadyAddresses"), w,
+                 f"Service {name} publishes Petra pods that are not ready (publishNotReadyAddresses)")
+    main = contracts["petra"]["ports"]["main"]
+    # A headless Service maps no ports: Klaus connects to each pod's address on the URL's port.
+    report.check(port == main, w, f"PETRA_URL port {port}: Klaus connects to Petra's pods directly "
+                                  f"(headless Service), and they listen on {main}")
     sport = next((p for p in dig(svc, "spec", "ports", default=[]) if p["port"] == port), None)
-    if report.check(sport is not None, w, f"Service petra has no port {port}"):
+    if report.check(sport is not None, w, f"Service {name} has no port {port}"):
         target = resolve_port(petra, sport.get("targetPort", port))
-        main = contracts["petra"]["ports"]["main"]
-        report.check(target == main, w, f"Service petra port {port} leads to {target}, Petra listens on {main}")
-        klaus_pod = ("pod", pod_labels(klaus))
-        report.check(egress_allowed(r, klaus, main, ("pod", pod_labels(petra)), dest_wl=petra), w,
-                     f"Klaus may not connect to Petra's pods on {main}")
-        report.check(ingress_allowed(r, petra, main, klaus_pod), w, f"Petra does not accept Klaus on {main}")
-    cert = r.get("Certificate", "petra")
-    if cert is not None:
-        report.check(host in dig(cert, "spec", "dnsNames", default=[]), w,
-                     f"Petra's Certificate has no SAN {host}")
+        report.check(target == port, w, f"Service {name} port {port} leads to {target}: a headless Service "
+                                        "maps no ports, so both must be Petra's port")
+    klaus_pod = ("pod", pod_labels(klaus))
+    report.check(egress_allowed(r, klaus, main, ("pod", pod_labels(petra)), dest_wl=petra), w,
+                 f"Klaus may not connect to Petra's pods on {main}")
+    report.check(ingress_allowed(r, petra, main, klaus_pod), w, f"Petra does not accept Klaus on {main}")
+    names = petra_cert_names(r, petra)
+    if names is not None:
+        source, sans = names
+        report.check(host in sans, w, f"Petra's {source} has no SAN {host} (it has {sorted(sans)})")
 
 
 def check_provider_neutral(report: Report, r: Render) -> None:
@@ -780,12 +853,28 @@ def check_images(report: Report, renders: list[Render]) -> None:
             report.check(tags <= {"dev"}, r.name, f"the local overlay must use the dev images, has {tags}")
 
 
+# The overlays of Klaus's cluster in the two-cluster topology, and how many URLs PETRA_URL lists there:
+# Petra's external name alone, or the local Petra first and the external name on failure.
+KLAUS_CLUSTERS = {"overlays/klaus-cluster": 1, "overlays/klaus-cluster-failover": 2}
+
+
 def check_two_clusters(report: Report, renders: list[Render], host: str) -> None:
     """The external name is set once and reaches Klaus's URL, the DNS annotation and both certificates."""
     for r in renders:
-        if r.overlay == "overlays/klaus-cluster":
-            url = petra_url(r, r.get("Deployment", "klaus"))
-            report.check(urlsplit(url or "").hostname == host, r.name, f"PETRA_URL {url} is not https://{host}")
+        if r.overlay in KLAUS_CLUSTERS:
+            urls = petra_urls(r, r.get("Deployment", "klaus"))
+            want = KLAUS_CLUSTERS[r.overlay]
+            last = urlsplit(urls[-1] if urls else "")
+            report.check(len(urls) == want, r.name, f"PETRA_URL {','.join(urls)} must list {want} URL(s)")
+            # petra-public listens on 443, the https default, so the URL carries no port.
+            report.check(last.hostname == host and last.port is None, r.name,
+                         f"the last URL in PETRA_URL {','.join(urls)} is not https://{host}")
+        if r.overlay == "overlays/klaus-cluster-failover":
+            first = urlsplit(urls[0] if urls else "").hostname or ""
+            report.check(IN_CLUSTER_HOST.fullmatch(first) is not None, r.name,
+                         f"PETRA_URL must start with this cluster's own Petra, not {first}")
+            report.check(r.get("Deployment", "petra") is not None and produced_secrets(r).get("petra-tls"), r.name,
+                         "Petra and its certificate must run in Klaus's cluster too (Klaus's first choice)")
         if r.overlay == "overlays/petra-cluster":
             svc = r.get("Service", "petra-public")
             if report.check(svc is not None and dig(svc, "spec", "type") == "LoadBalancer", r.name,
@@ -799,10 +888,8 @@ def check_two_clusters(report: Report, renders: list[Render], host: str) -> None
                 report.check(host in dig(cert, "spec", "dnsNames"), r.name, f"Certificate petra lacks SAN {host}")
             secret = r.get("Secret", "petra-tls")
             if secret is not None:
-                pem = base64.b64decode(secret["data"]["tls.crt"])
-                sans = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName"], input=pem,
-                                      capture_output=True).stdout.decode()
-                report.check(f"DNS:{host}" in sans, r.name, f"petra-tls certificate lacks SAN {host}: {sans.strip()}")
+                sans = cert_sans(secret["data"]["tls.crt"])
+                report.check(host in sans, r.name, f"petra-tls certificate lacks SAN {host}: {sorted(sans)}")
             report.check(r.get("Deployment", "klaus") is None and r.get("Certificate", "klaus") is None, r.name,
                          "Klaus or its certificate leaked into Petra's cluster")
         if r.overlay == "overlays/klaus-cluster":
@@ -983,6 +1070,15 @@ def _set_url(r: Render, url: str) -> None:
     _obj(r, "ConfigMap", ref["name"])["data"][ref["key"]] = url
 
 
+def _rename_petra_service(r: Render, name: str) -> None:
+    """Petra's Service under another name, and Klaus's URL following it."""
+    _obj(r, "Service", "petra")["metadata"]["name"] = name
+    _set_url(r, f"https://{name}.{r.namespace}.svc.cluster.local:8443")
+
+
+LOCAL = "https://petra.petra-klaus.svc.cluster.local:8443"  # Klaus's URL of its own cluster's Petra
+
+
 MUTATIONS = [
     ("single-cluster", "strict schema", lambda r: _ctr(r, "petra").update(imagePullPolicyy="Always")),
     ("single-cluster+cert-manager", "CRD schema",
@@ -1047,7 +1143,7 @@ MUTATIONS = [
         "app.kubernetes.io/part-of")),
     ("single-cluster+ingress", "backend Service", lambda r: _obj(r, "Ingress", "klaus")["spec"]["rules"][0]
      ["http"]["paths"][0]["backend"]["service"].update(name="klaus-typo")),
-    ("single-cluster+cert-manager", "Certificate has no SAN",
+    ("single-cluster+cert-manager", "Certificate petra has no SAN",
      lambda r: _obj(r, "Certificate", "petra")["spec"]["dnsNames"].remove("petra.petra-klaus.svc.cluster.local")),
     ("single-cluster+aws", "component aws adds no",
      lambda r: _obj(r, "Service", "klaus")["metadata"].pop("annotations")),
@@ -1057,6 +1153,33 @@ MUTATIONS = [
     ("petra-cluster+cert-manager", "leaked into Petra's cluster", lambda r: r.docs.append(
         copy.deepcopy(_obj(r, "Certificate", "petra")) | {"metadata": {"name": "klaus"}})),
     ("local", "must use the dev images", lambda r: _ctr(r, "petra").update(image="petra:0.1.0")),
+    # Every Petra pod an endpoint of Klaus's: a headless Service, ready pods only, no port mapping,
+    # a name in Petra's certificate.
+    ("single-cluster", "is not headless", lambda r: _obj(r, "Service", "petra")["spec"].pop("clusterIP")),
+    ("single-cluster", "publishes Petra pods that are not ready",
+     lambda r: _obj(r, "Service", "petra")["spec"].update(publishNotReadyAddresses=True)),
+    ("single-cluster", "maps no ports", lambda r: (_obj(r, "Service", "petra")["spec"]["ports"][0].update(port=443),
+                                                  _set_url(r, "https://petra.petra-klaus.svc.cluster.local"))),
+    ("single-cluster", "Secret petra-tls has no SAN petra-pods", lambda r: _rename_petra_service(r, "petra-pods")),
+    ("single-cluster", "lists a URL twice", lambda r: _set_url(r, f"{LOCAL},{LOCAL}")),
+    ("klaus-cluster", "must list 1 URL", lambda r: _set_url(r, f"{LOCAL},https://petra.example.com")),
+    # The active-passive variant: the local Petra first, the other cluster's on failure.
+    ("klaus-cluster-failover", "must come first", lambda r: _set_url(r, f"https://petra.example.com,{LOCAL}")),
+    ("klaus-cluster-failover", "must start with this cluster's own Petra",
+     lambda r: _set_url(r, "https://petra.example.com")),
+    ("klaus-cluster-failover+cert-manager", "must run in Klaus's cluster too",
+     lambda r: _drop(r, "Certificate", "petra")),
+    ("klaus-cluster-failover", "is not https://petra.example.com",
+     lambda r: _set_url(r, f"{LOCAL},https://petra.example.com:8443")),
+    ("klaus-cluster-failover", "must be https://", lambda r: _set_url(r, f"{LOCAL},http://petra.example.com")),
+    ("klaus-cluster-failover", "no Service petra-typo",
+     lambda r: _set_url(r, "https://petra-typo.petra-klaus.svc.cluster.local:8443,https://petra.example.com")),
+    ("klaus-cluster-failover", "egress to petra.example.com:443 blocked",
+     lambda r: _drop(r, "NetworkPolicy", "klaus-allow-egress-to-petra-external")),
+    ("klaus-cluster-failover", "Klaus may not connect to Petra",
+     lambda r: _drop(r, "NetworkPolicy", "klaus-allow-egress-to-petra")),
+    ("klaus-cluster-failover+cert-manager", "Certificate petra has no SAN",
+     lambda r: _obj(r, "Certificate", "petra")["spec"]["dnsNames"].remove("petra.petra-klaus.svc.cluster.local")),
 ]
 
 # A compose file as the compose topology might write it, broken once per entry.
@@ -1209,7 +1332,8 @@ def main() -> int:
         for r in renders:
             check_policy(report, r, contracts)
         print(f"policy: {sum(report.passed.values()) - before} checks (restricted pod security, resources, "
-              f"probes, images, labels, references, network reachability, provider-neutral, two-cluster name)"
+              f"probes, images, labels, references, network reachability, provider-neutral, Klaus's Petra URLs, "
+              f"two-cluster name)"
               f"{took()}")
 
         report.step = "contract"

@@ -6,7 +6,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -14,17 +15,23 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Notify, watch};
 
 use super::config::Target;
-use super::discover::Resolution;
-use super::endpoint::{Endpoint, OutlierSettings};
+use super::discover::{Resolution, Resolve};
+use super::endpoint::{Connection, Endpoint, OutlierSettings};
 use super::metrics::{PetraMetrics, StateLabel};
 use super::tls::ClientTls;
 
-/// What is known of one URL: its endpoints, and what its last resolution said.
-#[derive(Debug)]
+/// What is known of one URL: its endpoints, and what its resolutions said.
+#[derive(Debug, Clone, Default)]
 struct Group {
     endpoints: Vec<Arc<Endpoint>>,
     /// Why the group has no endpoint, if it has none: the resolution's answer.
     problem: Option<String>,
+    /// Whether the host has been resolved at least once.
+    answered: bool,
+    /// Whether the last answer was "no such name" while endpoints were kept.
+    not_found: bool,
+    /// Whether the last resolution failed (said once, not every round).
+    failing: bool,
 }
 
 /// The endpoints of every URL, in priority order.
@@ -51,9 +58,14 @@ pub(crate) struct Endpoints {
     resolved: watch::Sender<bool>,
     /// Asks discovery to resolve again now.
     resolve_now: Notify,
-    /// The priority the last first attempt went to, -1 for none.
+    /// The priority the last first attempt went to, -1 for none; changed under `changing`,
+    /// so that the log, the gauge and the value agree.
     in_use: AtomicI64,
+    changing: Mutex<()>,
+    /// Whether every endpoint is ejected and calls go to them anyway.
+    panicking: AtomicBool,
     tls: Arc<ClientTls>,
+    resolver: Arc<dyn Resolve>,
     connect_timeout: Duration,
     outlier: OutlierSettings,
     metrics: PetraMetrics,
@@ -63,28 +75,31 @@ impl Endpoints {
     pub(crate) fn new(
         targets: Vec<Target>,
         tls: Arc<ClientTls>,
+        resolver: Arc<dyn Resolve>,
         connect_timeout: Duration,
         outlier: OutlierSettings,
         metrics: PetraMetrics,
     ) -> Self {
-        let groups = targets
-            .iter()
-            .map(|_| Group {
-                endpoints: Vec::new(),
-                problem: None,
-            })
-            .collect();
+        let groups = targets.iter().map(|_| Group::default()).collect();
         Self {
             targets: targets.into_iter().map(Arc::new).collect(),
             snapshot: ArcSwap::from_pointee(Snapshot { groups }),
             resolved: watch::Sender::new(false),
             resolve_now: Notify::new(),
             in_use: AtomicI64::new(-1),
+            changing: Mutex::new(()),
+            panicking: AtomicBool::new(false),
             tls,
+            resolver,
             connect_timeout,
             outlier,
             metrics,
         }
+    }
+
+    /// The resolver of the URLs' hosts.
+    pub(crate) fn resolver(&self) -> &Arc<dyn Resolve> {
+        &self.resolver
     }
 
     /// The URLs, in priority order.
@@ -92,74 +107,100 @@ impl Endpoints {
         &self.targets
     }
 
-    /// Resolves when an ejection asks discovery to resolve again.
+    /// Resolves when a failed attempt asks discovery to resolve again.
     pub(crate) async fn resolve_requested(&self) {
         self.resolve_now.notified().await;
     }
 
-    /// Asks discovery to resolve every host again now: an ejected endpoint may be a replica
+    /// Asks discovery to resolve every host again now: a failing endpoint may be a replica
     /// that is gone.
     pub(crate) fn request_resolve(&self) {
         self.resolve_now.notify_one();
     }
 
-    /// Takes one round of answers, one per URL in order: endpoints that are still named keep
-    /// their connections and state, new addresses become endpoints, the others are dropped.
-    pub(crate) fn update(&self, answers: Vec<Resolution>) {
-        let old = self.snapshot.load_full();
-        let mut groups = Vec::with_capacity(self.targets.len());
-        for ((target, answer), before) in self.targets.iter().zip(answers).zip(&old.groups) {
-            let known: HashMap<SocketAddr, &Arc<Endpoint>> = before
-                .endpoints
-                .iter()
-                .map(|endpoint| (endpoint.addr, endpoint))
-                .collect();
-            let group = match answer {
-                Resolution::Addresses(ips) => Group {
-                    endpoints: ips
-                        .into_iter()
-                        .map(|ip| {
-                            let addr = SocketAddr::new(ip, target.port);
-                            known.get(&addr).map_or_else(
-                                || {
-                                    Arc::new(Endpoint::new(
-                                        Arc::clone(target),
-                                        addr,
-                                        &self.tls,
-                                        self.connect_timeout,
-                                        self.outlier,
-                                        &self.metrics,
-                                    ))
-                                },
-                                |endpoint| Arc::clone(endpoint),
-                            )
-                        })
-                        .collect(),
-                    problem: None,
-                },
-                Resolution::NotFound => Group {
-                    endpoints: Vec::new(),
-                    problem: Some("does not resolve".to_owned()),
-                },
-                Resolution::Failed(why) => {
-                    if before.problem.is_none() || !before.endpoints.is_empty() {
-                        tracing::warn!(url = %target.url, error = %why, kept = before.endpoints.len(), "resolving Petra's host failed; keeping the endpoints known");
-                    }
-                    Group {
-                        endpoints: before.endpoints.clone(),
-                        problem: before
-                            .endpoints
-                            .is_empty()
-                            .then(|| format!("does not resolve ({why})")),
-                    }
+    /// Takes the answer for the URL at `index`: endpoints still named keep their connections
+    /// and state, new addresses become endpoints, the others are dropped. "No such name"
+    /// drops them only when it is said twice in a row (one odd answer must not empty a
+    /// URL); a failed resolution keeps them.
+    pub(crate) fn update(&self, index: usize, answer: Resolution) {
+        let (Some(target), old) = (self.targets.get(index), self.snapshot.load_full()) else {
+            return;
+        };
+        let before = &old.groups[index];
+        let group = match answer {
+            Resolution::Addresses(ips) => {
+                let known: HashMap<SocketAddr, &Arc<Endpoint>> = before
+                    .endpoints
+                    .iter()
+                    .map(|endpoint| (endpoint.addr, endpoint))
+                    .collect();
+                let endpoints = ips
+                    .into_iter()
+                    .map(|ip| {
+                        let addr = SocketAddr::new(ip, target.port);
+                        known.get(&addr).map_or_else(
+                            || Arc::new(self.endpoint(target, addr)),
+                            |e| Arc::clone(e),
+                        )
+                    })
+                    .collect();
+                Group {
+                    endpoints,
+                    answered: true,
+                    ..Group::default()
                 }
-            };
-            log_changes(target, before, &group, &self.metrics);
-            groups.push(group);
-        }
+            }
+            Resolution::NotFound if !before.endpoints.is_empty() && !before.not_found => Group {
+                endpoints: before.endpoints.clone(),
+                answered: true,
+                not_found: true,
+                ..Group::default()
+            },
+            Resolution::NotFound => Group {
+                problem: Some("does not resolve".to_owned()),
+                answered: true,
+                ..Group::default()
+            },
+            Resolution::Failed(why) => {
+                if !before.failing {
+                    tracing::warn!(url = %target.url, error = %why, kept = before.endpoints.len(), "resolving Petra's host failed; keeping the endpoints known");
+                }
+                Group {
+                    endpoints: before.endpoints.clone(),
+                    problem: before
+                        .endpoints
+                        .is_empty()
+                        .then(|| format!("does not resolve ({why})")),
+                    answered: true,
+                    failing: true,
+                    not_found: before.not_found,
+                }
+            }
+        };
+        log_changes(target, before, &group, &self.metrics);
+        let mut groups = old.groups.clone();
+        groups[index] = group;
+        let all_answered = groups.iter().all(|group| group.answered);
         self.snapshot.store(Arc::new(Snapshot { groups }));
-        self.resolved.send_replace(true);
+        if all_answered {
+            self.resolved
+                .send_if_modified(|resolved| !std::mem::replace(resolved, true));
+        }
         self.refresh_gauges();
+    }
+
+    fn endpoint(&self, target: &Arc<Target>, addr: SocketAddr) -> Endpoint {
+        Endpoint::new(
+            Arc::clone(target),
+            addr,
+            Connection {
+                tls: &self.tls,
+                resolver: &self.resolver,
+                timeout: self.connect_timeout,
+            },
+            self.outlier,
+            &self.metrics,
+        )
     }
 
     /// Sets `petra_endpoints{priority, state}` from the endpoints known now.
@@ -188,13 +229,19 @@ impl Endpoints {
         deadline: tokio::time::Instant,
     ) -> Result<Arc<Endpoint>, NoEndpoint> {
         loop {
-            if let Some(endpoint) = self.pick(&[]) {
-                self.note_in_use(endpoint.priority());
+            // Read before picking: the snapshot is stored before the flag is set, so a round
+            // that ends in between is seen by the pick.
+            let mut resolved = self.resolved.subscribe();
+            let done = *resolved.borrow_and_update();
+            if let Some((endpoint, panic)) = self.pick(&[]) {
+                // A probe of an endpoint on probation is not where calls go yet.
+                if !endpoint.on_probation() {
+                    self.note_pick(endpoint.priority(), panic);
+                }
                 return Ok(endpoint);
             }
-            let mut resolved = self.resolved.subscribe();
-            if *resolved.borrow_and_update() {
-                self.note_in_use_none();
+            if done {
+                self.note_none();
                 return Err(self.why_none());
             }
             match tokio::time::timeout_at(deadline, resolved.changed()).await {
@@ -206,24 +253,25 @@ impl Endpoints {
 
     /// An endpoint for a retry: one not in `tried`, or `None`.
     pub(crate) fn other(&self, tried: &[Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
-        self.pick(tried)
+        self.pick(tried).map(|(endpoint, _)| endpoint)
     }
 
     /// Power of two choices among the available endpoints not in `tried` of the best priority
-    /// that has any; when none is available anywhere, among all endpoints not in `tried`.
-    fn pick(&self, tried: &[Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
+    /// that has any; when none is available anywhere, among all endpoints not in `tried`
+    /// (`true`: panic mode).
+    fn pick(&self, tried: &[Arc<Endpoint>]) -> Option<(Arc<Endpoint>, bool)> {
         let snapshot = self.snapshot.load();
         let untried = |endpoint: &&Arc<Endpoint>| !tried.iter().any(|t| Arc::ptr_eq(t, endpoint));
         for group in &snapshot.groups {
-            if let Some(endpoint) =
-                two_choices(group.endpoints.iter().filter(untried), |e| e.available())
-            {
-                return Some(Arc::clone(endpoint));
+            let candidates = group.endpoints.iter().filter(untried);
+            if let Some(endpoint) = two_choices(candidates, |e| e.available()) {
+                return Some((Arc::clone(endpoint), false));
             }
         }
         // Every endpoint is ejected: better to try one than to fail the call unheard.
         snapshot.groups.iter().find_map(|group| {
-            two_choices(group.endpoints.iter().filter(untried), |_| true).map(Arc::clone)
+            two_choices(group.endpoints.iter().filter(untried), |_| true)
+                .map(|endpoint| (Arc::clone(endpoint), true))
         })
     }
 
@@ -246,19 +294,35 @@ impl Endpoints {
         )
     }
 
-    /// Notes the priority a first attempt went to; a change is a failover or a failback, said
-    /// once in the log and in `petra_priority_in_use`.
-    fn note_in_use(&self, priority: usize) {
-        let priority = priority as i64;
-        let before = self.in_use.load(Ordering::Relaxed);
-        if before == priority
-            || self
-                .in_use
-                .compare_exchange(before, priority, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
+    /// Notes where a first attempt went. A change of priority is a failover or a failback,
+    /// said once in the log and in `petra_priority_in_use`; panic mode is said once too, and
+    /// changes nothing else.
+    fn note_pick(&self, priority: usize, panic: bool) {
+        if panic != self.panicking.load(Ordering::Relaxed)
+            && panic != self.panicking.swap(panic, Ordering::Relaxed)
         {
+            if panic {
+                tracing::warn!("every Petra endpoint is ejected; trying them anyway");
+            } else {
+                tracing::info!("a Petra endpoint is available again");
+            }
+        }
+        if panic {
             return;
         }
+        let priority = priority as i64;
+        if self.in_use.load(Ordering::Relaxed) == priority {
+            return;
+        }
+        let _changing = self
+            .changing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = self.in_use.load(Ordering::Relaxed);
+        if before == priority {
+            return;
+        }
+        self.in_use.store(priority, Ordering::Relaxed);
         self.metrics.priority_in_use.set(priority);
         let url = &self.targets[priority as usize].url;
         if before < 0 {
@@ -270,7 +334,11 @@ impl Endpoints {
         }
     }
 
-    fn note_in_use_none(&self) {
+    fn note_none(&self) {
+        let _changing = self
+            .changing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.in_use.swap(-1, Ordering::Relaxed) != -1 {
             self.metrics.priority_in_use.set(-1);
             tracing::warn!("no Petra endpoint is known");
@@ -312,14 +380,26 @@ fn log_changes(target: &Target, before: &Group, after: &Group, metrics: &PetraMe
     }
 }
 
+/// What the balancer weighs: calls in flight.
+pub(crate) trait Loaded {
+    fn load(&self) -> usize;
+}
+
+impl Loaded for Endpoint {
+    fn load(&self) -> usize {
+        Endpoint::load(self)
+    }
+}
+
 /// Of the items that pass `available`, the less loaded of two chosen at random: the only one
 /// if there is one, none if there is none. The items are walked again rather than collected,
 /// so that choosing allocates nothing.
-fn two_choices<'a, I>(items: I, available: impl Fn(&Endpoint) -> bool) -> Option<&'a Arc<Endpoint>>
+fn two_choices<'a, T, I>(items: I, available: impl Fn(&T) -> bool) -> Option<&'a Arc<T>>
 where
-    I: Iterator<Item = &'a Arc<Endpoint>> + Clone,
+    T: Loaded + 'a,
+    I: Iterator<Item = &'a Arc<T>> + Clone,
 {
-    let candidates = || items.clone().filter(|endpoint| available(endpoint));
+    let candidates = || items.clone().filter(|item| available(item));
     let count = candidates().count();
     if count < 2 {
         return candidates().next();
@@ -335,5 +415,48 @@ where
         (Some(x), Some(y)) => Some(if y.load() < x.load() { y } else { x }),
         (Some(x), None) | (None, Some(x)) => Some(x),
         (None, None) => candidates().next(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Busy(usize);
+
+    impl Loaded for Busy {
+        fn load(&self) -> usize {
+            self.0
+        }
+    }
+
+    #[test]
+    fn of_two_the_less_loaded_is_chosen() {
+        let items = [Arc::new(Busy(5)), Arc::new(Busy(0))];
+        for _ in 0..100 {
+            let chosen = two_choices(items.iter(), |_| true).expect("one");
+            assert_eq!(chosen.0, 0);
+        }
+    }
+
+    #[test]
+    fn among_many_the_idle_one_wins_whenever_it_is_drawn() {
+        // Drawn in two of three pairs; picked each time: about 2/3 of the choices. Choosing
+        // the more loaded instead would never pick it, and choosing at random 1/3.
+        let items = [Arc::new(Busy(9)), Arc::new(Busy(0)), Arc::new(Busy(9))];
+        let idle = (0..3000)
+            .filter(|_| two_choices(items.iter(), |_| true).expect("one").0 == 0)
+            .count();
+        assert!((1800..2200).contains(&idle), "{idle} of 3000");
+    }
+
+    #[test]
+    fn unavailable_items_are_skipped_and_none_is_none() {
+        let items = [Arc::new(Busy(0)), Arc::new(Busy(7))];
+        let chosen = two_choices(items.iter(), |item| item.0 == 7).expect("one");
+        assert_eq!(chosen.0, 7);
+        assert!(two_choices(items.iter(), |_| false).is_none());
+        assert!(two_choices(std::iter::empty::<&Arc<Busy>>(), |_| true).is_none());
     }
 }

@@ -1,5 +1,5 @@
-//! Discovery: each URL's host is resolved again periodically, and at once when an endpoint is
-//! ejected; every address becomes an endpoint, kept (with its connections and outlier state)
+//! Discovery: each URL's host is resolved again periodically, and at once when an attempt
+//! fails; every address becomes an endpoint, kept (with its connections and outlier state)
 //! for as long as the answers name it.
 
 use std::fmt::Debug;
@@ -88,8 +88,8 @@ fn is_not_found(err: &std::io::Error) -> bool {
     .any(|says| text.contains(says))
 }
 
-/// Resolves every URL's host now, then every `interval` and whenever `endpoints` asks (an
-/// ejection), until `stop`.
+/// Resolves every URL's host now, then every `interval` and whenever `endpoints` asks (a
+/// failed attempt), at most every 250 ms, until `stop`.
 pub(crate) fn spawn(
     endpoints: Arc<Endpoints>,
     resolver: Arc<dyn Resolve>,
@@ -100,14 +100,18 @@ pub(crate) fn spawn(
         // At most this often on demand, so that a flapping endpoint cannot flood the DNS.
         const MIN_GAP: Duration = Duration::from_millis(250);
         loop {
-            let answers = futures_util::future::join_all(
-                endpoints
-                    .targets()
-                    .iter()
-                    .map(|target| resolver.resolve(&target.host)),
-            )
+            // Each URL's answer is taken as it comes: a slow name (another cloud's) does not
+            // hold up the others.
+            futures_util::future::join_all(endpoints.targets().iter().enumerate().map(
+                |(index, target)| {
+                    let (endpoints, resolver) = (&endpoints, &resolver);
+                    async move {
+                        let answer = resolver.resolve(&target.host).await;
+                        endpoints.update(index, answer);
+                    }
+                },
+            ))
             .await;
-            endpoints.update(answers);
             let rested = tokio::time::sleep(MIN_GAP);
             tokio::select! {
                 () = stop.cancelled() => return,

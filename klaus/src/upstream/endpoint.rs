@@ -4,16 +4,16 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 
 use super::config::Target;
+use super::discover::Resolve;
 use super::metrics::{AttemptLabel, EndpointLabel, OUTCOMES, PetraMetrics};
 use super::tls::{ClientTls, Profile};
-use super::transport::{self, HttpClient};
+use super::transport::{self, Dial, HttpClient};
 
 /// The outlier detection settings.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +34,14 @@ impl OutlierSettings {
     }
 }
 
+/// What every endpoint's connections share.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Connection<'a> {
+    pub(crate) tls: &'a Arc<ClientTls>,
+    pub(crate) resolver: &'a Arc<dyn Resolve>,
+    pub(crate) timeout: Duration,
+}
+
 /// An endpoint: one address of one of PETRA_URL's URLs.
 #[derive(Debug)]
 pub(crate) struct Endpoint {
@@ -46,36 +54,41 @@ pub(crate) struct Endpoint {
     in_flight: AtomicUsize,
     outlier: Outlier,
     label: EndpointLabel,
-    /// `petra_attempts_total{outcome="ok"}` of this endpoint, looked up once.
-    ok: Counter,
+    /// Its series of `petra_attempts_total`, one per outcome in [`OUTCOMES`]'s order, and of
+    /// `petra_ejections_total`, looked up once: counting costs no lookup, and a call that ends
+    /// after the endpoint was dropped cannot bring its series back.
+    attempts: [Counter; OUTCOMES.len()],
+    ejections: Counter,
 }
 
 impl Endpoint {
     pub(crate) fn new(
         target: Arc<Target>,
         addr: SocketAddr,
-        tls: &Arc<ClientTls>,
-        connect_timeout: Duration,
+        connection: Connection<'_>,
         settings: OutlierSettings,
         metrics: &PetraMetrics,
     ) -> Self {
-        let client = |profile| {
-            transport::client(
-                addr.ip(),
-                target.server_name.clone(),
-                Arc::clone(tls),
-                profile,
-                connect_timeout,
-            )
+        let dial = Dial {
+            ip: addr.ip(),
+            host: target.host.clone(),
+            server_name: target.server_name.clone(),
+            resolver: Arc::clone(connection.resolver),
+            tls: Arc::clone(connection.tls),
+            connect_timeout: connection.timeout,
         };
+        let client = |profile| transport::client(dial.clone(), profile);
         let label = EndpointLabel {
             priority: target.priority.to_string(),
             endpoint: addr.to_string(),
         };
-        let ok = metrics
-            .attempts
-            .get_or_create(&attempt(&label, "ok"))
-            .clone();
+        let attempts = OUTCOMES.map(|outcome| {
+            metrics
+                .attempts
+                .get_or_create(&attempt(&label, outcome))
+                .clone()
+        });
+        let ejections = metrics.ejections.get_or_create(&label).clone();
         Self {
             addr,
             pooled: client(Profile::Pooled),
@@ -84,7 +97,8 @@ impl Endpoint {
             in_flight: AtomicUsize::new(0),
             outlier: Outlier::new(settings),
             label,
-            ok,
+            attempts,
+            ejections,
         }
     }
 
@@ -112,52 +126,53 @@ impl Endpoint {
         InFlight(&self.in_flight)
     }
 
-    /// Whether the endpoint may take calls: not ejected, or its ejection is over (then it is
-    /// back, and says so once).
+    /// Whether the endpoint may take a call now: it is not ejected; or its ejection is over
+    /// and it is on probation, taking one call at a time until one succeeds (so that a
+    /// replica still down costs one call, not every call of its connect timeout).
     pub(crate) fn available(&self) -> bool {
-        match self.outlier.available(Instant::now()) {
-            Availability::Available => true,
-            Availability::Ejected => false,
-            Availability::Back => {
-                tracing::info!(
-                    endpoint = %self.addr,
-                    url = %self.target.url,
-                    priority = self.priority(),
-                    "Petra endpoint back after ejection"
-                );
-                true
-            }
+        match self.outlier.state(Instant::now()) {
+            State::Active => true,
+            State::Ejected => false,
+            State::Probation => self.load() == 0,
         }
     }
 
-    /// Whether the endpoint is ejected now, without changing anything.
-    pub(crate) fn is_ejected(&self) -> bool {
-        self.outlier.is_ejected(Instant::now())
+    /// Whether the endpoint's ejection is over and no call has succeeded since.
+    pub(crate) fn on_probation(&self) -> bool {
+        self.outlier.state(Instant::now()) == State::Probation
     }
 
-    /// Records a successful attempt.
-    pub(crate) fn succeeded(&self) {
-        self.ok.inc();
-        self.outlier.succeeded();
+    /// Whether the endpoint is ejected now.
+    pub(crate) fn is_ejected(&self) -> bool {
+        self.outlier.state(Instant::now()) == State::Ejected
+    }
+
+    /// Records a successful attempt; true when it ends the endpoint's probation.
+    pub(crate) fn succeeded(&self) -> bool {
+        self.attempts[0].inc();
+        let back = self.outlier.succeeded();
+        if back {
+            tracing::info!(
+                endpoint = %self.addr,
+                url = %self.target.url,
+                priority = self.priority(),
+                "Petra endpoint back after ejection"
+            );
+        }
+        back
     }
 
     /// Records a failed attempt with `outcome`; `counts` says whether it counts against the
     /// endpoint. Returns how long the endpoint was ejected for, if this failure ejected it.
-    pub(crate) fn failed(
-        &self,
-        outcome: &'static str,
-        counts: bool,
-        metrics: &PetraMetrics,
-    ) -> Option<Duration> {
-        metrics
-            .attempts
-            .get_or_create(&attempt(&self.label, outcome))
-            .inc();
+    pub(crate) fn failed(&self, outcome: &'static str, counts: bool) -> Option<Duration> {
+        if let Some(index) = OUTCOMES.iter().position(|&known| known == outcome) {
+            self.attempts[index].inc();
+        }
         if !counts {
             return None;
         }
         let ejected = self.outlier.failed(Instant::now())?;
-        metrics.ejections.get_or_create(&self.label).inc();
+        self.ejections.inc();
         tracing::warn!(
             endpoint = %self.addr,
             url = %self.target.url,
@@ -195,30 +210,30 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Whether an endpoint may take calls.
+/// Where an endpoint stands in outlier detection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Availability {
-    Available,
+enum State {
+    /// Takes calls.
+    Active,
+    /// Takes none until its ejection ends.
     Ejected,
-    /// Its ejection has just ended.
-    Back,
+    /// Its ejection has ended and no call has succeeded since: one call at a time, and the
+    /// first failure ejects it again.
+    Probation,
 }
 
-/// Consecutive failures and ejection of one endpoint. The hot path (an endpoint that is not
-/// ejected and has not failed) reads two atomics and takes no lock.
+/// Consecutive failures and ejection of one endpoint, in atomics only: the hot path (an
+/// endpoint that is active) reads one of them, and so does a call during a failover, when
+/// every call looks at the ejected endpoints.
 #[derive(Debug)]
 struct Outlier {
     settings: OutlierSettings,
     failures: AtomicU32,
-    /// Ejections since the last success.
+    /// Ejections since the last success; not 0 means ejected or on probation.
     ejections: AtomicU32,
-    ejected: AtomicBool,
-    state: Mutex<Ejection>,
-}
-
-#[derive(Debug, Default)]
-struct Ejection {
-    until: Option<Instant>,
+    /// When the ejection ends, in nanoseconds since [`Outlier::epoch`].
+    until: AtomicU64,
+    epoch: Instant,
 }
 
 impl Outlier {
@@ -227,65 +242,61 @@ impl Outlier {
             settings,
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
-            ejected: AtomicBool::new(false),
-            state: Mutex::new(Ejection::default()),
+            until: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Ejection> {
-        // The state stays consistent whatever a panicking holder did: plain values only.
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
-    fn available(&self, now: Instant) -> Availability {
-        if !self.ejected.load(Ordering::Acquire) {
-            return Availability::Available;
-        }
-        let mut state = self.lock();
-        match state.until {
-            Some(until) if now < until => Availability::Ejected,
-            Some(_) => {
-                state.until = None;
-                self.ejected.store(false, Ordering::Release);
-                Availability::Back
-            }
-            // Another call saw it back first.
-            None => Availability::Available,
+    fn state(&self, now: Instant) -> State {
+        if self.ejections.load(Ordering::Acquire) == 0 {
+            State::Active
+        } else if self.nanos(now) < self.until.load(Ordering::Acquire) {
+            State::Ejected
+        } else {
+            State::Probation
         }
     }
 
-    fn is_ejected(&self, now: Instant) -> bool {
-        self.ejected.load(Ordering::Acquire) && self.lock().until.is_some_and(|until| now < until)
-    }
-
-    fn succeeded(&self) {
+    /// Counts a success; true when it ends a probation (the endpoint is back).
+    fn succeeded(&self) -> bool {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
         }
-        if self.ejections.load(Ordering::Relaxed) != 0 {
-            self.ejections.store(0, Ordering::Relaxed);
-        }
+        self.ejections.load(Ordering::Relaxed) != 0 && self.ejections.swap(0, Ordering::AcqRel) != 0
     }
 
-    /// Counts a failure; ejects the endpoint when it is the `eject_after`-th in a row and
-    /// returns for how long.
+    /// Counts a failure; ejects the endpoint when it is the `eject_after`-th in a row, or the
+    /// first on probation, and returns for how long.
     fn failed(&self, now: Instant) -> Option<Duration> {
+        let state = self.state(now);
+        if state == State::Ejected {
+            // Calls that were in flight when it was ejected: already dealt with.
+            return None;
+        }
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures < self.settings.eject_after {
+        if state == State::Active && failures < self.settings.eject_after {
             return None;
         }
-        let mut state = self.lock();
-        if state.until.is_some_and(|until| now < until) {
-            // Calls that were in flight when it was ejected.
-            return None;
-        }
-        let nth = self.ejections.fetch_add(1, Ordering::Relaxed);
+        let nth = self.ejections.load(Ordering::Acquire);
         let length = self.settings.ejection(nth);
-        state.until = Some(now + length);
+        let until = self.nanos(now + length);
+        // One failure ejects; others at the same moment find it ejected.
+        let current = self.until.load(Ordering::Acquire);
+        if self.nanos(now) < current
+            || self
+                .until
+                .compare_exchange(current, until, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return None;
+        }
+        self.ejections
+            .store(nth.saturating_add(1), Ordering::Release);
         self.failures.store(0, Ordering::Relaxed);
-        self.ejected.store(true, Ordering::Release);
         Some(length)
     }
 }
@@ -302,44 +313,52 @@ mod tests {
     }
 
     #[test]
-    fn consecutive_failures_eject_for_a_time_that_doubles_while_failing() {
+    fn consecutive_failures_eject_then_probation_one_failure_ejects_for_twice_as_long() {
         let outlier = outlier();
         let t0 = Instant::now();
         assert_eq!(outlier.failed(t0), None);
         assert_eq!(outlier.failed(t0), None);
         assert_eq!(outlier.failed(t0), Some(Duration::from_secs(1)));
-        assert_eq!(outlier.available(t0), Availability::Ejected);
-        // Calls that were in flight fail too: no second ejection.
+        assert_eq!(outlier.state(t0), State::Ejected);
+        // Calls that were in flight fail too: no second ejection, nothing counted.
         for _ in 0..5 {
             assert_eq!(outlier.failed(t0), None);
         }
-        let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(outlier.available(t1), Availability::Back);
-        assert_eq!(outlier.available(t1), Availability::Available);
-        // Still failing: ejected again, for twice as long, then four times, up to 32 times.
-        let mut now = t1;
+        // Over: on probation, where one failure ejects again, for twice as long, then four
+        // times, up to 32 times.
+        let mut now = t0 + Duration::from_secs(1);
         for expected in [2, 4, 8, 16, 32, 32] {
-            let ejected = (0..3).find_map(|_| outlier.failed(now));
-            assert_eq!(ejected, Some(Duration::from_secs(expected)));
+            assert_eq!(outlier.state(now), State::Probation);
+            assert_eq!(outlier.failed(now), Some(Duration::from_secs(expected)));
+            assert_eq!(outlier.state(now), State::Ejected);
             now += Duration::from_secs(expected);
-            assert_eq!(outlier.available(now), Availability::Back);
         }
     }
 
     #[test]
-    fn a_success_resets_the_count_and_the_growth() {
+    fn a_success_on_probation_brings_it_back_and_resets_the_growth() {
         let outlier = outlier();
         let t0 = Instant::now();
         outlier.failed(t0);
         outlier.failed(t0);
-        outlier.succeeded();
+        assert!(!outlier.succeeded(), "not ejected: nothing to end");
         assert_eq!(outlier.failed(t0), None, "the count starts again");
         outlier.failed(t0);
         assert_eq!(outlier.failed(t0), Some(Duration::from_secs(1)));
-        let back = t0 + Duration::from_secs(1);
-        assert_eq!(outlier.available(back), Availability::Back);
-        outlier.succeeded();
-        let ejected = (0..3).find_map(|_| outlier.failed(back));
-        assert_eq!(ejected, Some(Duration::from_secs(1)), "growth reset");
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(outlier.state(later), State::Probation);
+        assert!(outlier.succeeded(), "back");
+        assert_eq!(outlier.state(later), State::Active);
+        assert_eq!(
+            outlier.failed(later),
+            None,
+            "active again: three failures to eject"
+        );
+        assert_eq!(outlier.failed(later), None);
+        assert_eq!(
+            outlier.failed(later),
+            Some(Duration::from_secs(1)),
+            "growth reset"
+        );
     }
 }

@@ -7,7 +7,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use rustls::{AlertDescription, CertificateError};
 
-use super::transport::{BoxError, ConnectTimeout};
+use super::transport::{BoxError, ConnectTimeout, Gone};
 
 /// The largest body Klaus accepts from Petra.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -140,6 +140,10 @@ pub enum PetraError {
         /// Whether the request surely did not reach Petra's handler, or the connection died
         /// under it, so that another attempt on a fresh connection may succeed.
         retryable: bool,
+        /// Whether the connection closed under the request with no reason given: over HTTP/2
+        /// that is how a client certificate refused after the handshake can look, so a retry
+        /// goes over a fresh HTTP/1.1 connection, where the refusal is named.
+        unexplained: bool,
         /// The client's error.
         #[source]
         source: BoxError,
@@ -155,7 +159,9 @@ pub enum PetraError {
     NotText,
 }
 
-/// Where a failed attempt may be tried again: it surely did not reach Petra's handler.
+/// Where a failed attempt may be tried again: it did not reach Petra's handler, as far as
+/// Klaus can tell (a reset or an early end of the connection could in principle come after
+/// Petra handled the request; for `GET /` a second answer does no harm).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {
     /// On another endpoint, or on a fresh connection to the same one: the connection was
@@ -179,6 +185,18 @@ impl PetraError {
             | Self::Tls { .. } => Some(Retry::Elsewhere),
             _ => None,
         }
+    }
+
+    /// Whether a retry should go over a fresh HTTP/1.1 connection rather than the next
+    /// endpoint's pooled one.
+    pub fn wants_fresh_connection(&self) -> bool {
+        matches!(
+            self,
+            Self::Unreachable {
+                unexplained: true,
+                ..
+            }
+        )
     }
 
     /// Whether the failure counts against the endpoint in outlier detection: it could not be
@@ -277,18 +295,35 @@ fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Whether connecting timed out somewhere in `err`'s chain.
 fn is_connect_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    find::<ConnectTimeout>(err).is_some()
+}
+
+/// The first error of type `E` in `err`'s chain of causes.
+fn find<'a, E: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
     let mut cause = Some(err);
     while let Some(current) = cause {
-        if current.is::<ConnectTimeout>() {
-            return true;
+        if let Some(found) = current.downcast_ref::<E>() {
+            return Some(found);
         }
         cause = current.source();
     }
-    false
+    None
 }
 
 /// Sorts a client error into a [`PetraError`] by looking through its chain of causes.
 pub(crate) fn classify(err: BoxError, target: String, timeout_ms: u64) -> PetraError {
+    if find::<Gone>(&*err).is_some() {
+        return PetraError::Unreachable {
+            detail: format!(
+                "the Petra endpoint Klaus tried is no longer an address of {target}; Petra may be restarting or scaled down"
+            ),
+            retryable: true,
+            unexplained: false,
+            source: err,
+        };
+    }
     if is_timeout(&*err) {
         return PetraError::Timeout {
             timeout_ms,
@@ -298,6 +333,7 @@ pub(crate) fn classify(err: BoxError, target: String, timeout_ms: u64) -> PetraE
     }
     let mut io_kind = None;
     let mut closed = false;
+    let mut unexplained = false;
     let mut connect = false;
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*err);
     while let Some(current) = cause {
@@ -315,7 +351,9 @@ pub(crate) fn classify(err: BoxError, target: String, timeout_ms: u64) -> PetraE
             io_kind.get_or_insert(innermost_kind(io));
         }
         if let Some(hyper) = current.downcast_ref::<hyper::Error>() {
-            closed |= hyper.is_incomplete_message() || hyper.is_canceled() || hyper.is_closed();
+            let ended = hyper.is_incomplete_message() || hyper.is_canceled() || hyper.is_closed();
+            closed |= ended;
+            unexplained |= ended;
         }
         if let Some(h2) = current.downcast_ref::<h2::Error>() {
             // Petra never started on a stream it refused, or one above the last it accepted
@@ -362,6 +400,7 @@ pub(crate) fn classify(err: BoxError, target: String, timeout_ms: u64) -> PetraE
     PetraError::Unreachable {
         detail,
         retryable,
+        unexplained: unexplained && io_kind.is_none(),
         source: err,
     }
 }

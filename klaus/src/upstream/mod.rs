@@ -110,7 +110,6 @@ pub struct PetraClient {
 struct Inner {
     endpoints: Arc<Endpoints>,
     tls: Arc<ClientTls>,
-    resolver: Arc<dyn Resolve>,
     budget: RetryBudget,
     timeout: Duration,
     resolve_interval: Duration,
@@ -133,6 +132,7 @@ impl PetraClient {
         let endpoints = Arc::new(Endpoints::new(
             targets,
             Arc::clone(&tls),
+            resolver,
             args.timeout() / 2,
             OutlierSettings {
                 eject_after: args.petra_eject_after,
@@ -144,7 +144,6 @@ impl PetraClient {
             inner: Arc::new(Inner {
                 endpoints,
                 tls,
-                resolver,
                 budget: RetryBudget::default(),
                 timeout: args.timeout(),
                 resolve_interval: Duration::from_secs(args.petra_resolve_interval_seconds),
@@ -159,7 +158,7 @@ impl PetraClient {
         let inner = &self.inner;
         discover::spawn(
             Arc::clone(&inner.endpoints),
-            Arc::clone(&inner.resolver),
+            Arc::clone(inner.endpoints.resolver()),
             inner.resolve_interval,
             stop.clone(),
         );
@@ -213,21 +212,27 @@ impl PetraClient {
             if tried.len() >= MAX_ATTEMPTS {
                 break;
             }
-            let next = match inner.endpoints.other(&tried) {
-                Some(other) => other,
+            let (next, profile) = match inner.endpoints.other(&tried) {
+                // Another endpoint's pooled connection, unless the connection closed with no
+                // reason given (a refused certificate can look like that over HTTP/2).
+                Some(other) if err.wants_fresh_connection() => (other, Profile::Fresh),
+                Some(other) => (other, Profile::Pooled),
                 // The only endpoint: once more on a fresh connection, as the connection
                 // failed under the request, not the endpoint.
-                None if scope == Retry::Anywhere && tried.len() == 1 => Arc::clone(&tried[0]),
+                None if scope == Retry::Anywhere && tried.len() == 1 => {
+                    (Arc::clone(&tried[0]), Profile::Fresh)
+                }
                 None => break,
             };
-            if tokio::time::Instant::now() >= deadline || !inner.budget.withdraw() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left < inner.timeout / 10 || !inner.budget.withdraw() {
                 inner.metrics.retry("skipped");
                 break;
             }
             inner.metrics.retry("attempted");
             tracing::debug!(error = %Chain(err), from = %tried[tried.len() - 1].addr, to = %next.addr, "retrying the call to Petra");
             result = self
-                .attempt(&next, Profile::Fresh, incoming, deadline)
+                .attempt_on(&next, profile, incoming, deadline, false)
                 .await;
             tried.push(next);
         }
@@ -237,14 +242,28 @@ impl PetraClient {
         result
     }
 
-    /// One attempt on `endpoint` with the client of `profile`: the request sent and the body
-    /// read before `deadline`. The outcome is recorded against the endpoint.
+    /// A call's first attempt: see [`PetraClient::attempt_on`].
     async fn attempt(
         &self,
         endpoint: &Endpoint,
         profile: Profile,
         incoming: &HeaderMap,
         deadline: tokio::time::Instant,
+    ) -> Result<String, PetraError> {
+        self.attempt_on(endpoint, profile, incoming, deadline, true)
+            .await
+    }
+
+    /// One attempt on `endpoint` with the client of `profile`: the request sent and the body
+    /// read before `deadline`. The outcome is recorded against the endpoint, except a retry's
+    /// timeout at the call's deadline (`first` false): it had less than its share of time.
+    async fn attempt_on(
+        &self,
+        endpoint: &Endpoint,
+        profile: Profile,
+        incoming: &HeaderMap,
+        deadline: tokio::time::Instant,
+        first: bool,
     ) -> Result<String, PetraError> {
         let in_flight = endpoint.start();
         let result =
@@ -260,15 +279,27 @@ impl PetraClient {
             };
         drop(in_flight);
         match &result {
-            Ok(_) => endpoint.succeeded(),
-            Err(err) => {
-                let metrics = &self.inner.metrics;
-                if endpoint
-                    .failed(err.outcome(), err.counts_against_endpoint(), metrics)
-                    .is_some()
-                {
+            Ok(_) => {
+                if endpoint.succeeded() {
                     self.inner.endpoints.refresh_gauges();
-                    // The endpoint may be a replica that is gone: look again.
+                }
+            }
+            Err(err) => {
+                let cut_short = !first
+                    && matches!(
+                        err,
+                        PetraError::Timeout {
+                            connecting: false,
+                            ..
+                        }
+                    );
+                let counts = err.counts_against_endpoint() && !cut_short;
+                if endpoint.failed(err.outcome(), counts).is_some() {
+                    self.inner.endpoints.refresh_gauges();
+                }
+                if counts {
+                    // The endpoint may be a replica that is gone, whose address the DNS no
+                    // longer gives: look again now rather than at the next interval.
                     self.inner.endpoints.request_resolve();
                 }
             }
@@ -355,6 +386,7 @@ impl PetraClient {
         PetraError::Unreachable {
             detail,
             retryable: false,
+            unexplained: false,
             source: "no endpoint".into(),
         }
     }

@@ -90,17 +90,10 @@ impl Files {
         let ca_index = if self.identity.is_some() { 2 } else { 0 };
         if let Some(path) = &self.ca {
             let var = "PETRA_CA_FILE";
-            for cert in serving::tls::parse_certs(var, path, set.get(ca_index))? {
-                roots.add(cert).map_err(|err| {
-                    ConfigError::new(
-                        var,
-                        format!(
-                            "{} holds a certificate that is not a usable CA: {err}",
-                            path.display()
-                        ),
-                    )
-                })?;
-            }
+            let certs = serving::tls::parse_certs(var, path, set.get(ca_index))?;
+            roots
+                .roots
+                .extend(serving::tls::roots_from(var, path, certs)?.roots);
         }
         let builder = ClientConfig::builder_with_provider(serving::tls::provider())
             .with_protocol_versions(serving::tls::PROTOCOL_VERSIONS)

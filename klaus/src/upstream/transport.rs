@@ -22,6 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
+use super::discover::{Resolution, Resolve};
 use super::tls::{ClientTls, Profile};
 
 /// How often Klaus pings Petra on an HTTP/2 connection, and how long it waits for the answer
@@ -41,15 +42,33 @@ pub(crate) type HttpClient = Client<EndpointConnector, Empty<Bytes>>;
 #[error("connecting to Petra timed out after {0:?}")]
 pub(crate) struct ConnectTimeout(pub(crate) Duration);
 
-/// Builds the client of `profile` for the endpoint at `ip`, for requests whose URI names the
+/// The endpoint's address is no longer among its host's addresses (a replica that is gone),
+/// so no connection is tried: it would wait for a peer that cannot answer.
+#[derive(Debug, thiserror::Error)]
+#[error("{ip} is no longer an address of {host}")]
+pub(crate) struct Gone {
+    pub(crate) ip: IpAddr,
+    pub(crate) host: String,
+}
+
+/// What a connection to one endpoint needs.
+#[derive(Debug, Clone)]
+pub(crate) struct Dial {
+    /// The endpoint's address.
+    pub(crate) ip: IpAddr,
+    /// The URL's host, looked up again before each new connection.
+    pub(crate) host: String,
+    /// The name Petra's certificate must carry.
+    pub(crate) server_name: ServerName<'static>,
+    pub(crate) resolver: Arc<dyn Resolve>,
+    pub(crate) tls: Arc<ClientTls>,
+    pub(crate) connect_timeout: Duration,
+}
+
+/// Builds the client of `profile` for one endpoint, for requests whose URI names the
 /// endpoint's URL.
-pub(crate) fn client(
-    ip: IpAddr,
-    server_name: ServerName<'static>,
-    tls: Arc<ClientTls>,
-    profile: Profile,
-    connect_timeout: Duration,
-) -> HttpClient {
+pub(crate) fn client(dial: Dial, profile: Profile) -> HttpClient {
+    let ip = dial.ip;
     let mut tcp = HttpConnector::new_with_resolver(Fixed(ip));
     // TLS is added below; the request's scheme is https.
     tcp.enforce_http(false);
@@ -61,10 +80,8 @@ pub(crate) fn client(
     tcp.set_keepalive_retries(Some(3));
     let connector = EndpointConnector {
         tcp,
-        tls,
+        dial: Arc::new(dial),
         profile,
-        server_name,
-        timeout: connect_timeout,
     };
     let pooled = profile == Profile::Pooled;
     let mut builder = Client::builder(TokioExecutor::new());
@@ -108,13 +125,14 @@ impl tower_service::Service<Name> for Fixed {
 }
 
 /// TCP to one address, then TLS for the URL's host name with the configuration in use now.
+/// Before connecting, the host is looked up again (new connections are rare: one per endpoint,
+/// renewed through its age, and retries): an address that is no longer the host's is not
+/// dialled, so that a replica that has just gone costs a failed lookup, not a connect timeout.
 #[derive(Debug, Clone)]
 pub(crate) struct EndpointConnector {
     tcp: HttpConnector<Fixed>,
-    tls: Arc<ClientTls>,
+    dial: Arc<Dial>,
     profile: Profile,
-    server_name: ServerName<'static>,
-    timeout: Duration,
 }
 
 impl tower_service::Service<Uri> for EndpointConnector {
@@ -128,17 +146,44 @@ impl tower_service::Service<Uri> for EndpointConnector {
 
     fn call(&mut self, dst: Uri) -> Self::Future {
         let tcp = self.tcp.call(dst);
-        let tls = tokio_rustls::TlsConnector::from(self.tls.config(self.profile));
-        let (name, timeout) = (self.server_name.clone(), self.timeout);
+        let dial = Arc::clone(&self.dial);
+        let tls = tokio_rustls::TlsConnector::from(dial.tls.config(self.profile));
+        let (name, timeout) = (dial.server_name.clone(), dial.connect_timeout);
         Box::pin(async move {
             let connecting = async move {
-                let tcp = tcp.await?;
-                let stream = tls.connect(name, TokioIo::new(tcp)).await?;
-                Ok::<_, BoxError>(MaybeHttpsStream::from(stream))
+                if dial.host.parse::<IpAddr>().is_err() {
+                    match dial.resolver.resolve(&dial.host).await {
+                        Resolution::Addresses(ips) if !ips.contains(&dial.ip) => {}
+                        Resolution::NotFound => {}
+                        // Still named, or the lookup failed: try the address.
+                        _ => return connect(tcp, tls, name).await,
+                    }
+                    return Err(Gone {
+                        ip: dial.ip,
+                        host: dial.host.clone(),
+                    }
+                    .into());
+                }
+                connect(tcp, tls, name).await
             };
             tokio::time::timeout(timeout, connecting)
                 .await
                 .unwrap_or_else(|_| Err(ConnectTimeout(timeout).into()))
         })
     }
+}
+
+/// TCP, then the TLS handshake.
+async fn connect<F, E>(
+    tcp: F,
+    tls: tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
+) -> Result<MaybeHttpsStream<TokioIo<TcpStream>>, BoxError>
+where
+    F: Future<Output = Result<TokioIo<TcpStream>, E>>,
+    E: Into<BoxError>,
+{
+    let tcp = tcp.await.map_err(Into::into)?;
+    let stream = tls.connect(name, TokioIo::new(tcp)).await?;
+    Ok(MaybeHttpsStream::from(stream))
 }

@@ -130,30 +130,9 @@ async fn attempts(klaus: &Running, priority: usize, addr: SocketAddr, outcome: &
 
 /// `n` calls to Klaus, `parallel` at a time; the statuses, in no order.
 async fn calls(klaus: &Running, n: usize, parallel: usize) -> Vec<u16> {
-    let url = klaus.http_url();
-    let next = Arc::new(AtomicUsize::new(0));
-    let tasks: Vec<_> = (0..parallel)
-        .map(|_| {
-            let (url, next) = (url.clone(), next.clone());
-            tokio::spawn(async move {
-                let client = serving::testing::plain_client();
-                let mut statuses = Vec::new();
-                while next.fetch_add(1, Ordering::Relaxed) < n {
-                    let status = match client.get(&url).send().await {
-                        Ok(response) => response.status().as_u16(),
-                        Err(_) => 0,
-                    };
-                    statuses.push(status);
-                }
-                statuses
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await.expect("caller"));
-    }
-    all
+    Load::start_limited(klaus.http_url(), parallel, Some(n))
+        .finished()
+        .await
 }
 
 pub(crate) fn failed(statuses: &[u16]) -> usize {
@@ -405,7 +384,7 @@ async fn dns_answers_that_change_are_followed_without_a_restart() {
     )
     .await;
 
-    // One is removed: it gets no more calls.
+    // One is removed: it gets no more calls, and its series go.
     dns.set("petra.test", &[second]);
     wait_until(
         "the removed replica is dropped",
@@ -416,6 +395,9 @@ async fn dns_answers_that_change_are_followed_without_a_restart() {
         },
     )
     .await;
+    let text = klaus.metrics().await;
+    let removed = format!("endpoint=\"{}\"", SocketAddr::new(first, port));
+    assert!(!text.contains(&removed), "{text}");
     let before = served(&one).await;
     assert_eq!(failed(&calls(&klaus, 20, 2).await), 0);
     assert_eq!(served(&one).await, before);
@@ -473,15 +455,24 @@ pub(crate) struct Load {
 }
 
 impl Load {
+    /// `parallel` callers, each calling one after the other until stopped.
     pub(crate) fn start(url: String, parallel: usize) -> Self {
+        Self::start_limited(url, parallel, None)
+    }
+
+    /// As [`Load::start`], and all of them together stop after `limit` calls.
+    fn start_limited(url: String, parallel: usize, limit: Option<usize>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
         let tasks = (0..parallel)
             .map(|_| {
-                let (url, stop) = (url.clone(), stop.clone());
+                let (url, stop, sent) = (url.clone(), stop.clone(), sent.clone());
                 tokio::spawn(async move {
                     let client = serving::testing::plain_client();
                     let mut statuses = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
+                    while !stop.load(Ordering::Relaxed)
+                        && limit.is_none_or(|limit| sent.fetch_add(1, Ordering::Relaxed) < limit)
+                    {
                         statuses.push(match client.get(&url).send().await {
                             Ok(response) => response.status().as_u16(),
                             Err(_) => 0,
@@ -494,12 +485,75 @@ impl Load {
         Self { stop, tasks }
     }
 
+    /// Stops the callers; every status they saw.
     pub(crate) async fn finish(self) -> Vec<u16> {
         self.stop.store(true, Ordering::Relaxed);
+        self.finished().await
+    }
+
+    /// Waits until the callers have stopped by themselves; every status they saw.
+    async fn finished(self) -> Vec<u16> {
         let mut all = Vec::new();
         for task in self.tasks {
             all.extend(task.await.expect("caller"));
         }
         all
     }
+}
+
+#[tokio::test]
+async fn a_replica_gone_from_the_dns_is_not_dialled() {
+    let pki = TestPki::new();
+    let cert = server_cert(&pki, &["petra.test"]);
+    let (stays, goes) = (ip(61), ip(62));
+    let port = shared_port(&[stays, goes]);
+    let staying = petra_at(&pki, &cert, SocketAddr::new(stays, port)).await;
+    let going = petra_at(&pki, &cert, SocketAddr::new(goes, port)).await;
+    let dns = Arc::new(Dns::default());
+    dns.set("petra.test", &[stays, goes]);
+    let klaus = klaus_with(&pki, &format!("https://petra.test:{port}"), &dns, |args| {
+        args.petra_resolve_interval_seconds = 3600;
+    })
+    .await;
+    assert_eq!(failed(&calls(&klaus, 20, 2).await), 0);
+    assert!(served(&going).await > 0.0);
+
+    // The replica goes and its address stops answering altogether (a pod's address after the
+    // pod is gone: packets go nowhere), and the DNS no longer names it. Klaus still has it
+    // until it resolves again; a new connection to it would wait for the connect timeout.
+    going.stop().await;
+    let void = tokio::net::TcpListener::bind((goes, port))
+        .await
+        .expect("bind");
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = void.accept().await {
+            open.push(stream);
+        }
+    });
+    dns.set("petra.test", &[stays]);
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert_eq!(get(&klaus.http_url()).await.0, 200);
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "a call waited {:?}: the gone address was dialled",
+            started.elapsed()
+        );
+    }
+    wait_until(
+        "the gone endpoint is dropped",
+        Duration::from_secs(5),
+        || async {
+            value(
+                &klaus.metrics().await,
+                r#"petra_endpoints{priority="0",state="active"}"#,
+            ) == 1.0
+        },
+    )
+    .await;
+
+    klaus.stop().await;
+    staying.stop().await;
+    held.abort();
 }

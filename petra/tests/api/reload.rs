@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use rustls::pki_types::pem::PemObject;
 use rustls::version::TLS13;
 use serving::testing::{TestPki, handshake, loopback, server_cert, spawn, wait_until};
 
@@ -15,18 +16,7 @@ async fn serves_a_rotated_certificate_without_a_restart() {
         tls.reload_interval = Some(Duration::from_millis(50));
     }
     let petra = spawn(service).await;
-    let leaf = || async {
-        handshake(
-            petra.main_addr,
-            &pki.ca_file,
-            Some(&pki.klaus),
-            &[&TLS13],
-            &[b"http/1.1"],
-        )
-        .await
-        .expect("handshake")
-        .leaf
-    };
+    let leaf = || served_leaf(petra.main_addr, &pki);
     let first = leaf().await;
 
     // A half-written rotation (a key that does not match) keeps the old certificate.
@@ -73,23 +63,13 @@ async fn a_rotation_between_loading_and_serving_is_not_missed() {
     // rotation in between must still be picked up.
     let bound = service.bind().await.expect("binds");
     let addr = bound.main_addr();
+    let loaded = rustls::pki_types::CertificateDer::from_pem_file(&pki.petra.cert)
+        .expect("the certificate loaded");
     let next = server_cert(&pki.ca);
     std::fs::write(&pki.petra.cert, &next.cert).expect("write cert");
     std::fs::write(&pki.petra.key, &next.key).expect("write key");
     let serving = tokio::spawn(bound.serve(std::future::pending()));
-    let leaf = || async {
-        handshake(
-            addr,
-            &pki.ca_file,
-            Some(&pki.klaus),
-            &[&TLS13],
-            &[b"http/1.1"],
-        )
-        .await
-        .expect("handshake")
-        .leaf
-    };
-    let loaded = leaf().await;
+    let leaf = || served_leaf(addr, &pki);
     wait_until(
         "the certificate rotated before serving is served",
         Duration::from_secs(5),
@@ -97,4 +77,21 @@ async fn a_rotation_between_loading_and_serving_is_not_missed() {
     )
     .await;
     serving.abort();
+}
+
+/// The leaf certificate Petra at `addr` serves now (mutual TLS 1.3).
+async fn served_leaf(
+    addr: std::net::SocketAddr,
+    pki: &TestPki,
+) -> rustls::pki_types::CertificateDer<'static> {
+    handshake(
+        addr,
+        &pki.ca_file,
+        Some(&pki.klaus),
+        &[&TLS13],
+        &[b"http/1.1"],
+    )
+    .await
+    .expect("handshake")
+    .leaf
 }
