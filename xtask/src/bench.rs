@@ -88,6 +88,8 @@ struct Options {
     baseline: Option<String>,
     /// Rounds of that comparison; each pair runs once per round.
     rounds: usize,
+    /// Whether `--rounds` was given (it needs `--baseline`).
+    rounds_given: bool,
 }
 
 impl Options {
@@ -100,6 +102,7 @@ impl Options {
             quiet_wait: Duration::from_secs(30),
             baseline: None,
             rounds: 3,
+            rounds_given: false,
         };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
@@ -133,6 +136,7 @@ impl Options {
                         .with_context(|| {
                             format!("--rounds: '{value}' is not a number in 1..=20")
                         })?;
+                    options.rounds_given = true;
                 }
                 "--duration" | "--warmup" | "--quiet-wait" => {
                     let value = args
@@ -172,6 +176,11 @@ pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
     let started = Instant::now();
     let options = Options::parse(args)?;
     let sh = shell()?;
+    let baseline = options
+        .baseline
+        .as_deref()
+        .map(|rev| ab::Baseline::resolve(&sh, rev))
+        .transpose()?;
     let out = root().join("target/bench");
     let tools = step("load generator and reference server", || Tools::find(&sh))?;
     step("cargo build --release -p petra -p klaus", || {
@@ -184,13 +193,11 @@ pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
     };
     // Built before anything is measured, so that a revision that does not build fails the run
     // at once.
-    let baseline = match &options.baseline {
-        Some(rev) => Some(step(
-            &format!("baseline {rev}: release build of petra and klaus"),
-            || ab::Baseline::build(&sh, rev),
-        )?),
-        None => None,
-    };
+    if let Some(baseline) = &baseline {
+        step("baseline: release build of petra and klaus", || {
+            baseline.build(&sh)
+        })?;
+    }
     let certs = out.join("certs");
     step("certificates", || {
         if certs.exists() {

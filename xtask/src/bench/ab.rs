@@ -2,8 +2,9 @@
 //! release binaries against the current ones, in interleaved rounds within one run.
 //!
 //! The baseline is built in a temporary git worktree (removed afterwards) with its own target
-//! directory under `target/bench-baseline/`, and its two binaries are kept there by commit, so a
-//! rerun against the same revision builds nothing. Both pairs are fresh processes started
+//! directory under `target/bench-baseline/`, by the toolchain that builds the current binaries
+//! (so that the comparison is of code, not of compilers), and its two binaries are kept there by
+//! commit and compiler, so a rerun against the same revision builds nothing. Both pairs are fresh processes started
 //! together; the rounds alternate which pair goes first, so that a drift in the machine's load
 //! does not always land on the same side.
 
@@ -51,13 +52,15 @@ pub(super) struct Baseline {
     subject: String,
     /// The current revision: `HEAD`'s short hash, and whether tracked files differ from it.
     current: String,
+    /// The compiler both pairs are built with.
+    toolchain: Toolchain,
     bins: Binaries,
 }
 
 impl Baseline {
-    /// Resolves `rev` and builds its petra and klaus in release, unless binaries of that commit
-    /// are already kept.
-    pub(super) fn build(sh: &Shell, rev: &str) -> anyhow::Result<Self> {
+    /// Resolves `rev` to a commit and finds the toolchain, so that a mistyped revision fails
+    /// the run before anything is built.
+    pub(super) fn resolve(sh: &Shell, rev: &str) -> anyhow::Result<Self> {
         let spec = format!("{rev}^{{commit}}");
         let commit = cmd!(sh, "git rev-parse --verify --quiet {spec}")
             .quiet()
@@ -77,46 +80,113 @@ impl Baseline {
         } else {
             head
         };
-        let cache = root().join("target/bench-baseline");
-        let kept = cache.join("bin").join(&commit);
-        let bins = Binaries {
-            petra: kept.join("petra"),
-            klaus: kept.join("klaus"),
-        };
-        let short = &commit[..commit.len().min(10)];
-        if bins.petra.is_file() && bins.klaus.is_file() {
-            println!("    {rev} = {short}: binaries kept from an earlier build");
-        } else {
-            println!("    {rev} = {short}: building in a temporary worktree");
-            let worktree = Worktree::add(sh, &cache.join("src"), &commit)?;
-            {
-                let _dir = sh.push_dir(&worktree.path);
-                let _target = sh.push_env("CARGO_TARGET_DIR", cache.join("target"));
-                cmd!(sh, "cargo build --release --locked -p petra -p klaus").run()?;
-            }
-            // Copied next to each other first and then renamed as one, so that a run stopped
-            // half-way leaves no pair that looks complete.
-            let partial = cache.join("bin").join(format!("{commit}.partial"));
-            if partial.exists() {
-                fs::remove_dir_all(&partial)
-                    .with_context(|| format!("removing {}", partial.display()))?;
-            }
-            fs::create_dir_all(&partial)
-                .with_context(|| format!("creating {}", partial.display()))?;
-            for name in ["petra", "klaus"] {
-                let built = cache.join("target/release").join(name);
-                fs::copy(&built, partial.join(name))
-                    .with_context(|| format!("copying {}", built.display()))?;
-            }
-            fs::rename(&partial, &kept).with_context(|| format!("renaming {}", kept.display()))?;
-            drop(worktree);
-        }
+        let toolchain = Toolchain::current(sh)?;
+        let kept = cache().join("bin").join(&commit).join(&toolchain.rustc);
         Ok(Self {
             rev: rev.to_owned(),
             commit,
             subject,
             current,
-            bins,
+            toolchain,
+            bins: Binaries {
+                petra: kept.join("petra"),
+                klaus: kept.join("klaus"),
+            },
+        })
+    }
+
+    /// Builds the baseline's petra and klaus in release in a temporary worktree, unless
+    /// binaries of that commit and compiler are already kept.
+    pub(super) fn build(&self, sh: &Shell) -> anyhow::Result<()> {
+        let (rev, commit) = (&self.rev, &self.commit);
+        let short = &commit[..commit.len().min(10)];
+        if self.bins.petra.is_file() && self.bins.klaus.is_file() {
+            println!("    {rev} = {short}: binaries kept from an earlier build");
+            return Ok(());
+        }
+        println!("    {rev} = {short}: building in a temporary worktree");
+        let cache = cache();
+        let worktree = Worktree::add(sh, &cache.join("src"), commit)?;
+        {
+            let _dir = sh.push_dir(&worktree.path);
+            let _target = sh.push_env("CARGO_TARGET_DIR", cache.join("target"));
+            let _toolchain = self
+                .toolchain
+                .name
+                .as_ref()
+                .map(|name| sh.push_env("RUSTUP_TOOLCHAIN", name));
+            cmd!(sh, "cargo build --release --locked -p petra -p klaus").run()?;
+        }
+        // Copied next to each other first and then renamed as one, so that a run stopped
+        // half-way leaves no pair that looks complete.
+        let kept = self
+            .bins
+            .petra
+            .parent()
+            .context("no folder for the binaries")?;
+        let partial = kept.with_file_name(format!("{}.partial", self.toolchain.rustc));
+        for dir in [&partial, kept] {
+            if dir.exists() {
+                fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+            }
+        }
+        fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+        for name in ["petra", "klaus"] {
+            let built = cache.join("target/release").join(name);
+            fs::copy(&built, partial.join(name))
+                .with_context(|| format!("copying {}", built.display()))?;
+        }
+        fs::rename(&partial, kept).with_context(|| format!("renaming {}", kept.display()))?;
+        drop(worktree);
+        Ok(())
+    }
+}
+
+/// Where baselines are built and kept: `target/bench-baseline/` (`src` the worktree while it
+/// lives, `target` its cargo target directory, `bin/COMMIT/RUSTC/` the binaries).
+fn cache() -> PathBuf {
+    root().join("target/bench-baseline")
+}
+
+/// The compiler that builds the current binaries.
+#[derive(Debug)]
+struct Toolchain {
+    /// The rustup toolchain, when rustup is in use: what `cargo xtask` passes down in
+    /// `RUSTUP_TOOLCHAIN`, else what the workspace's `rust-toolchain.toml` selects.
+    name: Option<String>,
+    /// `rustc`'s release and commit, e.g. `1.95.0-59807616e`: part of where binaries are kept.
+    rustc: String,
+}
+
+impl Toolchain {
+    fn current(sh: &Shell) -> anyhow::Result<Self> {
+        let name = std::env::var("RUSTUP_TOOLCHAIN")
+            .ok()
+            .filter(|name| !name.is_empty())
+            .or_else(|| {
+                let active = cmd!(sh, "rustup show active-toolchain")
+                    .quiet()
+                    .ignore_stderr()
+                    .read()
+                    .ok()?;
+                active.split_whitespace().next().map(str::to_owned)
+            });
+        let version = {
+            let _toolchain = name.as_ref().map(|n| sh.push_env("RUSTUP_TOOLCHAIN", n));
+            cmd!(sh, "rustc -vV").quiet().read()?
+        };
+        let field = |key: &str| {
+            version
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(str::trim)
+                .unwrap_or("unknown")
+                .to_owned()
+        };
+        let hash = field("commit-hash:");
+        Ok(Self {
+            name,
+            rustc: format!("{}-{}", field("release:"), &hash[..hash.len().min(9)]),
         })
     }
 }
@@ -345,12 +415,13 @@ impl Ab {
             md,
             "\nA/B, Klaus e2e with the HTTPS front at {BUDGET_CONNECTIONS} connections: current \
              {} against baseline {} = {} ({}). {} rounds, the baseline first in odd rounds; both \
-             pairs fresh and started together; CPU is Klaus + Petra.\n",
+             pairs fresh and started together, built by rustc {}; CPU is Klaus + Petra.\n",
             b.current,
             b.rev,
             &b.commit[..b.commit.len().min(10)],
             shorten(&b.subject, 80),
-            self.rounds()
+            self.rounds(),
+            b.toolchain.rustc
         );
         md.push_str(
             "| round | build | req/s | p50 ms | p99 ms | errors | non-2xx | server CPU µs/req | other load |\n\
@@ -399,6 +470,7 @@ impl Ab {
             "commit": b.commit,
             "subject": b.subject,
             "current": b.current,
+            "rustc": b.toolchain.rustc,
             "rounds": self.rounds(),
             "runs": self.runs.iter().map(|r| {
                 let mut run = case_json(&r.measured);
@@ -422,6 +494,9 @@ fn shorten(text: &str, max: usize) -> String {
 
 /// Refuses `--baseline` where the A/B rounds would not run.
 pub(super) fn check_options(options: &Options) -> anyhow::Result<()> {
+    if options.baseline.is_none() && options.rounds_given {
+        bail!("--rounds counts the rounds of --baseline; give a baseline too");
+    }
     if options.baseline.is_some() && !options.measures("klaus") {
         bail!("--baseline compares Klaus end to end; it does not go with --only petra");
     }
