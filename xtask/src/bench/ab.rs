@@ -2,11 +2,12 @@
 //! release binaries against the current ones, in interleaved rounds within one run.
 //!
 //! The baseline is built in a temporary git worktree (removed afterwards) with its own target
-//! directory under `target/bench-baseline/`, by the toolchain that builds the current binaries
-//! (so that the comparison is of code, not of compilers), and its two binaries are kept there by
-//! commit and compiler, so a rerun against the same revision builds nothing. Both pairs are fresh processes started
-//! together; the rounds alternate which pair goes first, so that a drift in the machine's load
-//! does not always land on the same side.
+//! directory under `target/bench-baseline/` (the compiled dependencies it shares with the
+//! current build are reused from `target/`), by the toolchain that builds the current binaries,
+//! so that the comparison is of code and not of compilers. Its two binaries are kept there by
+//! commit and compiler, so a rerun against the same revision builds nothing. Both pairs are
+//! fresh processes started together; the rounds alternate which pair goes first, so that a drift
+//! in the machine's load does not always land on the same side.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -109,7 +110,11 @@ impl Baseline {
         let worktree = Worktree::add(sh, &cache.join("src"), commit)?;
         {
             let _dir = sh.push_dir(&worktree.path);
+            // The compiled dependencies go to the workspace's own target directory (cargo's
+            // build-dir), so that those both revisions share are compiled once; the
+            // baseline's binaries land in its own target directory, away from the current ones.
             let _target = sh.push_env("CARGO_TARGET_DIR", cache.join("target"));
+            let _build = sh.push_env("CARGO_BUILD_BUILD_DIR", root().join("target"));
             let _toolchain = self
                 .toolchain
                 .name
@@ -282,12 +287,10 @@ pub(super) fn run(
             [false, true]
         };
         for is_baseline in order {
+            let target = if is_baseline { BASELINE } else { CURRENT };
             let case = Case {
-                id: format!(
-                    "{}/r{round}-c{BUDGET_CONNECTIONS}",
-                    if is_baseline { BASELINE } else { CURRENT }.key
-                ),
-                target: if is_baseline { BASELINE } else { CURRENT },
+                id: format!("{}/r{round}-c{BUDGET_CONNECTIONS}", target.key),
+                target,
                 conns: BUDGET_CONNECTIONS,
                 mode: Mode::KeepAlive,
             };
