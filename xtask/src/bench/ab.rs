@@ -2,8 +2,7 @@
 //! release binaries against the current ones, in interleaved rounds within one run.
 //!
 //! The baseline is built in a temporary git worktree (removed afterwards) with its own target
-//! directory under `target/bench-baseline/` (the compiled dependencies it shares with the
-//! current build are reused from `target/`), by the toolchain that builds the current binaries,
+//! directory under `target/bench-baseline/`, by the toolchain that builds the current binaries,
 //! so that the comparison is of code and not of compilers. Its two binaries are kept there by
 //! commit and compiler, so a rerun against the same revision builds nothing. Both pairs are
 //! fresh processes started together; the rounds alternate which pair goes first, so that a drift
@@ -110,11 +109,11 @@ impl Baseline {
         let worktree = Worktree::add(sh, &cache.join("src"), commit)?;
         {
             let _dir = sh.push_dir(&worktree.path);
-            // The compiled dependencies go to the workspace's own target directory (cargo's
-            // build-dir), so that those both revisions share are compiled once; the
-            // baseline's binaries land in its own target directory, away from the current ones.
+            // A target directory of its own: sharing `target/` (or only its build-dir) would
+            // not work, since cargo names a workspace's own crates by their path relative to
+            // the workspace root, the same in both checkouts, so each build would overwrite the
+            // other's serving, petra and klaus and recompile them every run.
             let _target = sh.push_env("CARGO_TARGET_DIR", cache.join("target"));
-            let _build = sh.push_env("CARGO_BUILD_BUILD_DIR", root().join("target"));
             let _toolchain = self
                 .toolchain
                 .name
