@@ -119,7 +119,9 @@ impl Baseline {
                 .name
                 .as_ref()
                 .map(|name| sh.push_env("RUSTUP_TOOLCHAIN", name));
-            cmd!(sh, "cargo build --release --locked -p petra -p klaus").run()?;
+            cmd!(sh, "cargo build --release --locked -p petra -p klaus")
+                .run()
+                .with_context(|| format!("--baseline {rev} ({short}) does not build"))?;
         }
         // Copied next to each other first and then renamed as one, so that a run stopped
         // half-way leaves no pair that looks complete.
