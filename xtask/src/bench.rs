@@ -6,6 +6,9 @@
 //! is owned by a guard that kills it when dropped, so a failed step leaves nothing behind. The
 //! load generator (oha) shares the cores with the servers, so CPU time per request is read
 //! from the servers' own `/proc/PID/stat` over the measured window, never from wall time.
+//! With `--baseline REV`, [`ab`] also compares Klaus with another revision's build.
+
+mod ab;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -29,7 +32,7 @@ use crate::util::{
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--quick] [--only petra|klaus] [--duration SECS] [--warmup SECS]
-                         [--quiet-wait SECS]
+                         [--quiet-wait SECS] [--baseline REV [--rounds N]]
 
   --quick          a smoke run: 2 s per case after a 1 s warm-up, 3 startup runs
   --only SERVICE   measure only Petra direct or only Klaus end to end (and its nginx reference)
@@ -37,6 +40,11 @@ usage: cargo xtask bench [--quick] [--only petra|klaus] [--duration SECS] [--war
   --warmup SECS    warm-up before each case, not measured (default 2)
   --quiet-wait SECS  before each case, wait up to this long for other processes' load to
                    pass (default 30; 0 never waits)
+  --baseline REV   A/B: also build REV's petra and klaus (a git revision: 229de98, HEAD~3) in
+                   a temporary worktree, run Klaus end to end at 64 connections for that pair
+                   and the current pair in interleaved rounds, and check that the current
+                   pair's median CPU per request is at most 1.10x the baseline's
+  --rounds N       rounds of the A/B comparison, each pair once per round (default 3)
 ";
 
 /// The concurrency levels every keep-alive case runs at.
@@ -58,6 +66,9 @@ mod budget {
     pub(super) const P99_RATIO: f64 = 2.0;
     /// Resident memory of an idle service.
     pub(super) const IDLE_RSS_MB: f64 = 10.0;
+    /// CPU per Klaus request at most this many times a baseline revision's, A/B medians of
+    /// one run (`--baseline`).
+    pub(super) const AB_CPU_RATIO: f64 = 1.10;
     /// Resident memory of a service at 512 connections.
     pub(super) const LOADED_RSS_MB: f64 = 64.0;
     /// Process start to the first 200 from `/readyz`.
@@ -73,6 +84,12 @@ struct Options {
     only: Option<String>,
     /// How long to wait before each case for other processes' load to pass.
     quiet_wait: Duration,
+    /// The revision to compare Klaus with (`--baseline`), if any.
+    baseline: Option<String>,
+    /// Rounds of that comparison; each pair runs once per round.
+    rounds: usize,
+    /// Whether `--rounds` was given (it needs `--baseline`).
+    rounds_given: bool,
 }
 
 impl Options {
@@ -83,6 +100,9 @@ impl Options {
             startup_runs: 7,
             only: None,
             quiet_wait: Duration::from_secs(30),
+            baseline: None,
+            rounds: 3,
+            rounds_given: false,
         };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
@@ -99,6 +119,24 @@ impl Options {
                         bail!("--only takes petra or klaus, not '{service}'\n\n{USAGE}");
                     }
                     options.only = Some(service.clone());
+                }
+                "--baseline" => {
+                    let rev = args.next().context("--baseline needs a git revision")?;
+                    if rev.is_empty() || rev.starts_with('-') {
+                        bail!("--baseline needs a git revision, not '{rev}'\n\n{USAGE}");
+                    }
+                    options.baseline = Some(rev.clone());
+                }
+                "--rounds" => {
+                    let value = args.next().context("--rounds needs a number")?;
+                    options.rounds = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=20).contains(n))
+                        .with_context(|| {
+                            format!("--rounds: '{value}' is not a number in 1..=20")
+                        })?;
+                    options.rounds_given = true;
                 }
                 "--duration" | "--warmup" | "--quiet-wait" => {
                     let value = args
@@ -124,6 +162,7 @@ impl Options {
                 other => bail!("unknown option '{other}'\n\n{USAGE}"),
             }
         }
+        ab::check_options(&options)?;
         Ok(options)
     }
 
@@ -137,6 +176,11 @@ pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
     let started = Instant::now();
     let options = Options::parse(args)?;
     let sh = shell()?;
+    let baseline = options
+        .baseline
+        .as_deref()
+        .map(|rev| ab::Baseline::resolve(&sh, rev))
+        .transpose()?;
     let out = root().join("target/bench");
     let tools = step("load generator and reference server", || Tools::find(&sh))?;
     step("cargo build --release -p petra -p klaus", || {
@@ -147,6 +191,13 @@ pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
         petra: root().join("target/release/petra"),
         klaus: root().join("target/release/klaus"),
     };
+    // Built before anything is measured, so that a revision that does not build fails the run
+    // at once.
+    if let Some(baseline) = &baseline {
+        step("baseline: release build of petra and klaus", || {
+            baseline.build(&sh)
+        })?;
+    }
     let certs = out.join("certs");
     step("certificates", || {
         if certs.exists() {
@@ -198,6 +249,12 @@ pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
     }
     let peak = stack.peak_rss()?;
     drop(stack);
+    let ab = match baseline {
+        Some(baseline) => Some(ab::run(
+            baseline, &bins, &tools, &certs, &out, &options, &machine,
+        )?),
+        None => None,
+    };
     // The table reads best by kind of load, then by connections; within that, in run order.
     results.sort_by_key(|m| (m.case.mode == Mode::Churn, m.case.conns));
 
@@ -209,6 +266,7 @@ pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
         idle,
         peak,
         results,
+        ab,
         wall: started.elapsed(),
     };
     let checks = report.checks();
@@ -643,8 +701,14 @@ fn startup(
     Ok(times)
 }
 
+/// The median of sorted values: the middle one, or the mean of the two middle ones.
 fn median(sorted: &[f64]) -> f64 {
-    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+    let n = sorted.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => sorted[n / 2],
+        _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }
 
 /// Processes whose CPU and memory are measured together under one name.
@@ -1378,6 +1442,8 @@ struct Report {
     idle: BTreeMap<&'static str, f64>,
     peak: BTreeMap<&'static str, f64>,
     results: Vec<Measured>,
+    /// The A/B comparison with `--baseline`.
+    ab: Option<ab::Ab>,
     wall: Duration,
 }
 
@@ -1498,7 +1564,15 @@ impl Report {
                 pass: ms.map(|ms| ms <= budget::STARTUP_MS),
             });
         }
-        let ours: Vec<&Measured> = self.results.iter().filter(|m| m.case.target.ours).collect();
+        if let Some(ab) = &self.ab {
+            checks.push(ab.check());
+        }
+        let ours: Vec<&Measured> = self
+            .results
+            .iter()
+            .filter(|m| m.case.target.ours)
+            .chain(self.ab.iter().flat_map(|ab| ab.current()))
+            .collect();
         let failed: u64 = ours.iter().map(|m| m.errors + m.non_2xx).sum();
         let total: u64 = ours.iter().map(|m| m.responses + m.errors).sum();
         checks.push(Check {
@@ -1581,6 +1655,9 @@ impl Report {
                 mb(self.peak.get(name).copied()),
             );
         }
+        if let Some(ab) = &self.ab {
+            ab.markdown(&mut md);
+        }
         md.push_str("\n| budget | figure | limit | result |\n|---|---|---|---|\n");
         for c in checks {
             let result = match c.pass {
@@ -1607,32 +1684,38 @@ impl Report {
             "startup_ms": self.startup,
             "idle_rss_mb": self.idle,
             "peak_rss_mb": self.peak,
-            "cases": self.results.iter().map(|r| json!({
-                "id": r.case.id,
-                "what": describe(&r.case),
-                "target": r.case.target.key,
-                "ours": r.case.target.ours,
-                "connections": r.case.conns,
-                "mode": format!("{:?}", r.case.mode),
-                "responses": r.responses,
-                "seconds": r.seconds,
-                "requests_per_second": r.rps,
-                "p50_ms": r.p50_ms,
-                "p99_ms": r.p99_ms,
-                "p99_9_ms": r.p999_ms,
-                "errors": r.errors,
-                "error_kinds": r.error_kinds,
-                "non_2xx": r.non_2xx,
-                "cpu_us_per_request": r.cpu_us_per_request,
-                "cpu_seconds": r.cpu_seconds,
-                "peak_rss_mb": r.peak_rss_mb,
-                "other_load_percent": r.background_pct,
-            })).collect::<Vec<_>>(),
+            "cases": self.results.iter().map(case_json).collect::<Vec<_>>(),
+            "baseline": self.ab.as_ref().map(ab::Ab::json),
             "budget": checks.iter().map(|c| json!({
                 "line": c.line, "figure": c.figure, "limit": c.limit, "pass": c.pass,
             })).collect::<Vec<_>>(),
         })
     }
+}
+
+/// One measured case in `summary.json`.
+fn case_json(r: &Measured) -> Value {
+    json!({
+        "id": r.case.id,
+        "what": describe(&r.case),
+        "target": r.case.target.key,
+        "ours": r.case.target.ours,
+        "connections": r.case.conns,
+        "mode": format!("{:?}", r.case.mode),
+        "responses": r.responses,
+        "seconds": r.seconds,
+        "requests_per_second": r.rps,
+        "p50_ms": r.p50_ms,
+        "p99_ms": r.p99_ms,
+        "p99_9_ms": r.p999_ms,
+        "errors": r.errors,
+        "error_kinds": r.error_kinds,
+        "non_2xx": r.non_2xx,
+        "cpu_us_per_request": r.cpu_us_per_request,
+        "cpu_seconds": r.cpu_seconds,
+        "peak_rss_mb": r.peak_rss_mb,
+        "other_load_percent": r.background_pct,
+    })
 }
 
 /// A case in words, for the table.

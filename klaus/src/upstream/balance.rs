@@ -242,6 +242,8 @@ impl Endpoints {
             }
             if done {
                 self.note_none();
+                // Petra may be back already: the next call should not wait for the interval.
+                self.request_resolve();
                 return Err(self.why_none());
             }
             match tokio::time::timeout_at(deadline, resolved.changed()).await {
