@@ -58,6 +58,10 @@ pub(crate) struct Endpoints {
     resolved: watch::Sender<bool>,
     /// Asks discovery to resolve again now.
     resolve_now: Notify,
+    /// Discovery's finished rounds, for a call that waits for a fresh one.
+    rounds: watch::Sender<u64>,
+    /// Whether some URL's host is a name (one of addresses only has nothing to look up).
+    names: bool,
     /// The priority the last first attempt went to, -1 for none; changed under `changing`,
     /// so that the log, the gauge and the value agree.
     in_use: AtomicI64,
@@ -81,11 +85,16 @@ impl Endpoints {
         metrics: PetraMetrics,
     ) -> Self {
         let groups = targets.iter().map(|_| Group::default()).collect();
+        let names = targets
+            .iter()
+            .any(|target| target.host.parse::<std::net::IpAddr>().is_err());
         Self {
             targets: targets.into_iter().map(Arc::new).collect(),
             snapshot: ArcSwap::from_pointee(Snapshot { groups }),
             resolved: watch::Sender::new(false),
             resolve_now: Notify::new(),
+            rounds: watch::Sender::new(0),
+            names,
             in_use: AtomicI64::new(-1),
             changing: Mutex::new(()),
             panicking: AtomicBool::new(false),
@@ -116,6 +125,25 @@ impl Endpoints {
     /// that is gone.
     pub(crate) fn request_resolve(&self) {
         self.resolve_now.notify_one();
+    }
+
+    /// Discovery has finished a round.
+    pub(crate) fn round_done(&self) {
+        self.rounds.send_modify(|round| *round += 1);
+    }
+
+    /// Asks for a round and waits up to `patience` for it to finish: a retry that found no
+    /// other endpoint may find one the DNS gives now (a replica that has just started while
+    /// the one tried goes away, faster than the resolve interval). Returns at once when every
+    /// URL names an address.
+    pub(crate) async fn fresh_round(&self, patience: Duration) {
+        if !self.names {
+            return;
+        }
+        let mut rounds = self.rounds.subscribe();
+        rounds.borrow_and_update();
+        self.request_resolve();
+        let _ = tokio::time::timeout(patience, rounds.changed()).await;
     }
 
     /// Takes the answer for the URL at `index`: endpoints still named keep their connections

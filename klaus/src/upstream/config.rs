@@ -45,7 +45,7 @@ pub struct PetraArgs {
     pub petra_timeout_ms: u64,
 
     /// How often, in seconds, each URL's host is resolved again (a headless Service answers
-    /// with one address per ready pod). A failed attempt also triggers one, at most every 250 ms.
+    /// with one address per ready pod). A failed attempt also triggers one, at most every 100 ms.
     #[arg(long, env = "PETRA_RESOLVE_INTERVAL_SECONDS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub petra_resolve_interval_seconds: u64,

@@ -89,7 +89,7 @@ fn is_not_found(err: &std::io::Error) -> bool {
 }
 
 /// Resolves every URL's host now, then every `interval` and whenever `endpoints` asks (a
-/// failed attempt), at most every 250 ms, until `stop`.
+/// failed attempt), at most every 100 ms, until `stop`.
 pub(crate) fn spawn(
     endpoints: Arc<Endpoints>,
     resolver: Arc<dyn Resolve>,
@@ -98,7 +98,7 @@ pub(crate) fn spawn(
 ) {
     tokio::spawn(async move {
         // At most this often on demand, so that a flapping endpoint cannot flood the DNS.
-        const MIN_GAP: Duration = Duration::from_millis(250);
+        const MIN_GAP: Duration = Duration::from_millis(100);
         loop {
             // Each URL's answer is taken as it comes: a slow name (another cloud's) does not
             // hold up the others.
@@ -112,6 +112,7 @@ pub(crate) fn spawn(
                 },
             ))
             .await;
+            endpoints.round_done();
             let rested = tokio::time::sleep(MIN_GAP);
             tokio::select! {
                 () = stop.cancelled() => return,

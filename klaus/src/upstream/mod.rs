@@ -56,6 +56,9 @@ const KLAUS_AGENT: HeaderValue =
 /// These retries are free of the budget: Petra did no work, and the connection is going away.
 const MAX_REFUSED_RETRIES: u32 = 2;
 
+/// How long a retry that found no other endpoint waits for a fresh resolution.
+const FRESH_ROUND_PATIENCE: Duration = Duration::from_millis(200);
+
 /// Attempts of one call at most: the first and two retries, each on an endpoint not tried yet
 /// where there is one (a replica gone, then a whole priority).
 const MAX_ATTEMPTS: usize = 3;
@@ -212,7 +215,18 @@ impl PetraClient {
             if tried.len() >= MAX_ATTEMPTS {
                 break;
             }
-            let (next, profile) = match inner.endpoints.other(&tried) {
+            let mut other = inner.endpoints.other(&tried);
+            if other.is_none() {
+                // The DNS may know an endpoint Klaus has not resolved yet (a rolling restart
+                // moves faster than the resolve interval): ask, briefly.
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                inner
+                    .endpoints
+                    .fresh_round(FRESH_ROUND_PATIENCE.min(left / 4))
+                    .await;
+                other = inner.endpoints.other(&tried);
+            }
+            let (next, profile) = match other {
                 // Another endpoint's pooled connection, unless the connection closed with no
                 // reason given (a refused certificate can look like that over HTTP/2).
                 Some(other) if err.wants_fresh_connection() => (other, Profile::Fresh),

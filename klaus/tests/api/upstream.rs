@@ -558,3 +558,32 @@ async fn a_replica_gone_from_the_dns_is_not_dialled() {
     staying.stop().await;
     held.abort();
 }
+
+#[tokio::test]
+async fn a_retry_finds_a_replica_the_dns_has_just_added() {
+    // A rolling restart faster than the resolve interval: the replica Klaus knows goes away
+    // just after another has come up, which Klaus has not resolved yet.
+    let pki = TestPki::new();
+    let cert = server_cert(&pki, &["petra.test"]);
+    let (old, new) = (ip(71), ip(72));
+    let port = shared_port(&[old, new]);
+    let leaving = petra_at(&pki, &cert, SocketAddr::new(old, port)).await;
+    let dns = Arc::new(Dns::default());
+    dns.set("petra.test", &[old]);
+    let klaus = klaus_with(&pki, &format!("https://petra.test:{port}"), &dns, |args| {
+        args.petra_resolve_interval_seconds = 3600;
+    })
+    .await;
+    assert_eq!(failed(&calls(&klaus, 5, 1).await), 0);
+
+    let arrived = petra_at(&pki, &cert, SocketAddr::new(new, port)).await;
+    dns.set("petra.test", &[old, new]);
+    leaving.stop().await;
+    // The first call finds the old replica refusing; its retry looks again and finds the new.
+    let (status, _, body) = get(&klaus.http_url()).await;
+    assert_eq!((status, body.as_str()), (200, "hello world"));
+    assert_eq!(failed(&calls(&klaus, 10, 1).await), 0);
+    assert!(served(&arrived).await >= 11.0);
+    klaus.stop().await;
+    arrived.stop().await;
+}
