@@ -203,7 +203,7 @@ impl PetraClient {
             Err(none) => return Err(self.no_endpoint(none)),
         };
         let mut result = self
-            .attempt(&first, Profile::Pooled, incoming, deadline)
+            .attempt(&first, Profile::Pooled, incoming, deadline, true)
             .await;
         if result.is_ok() {
             inner.budget.deposit();
@@ -246,7 +246,7 @@ impl PetraClient {
             inner.metrics.retry("attempted");
             tracing::debug!(error = %Chain(err), from = %tried[tried.len() - 1].addr, to = %next.addr, "retrying the call to Petra");
             result = self
-                .attempt_on(&next, profile, incoming, deadline, false)
+                .attempt(&next, profile, incoming, deadline, false)
                 .await;
             tried.push(next);
         }
@@ -256,22 +256,10 @@ impl PetraClient {
         result
     }
 
-    /// A call's first attempt: see [`PetraClient::attempt_on`].
-    async fn attempt(
-        &self,
-        endpoint: &Endpoint,
-        profile: Profile,
-        incoming: &HeaderMap,
-        deadline: tokio::time::Instant,
-    ) -> Result<String, PetraError> {
-        self.attempt_on(endpoint, profile, incoming, deadline, true)
-            .await
-    }
-
     /// One attempt on `endpoint` with the client of `profile`: the request sent and the body
     /// read before `deadline`. The outcome is recorded against the endpoint, except a retry's
     /// timeout at the call's deadline (`first` false): it had less than its share of time.
-    async fn attempt_on(
+    async fn attempt(
         &self,
         endpoint: &Endpoint,
         profile: Profile,
