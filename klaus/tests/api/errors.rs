@@ -288,16 +288,7 @@ async fn klaus_recovers_when_petra_comes_back() {
 #[tokio::test]
 async fn a_petra_that_never_finishes_the_tls_handshake_gives_504_at_the_deadline() {
     // Accepts TCP connections and never says a word: the handshake cannot finish.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = silent.local_addr().expect("addr");
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((stream, _)) = silent.accept().await {
-            open.push(stream);
-        }
-    });
+    let (addr, held) = crate::helpers::silent_listener("127.0.0.1:0").await;
     let pki = TestPki::new();
     let mut args = petra_args(
         &format!("https://localhost:{}", addr.port()),

@@ -120,3 +120,20 @@ pub(crate) fn refused_url() -> String {
         .port();
     format!("https://127.0.0.3:{port}")
 }
+
+/// A listener at `addr` that accepts TCP connections and never says a word (a peer that hangs
+/// in the TLS handshake, or an address whose packets go nowhere): its address, and the task
+/// holding the connections open until it is aborted.
+pub(crate) async fn silent_listener(
+    addr: impl tokio::net::ToSocketAddrs,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    let bound = listener.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            open.push(stream);
+        }
+    });
+    (bound, held)
+}

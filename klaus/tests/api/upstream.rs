@@ -16,7 +16,7 @@ use klaus::upstream::{Resolution, Resolve};
 use serving::certs::Usage;
 use serving::testing::{Files, Running, TestPki, loopback, spawn, wait_until};
 
-use crate::helpers::{get, petra_args, serve_args};
+use crate::helpers::{get, petra_args, serve_args, silent_listener};
 
 /// Petra's host names, as the test sets them; a name not set does not resolve.
 #[derive(Debug, Default)]
@@ -302,15 +302,7 @@ async fn a_call_moves_to_another_endpoint_within_its_deadline() {
     // The first priority accepts TCP and never answers the TLS handshake: a replica that hangs.
     let (silent_ip, good_ip) = (ip(31), ip(32));
     let port = shared_port(&[silent_ip, good_ip]);
-    let silent = tokio::net::TcpListener::bind((silent_ip, port))
-        .await
-        .expect("bind");
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((stream, _)) = silent.accept().await {
-            open.push(stream);
-        }
-    });
+    let (_, held) = silent_listener((silent_ip, port)).await;
     let pki = TestPki::new();
     let cert = server_cert(&pki, &["hung.test", "petra.test"]);
     let petra = petra_at(&pki, &cert, SocketAddr::new(good_ip, port)).await;
@@ -523,15 +515,7 @@ async fn a_replica_gone_from_the_dns_is_not_dialled() {
     // pod is gone: packets go nowhere), and the DNS no longer names it. Klaus still has it
     // until it resolves again; a new connection to it would wait for the connect timeout.
     going.stop().await;
-    let void = tokio::net::TcpListener::bind((goes, port))
-        .await
-        .expect("bind");
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((stream, _)) = void.accept().await {
-            open.push(stream);
-        }
-    });
+    let (_, held) = silent_listener((goes, port)).await;
     dns.set("petra.test", &[stays]);
     for _ in 0..20 {
         let started = Instant::now();
