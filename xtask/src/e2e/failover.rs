@@ -21,7 +21,7 @@ use super::faults::{
     ADMIN_PORT, HEALTHY_DEADLINE, Klaus, Oha, container_ip, load_args, scrape, short, state,
     sum_samples,
 };
-use super::{KLAUS_PORT, Project, STARTUP_DEADLINE, ensure_port_free, get, pass, wait_for};
+use super::{KLAUS_PORT, Project, ensure_port_free, pass, wait_for};
 
 /// The compose file the scenario runs on.
 const FILE: &str = "docker-compose.clouds.yml";
@@ -206,11 +206,7 @@ fn failover(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<()> 
     let b = Petra::all(sh, project, CLOUD_B)?;
     let [b] = <[Petra; 1]>::try_from(b)
         .map_err(|b| anyhow::anyhow!("cloud B has {} Petra containers, not 1", b.len()))?;
-    let klaus = Klaus::find(sh, project)?;
-    wait_for(STARTUP_DEADLINE, || {
-        get(klaus.main, "/").ok().filter(|r| r.status == 200)
-    })
-    .with_context(|| format!("Klaus at {} did not answer 200 after `up -d`", klaus.main))?;
+    let klaus = Klaus::answering(sh, project)?;
     pass(&format!(
         "{REPLICAS_A} Petra replicas in cloud A and 1 in cloud B healthy, Klaus answers 200 at {} ({:.1}s after up)",
         klaus.main,

@@ -120,11 +120,7 @@ fn scenarios(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<()>
         })
         .with_context(|| format!("Petra replica {} never became healthy", short(id)))?;
     }
-    let klaus = Klaus::find(sh, project)?;
-    wait_for(STARTUP_DEADLINE, || {
-        get(klaus.main, "/").ok().filter(|r| r.status == 200)
-    })
-    .with_context(|| format!("Klaus at {} did not answer 200 after `up -d`", klaus.main))?;
+    let klaus = Klaus::answering(sh, project)?;
     pass(&format!(
         "{REPLICAS} Petra replicas healthy, Klaus answers 200 at {} ({:.1}s after up)",
         klaus.main,
@@ -636,6 +632,17 @@ impl Klaus {
             main: SocketAddr::new(ip, KLAUS_PORT),
             admin: SocketAddr::new(ip, ADMIN_PORT),
         })
+    }
+
+    /// [`Klaus::find`], then waits until Klaus answers `GET /` with 200 (within
+    /// [`STARTUP_DEADLINE`] of `up -d`).
+    pub(super) fn answering(sh: &Shell, project: &Project<'_>) -> anyhow::Result<Self> {
+        let klaus = Self::find(sh, project)?;
+        wait_for(STARTUP_DEADLINE, || {
+            get(klaus.main, "/").ok().filter(|r| r.status == 200)
+        })
+        .with_context(|| format!("Klaus at {} did not answer 200 after `up -d`", klaus.main))?;
+        Ok(klaus)
     }
 
     pub(super) fn url(&self) -> String {
