@@ -234,13 +234,18 @@ fn failover(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<()> 
         (steps.and_then(|s| Ok((s, report?))), samples)
     });
     // Klaus's own account, printed whether the scenario passes or not.
-    match &steps {
+    let logged = match &steps {
         Ok(((moments, ..), _)) => {
             print_klaus_upstream_log(sh, &klaus, moments.stop_wall, "after `docker stop` of A")
         }
         Err(_) => print_klaus_upstream_log(sh, &klaus, t0_wall, "after the load began"),
-    }
+    };
     let ((moments, mut served, a), report) = steps?;
+    // The log lines the README promises, in the order the scenario makes them.
+    ensure!(
+        in_order(&logged, &LOGGED_SEQUENCE),
+        "Klaus's log about its endpoints (above) lacks, in this order: {LOGGED_SEQUENCE:?}"
+    );
     after_load(&klaus, &a, &b, &mut served)?;
     ensure!(
         moments.back + Duration::from_secs(2) <= LOAD,
@@ -516,14 +521,36 @@ const UPSTREAM_MESSAGES: [&str; 5] = [
     "back after",
 ];
 
+/// What Klaus must log while cloud A goes and comes back, in this order (each a message's
+/// beginning): the failover, then the failback. (Whether A's endpoints are ejected before the
+/// DNS drops them depends on timing, so an ejection line is printed but not required.)
+const LOGGED_SEQUENCE: [&str; 2] = [
+    "failing over to the next Petra priority",
+    "failing back to a higher Petra priority",
+];
+
+/// Whether `messages` hold a message beginning with each of `sequence`, in that order.
+fn in_order(messages: &[String], sequence: &[&str]) -> bool {
+    let mut rest = messages.iter();
+    sequence
+        .iter()
+        .all(|wanted| rest.any(|message| message.starts_with(wanted)))
+}
+
 /// Prints Klaus's log lines about its endpoints, each with its time relative to `origin`
-/// (`since` names it), so that the sequence (and any flapping) shows.
-fn print_klaus_upstream_log(sh: &Shell, klaus: &Klaus, origin: SystemTime, since: &str) {
+/// (`since` names it), so that the sequence (and any flapping) shows; returns their messages.
+fn print_klaus_upstream_log(
+    sh: &Shell,
+    klaus: &Klaus,
+    origin: SystemTime,
+    since: &str,
+) -> Vec<String> {
     let id = &klaus.id;
     let Ok(log) = cmd!(sh, "docker logs {id}").quiet().ignore_stderr().read() else {
         eprintln!("warning: cannot read Klaus's log");
-        return;
+        return Vec::new();
     };
+    let mut messages = Vec::new();
     let origin_of_day = origin
         .duration_since(UNIX_EPOCH)
         .map_or(f64::NAN, |d| d.as_secs_f64() % DAY);
@@ -553,7 +580,9 @@ fn print_klaus_upstream_log(sh: &Shell, klaus: &Klaus, origin: SystemTime, since
             })
             .collect();
         println!("    {at:>7}s {message} ({})", details.join(", "));
+        messages.push(message.to_owned());
     }
+    messages
 }
 
 /// Seconds in a day.
@@ -567,4 +596,28 @@ fn seconds_of_day(timestamp: &str) -> Option<f64> {
     let minutes: f64 = parts.next()?.parse().ok()?;
     let seconds: f64 = parts.next()?.parse().ok()?;
     Some(hours * 3600.0 + minutes * 60.0 + seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_logged_sequence_must_come_in_order() {
+        let log = |lines: &[&str]| lines.iter().map(|l| (*l).to_owned()).collect::<Vec<_>>();
+        let full = log(&[
+            "Petra endpoints changed",
+            "ejected a Petra endpoint after consecutive failures",
+            "failing over to the next Petra priority: no endpoint of a higher one is available",
+            "ejected a Petra endpoint after consecutive failures",
+            "failing back to a higher Petra priority",
+        ]);
+        assert!(in_order(&full, &LOGGED_SEQUENCE));
+        let back_first = log(&[
+            "failing back to a higher Petra priority",
+            "failing over to the next Petra priority",
+        ]);
+        assert!(!in_order(&back_first, &LOGGED_SEQUENCE));
+        assert!(!in_order(&[], &LOGGED_SEQUENCE));
+    }
 }
