@@ -6,9 +6,12 @@
 //! is owned by a guard that kills it when dropped, so a failed step leaves nothing behind. The
 //! load generator (oha) shares the cores with the servers, so CPU time per request is read
 //! from the servers' own `/proc/PID/stat` over the measured window, never from wall time.
-//! With `--baseline REV`, [`ab`] also compares Klaus with another revision's build.
+//! With `--baseline REV`, [`ab`] also compares Klaus with another revision's build; [`placement`]
+//! puts a link between Klaus and Petra and overloads Klaus, and [`plot`] draws what it found.
 
 mod ab;
+mod placement;
+mod plot;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -31,11 +34,12 @@ use crate::util::{
 };
 
 const USAGE: &str = "\
-usage: cargo xtask bench [--quick] [--only petra|klaus] [--duration SECS] [--warmup SECS]
+usage: cargo xtask bench [--quick] [--only petra|klaus|placement] [--duration SECS] [--warmup SECS]
                          [--quiet-wait SECS] [--baseline REV [--rounds N]]
 
   --quick          a smoke run: 2 s per case after a 1 s warm-up, 3 startup runs
-  --only SERVICE   measure only Petra direct or only Klaus end to end (and its nginx reference)
+  --only SERVICE   measure only Petra direct or only Klaus end to end (and its nginx reference),
+                   or only the placement cases (Klaus across a link, and under overload)
   --duration SECS  measured window per case (default 10)
   --warmup SECS    warm-up before each case, not measured (default 2)
   --quiet-wait SECS  before each case, wait up to this long for other processes' load to
@@ -90,6 +94,8 @@ struct Options {
     rounds: usize,
     /// Whether `--rounds` was given (it needs `--baseline`).
     rounds_given: bool,
+    /// A smoke run (`--quick`): its placement plot is not written to `docs/`.
+    quick: bool,
 }
 
 impl Options {
@@ -103,6 +109,7 @@ impl Options {
             baseline: None,
             rounds: 3,
             rounds_given: false,
+            quick: false,
         };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
@@ -112,11 +119,14 @@ impl Options {
                     options.warmup = Duration::from_secs(1);
                     options.startup_runs = 3;
                     options.quiet_wait = Duration::from_secs(5);
+                    options.quick = true;
                 }
                 "--only" => {
-                    let service = args.next().context("--only needs petra or klaus")?;
-                    if service != "petra" && service != "klaus" {
-                        bail!("--only takes petra or klaus, not '{service}'\n\n{USAGE}");
+                    let service = args
+                        .next()
+                        .context("--only needs petra, klaus or placement")?;
+                    if !["petra", "klaus", "placement"].contains(&service.as_str()) {
+                        bail!("--only takes petra, klaus or placement, not '{service}'\n\n{USAGE}");
                     }
                     options.only = Some(service.clone());
                 }
@@ -183,10 +193,17 @@ pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
         .transpose()?;
     let out = root().join("target/bench");
     let tools = step("load generator and reference server", || Tools::find(&sh))?;
-    step("cargo build --release -p petra -p klaus", || {
-        cmd!(sh, "cargo build --release --locked -p petra -p klaus").run()?;
-        Ok(())
-    })?;
+    step(
+        "cargo build --release -p petra -p klaus -p slowlink",
+        || {
+            cmd!(
+                sh,
+                "cargo build --release --locked -p petra -p klaus -p slowlink"
+            )
+            .run()?;
+            Ok(())
+        },
+    )?;
     let bins = Binaries {
         petra: root().join("target/release/petra"),
         klaus: root().join("target/release/klaus"),
@@ -249,6 +266,10 @@ pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
     }
     let peak = stack.peak_rss()?;
     drop(stack);
+    let placement = options
+        .measures("placement")
+        .then(|| placement::run(&bins, &tools, &certs, &out, &options, &machine))
+        .transpose()?;
     let ab = match baseline {
         Some(baseline) => Some(ab::run(
             baseline, &bins, &tools, &certs, &out, &options, &machine,
@@ -267,6 +288,7 @@ pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
         peak,
         results,
         ab,
+        placement,
         wall: started.elapsed(),
     };
     let checks = report.checks();
@@ -274,6 +296,9 @@ pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
     fs::write(out.join("summary.md"), &markdown).context("writing target/bench/summary.md")?;
     let summary = serde_json::to_string_pretty(&report.json(&checks))?;
     fs::write(out.join("summary.json"), summary).context("writing target/bench/summary.json")?;
+    if let Some(placement) = &report.placement {
+        placement.write(&out, !report.options.quick)?;
+    }
     println!("\n{markdown}");
     println!(
         "written: target/bench/summary.md, target/bench/summary.json, target/bench/raw/*.json"
@@ -1259,7 +1284,7 @@ fn measure(
     let ours = (stack.all_cpu_ticks()? + own_ticks()?).saturating_sub(ours_before);
     let capacity = window.elapsed().as_secs_f64() * clk_tck as f64 * cores as f64;
     let background_pct = busy.saturating_sub(ours) as f64 / capacity * 100.0;
-    let file = out.join(format!("raw/{}.json", case.id.replace('/', "-")));
+    let file = raw_path(out, case);
     fs::write(&file, &raw).with_context(|| format!("writing {}", file.display()))?;
 
     let oha: Value = serde_json::from_str(&raw).context("parsing oha's JSON output")?;
@@ -1314,6 +1339,11 @@ fn measure(
         peak_rss_mb,
         background_pct,
     })
+}
+
+/// Where oha's own report of a case is kept.
+fn raw_path(out: &Path, case: &Case) -> PathBuf {
+    out.join(format!("raw/{}.json", case.id.replace('/', "-")))
 }
 
 /// Waits up to `max` for other processes to leave the cores alone (under 10 % of them, over
@@ -1385,7 +1415,14 @@ fn run_oha(
 ) -> anyhow::Result<String> {
     let mut command = tools.command(&tools.oha);
     command
-        .args(["--no-tui", "--output-format", "json", "-w"])
+        // The breakdown adds the latency of the 2xx answers alone, which the overload case reads.
+        .args([
+            "--no-tui",
+            "--output-format",
+            "json",
+            "-w",
+            "--stats-success-breakdown",
+        ])
         .arg("-z")
         .arg(format!("{}ms", duration.as_millis()))
         .arg("-c")
@@ -1433,6 +1470,20 @@ struct Check {
     pass: Option<bool>,
 }
 
+impl Check {
+    fn result(&self) -> &'static str {
+        match self.pass {
+            Some(true) => "pass",
+            Some(false) => "**MISS**",
+            None => "not measured",
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({ "line": self.line, "figure": self.figure, "limit": self.limit, "pass": self.pass })
+    }
+}
+
 /// Everything a run found.
 #[derive(Debug)]
 struct Report {
@@ -1444,6 +1495,8 @@ struct Report {
     results: Vec<Measured>,
     /// The A/B comparison with `--baseline`.
     ab: Option<ab::Ab>,
+    /// The distance and overload cases.
+    placement: Option<placement::Placement>,
     wall: Duration,
 }
 
@@ -1501,20 +1554,28 @@ impl Report {
                 .zip(cpu_limit)
                 .map(|(k, limit)| k.cpu_us_per_request <= limit),
         });
-        checks.push(Check {
-            line: "Klaus throughput vs nginx pair, 64 conns".into(),
-            figure: match (klaus, nginx) {
-                (Some(k), Some(n)) => format!(
-                    "{:.0} vs {:.0} req/s ({:+.0} %)",
-                    k.rps,
-                    n.rps,
-                    (k.rps / n.rps - 1.0) * 100.0
+        // Ahead of the nginx pair when requests are batched, and at one request at a time too.
+        for conns in [BUDGET_CONNECTIONS, 1] {
+            let klaus = self.find(KLAUS_HTTPS, conns, Mode::KeepAlive);
+            let nginx = self.find(NGINX_KLAUS_HTTPS, conns, Mode::KeepAlive);
+            checks.push(Check {
+                line: format!(
+                    "Klaus throughput vs nginx pair, {conns} conn{}",
+                    if conns == 1 { "" } else { "s" }
                 ),
-                _ => "not measured".into(),
-            },
-            limit: "≥ nginx pair".into(),
-            pass: klaus.zip(nginx).map(|(k, n)| k.rps >= n.rps),
-        });
+                figure: match (klaus, nginx) {
+                    (Some(k), Some(n)) => format!(
+                        "{:.0} vs {:.0} req/s ({:+.0} %)",
+                        k.rps,
+                        n.rps,
+                        (k.rps / n.rps - 1.0) * 100.0
+                    ),
+                    _ => "not measured".into(),
+                },
+                limit: "≥ nginx pair".into(),
+                pass: klaus.zip(nginx).map(|(k, n)| k.rps >= n.rps),
+            });
+        }
         checks.push(Check {
             line: "Klaus p99 vs Petra-direct p99, 64 conns".into(),
             figure: match (klaus, petra) {
@@ -1566,6 +1627,9 @@ impl Report {
         }
         if let Some(ab) = &self.ab {
             checks.push(ab.check());
+        }
+        if let Some(placement) = &self.placement {
+            checks.extend(placement.checks());
         }
         let ours: Vec<&Measured> = self
             .results
@@ -1658,14 +1722,19 @@ impl Report {
         if let Some(ab) = &self.ab {
             ab.markdown(&mut md);
         }
+        if let Some(placement) = &self.placement {
+            placement.markdown(&mut md);
+        }
         md.push_str("\n| budget | figure | limit | result |\n|---|---|---|---|\n");
         for c in checks {
-            let result = match c.pass {
-                Some(true) => "pass",
-                Some(false) => "**MISS**",
-                None => "not measured",
-            };
-            let _ = writeln!(md, "| {} | {} | {} | {result} |", c.line, c.figure, c.limit);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                c.line,
+                c.figure,
+                c.limit,
+                c.result()
+            );
         }
         md
     }
@@ -1686,9 +1755,8 @@ impl Report {
             "peak_rss_mb": self.peak,
             "cases": self.results.iter().map(case_json).collect::<Vec<_>>(),
             "baseline": self.ab.as_ref().map(ab::Ab::json),
-            "budget": checks.iter().map(|c| json!({
-                "line": c.line, "figure": c.figure, "limit": c.limit, "pass": c.pass,
-            })).collect::<Vec<_>>(),
+            "placement": self.placement.as_ref().map(placement::Placement::json),
+            "budget": checks.iter().map(Check::json).collect::<Vec<_>>(),
         })
     }
 }

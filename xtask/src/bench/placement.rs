@@ -1,0 +1,668 @@
+//! The placement cases: Klaus calling Petra across a link at three distances, and Klaus beside
+//! Petra under an overload of clients that ignore `Retry-After`; their table, JSON and budget.
+//!
+//! Each distance gets a fresh Petra, a fresh link and a fresh Klaus (plain-HTTP front), so that
+//! Klaus's peak memory is that of one distance. The link is `slowlink` from the release build, a
+//! process of its own: its CPU time is neither Klaus's nor Petra's, and CPU per request counts
+//! those two only, as in every other case. The link runs at every distance, the co-located one
+//! included (round trip 0), so that the three differ by the distance alone. The overload cases
+//! run without a link, on a fresh pair: 64 connections, then 2,000 on the same processes.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Stdio;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use super::{
+    Binaries, Case, Check, Group, Machine, Measured, Mode, Options, Proc, Stack, Target, Tools,
+    free_ports, klaus_env, loopback, machine_busy_ticks, measure, petra_env, plot, raw_path,
+    target, wait_for_quiet,
+};
+use crate::util::{root, step};
+
+/// Client connections of the distance cases: enough for a 50 ms link to carry the co-located
+/// rate (Little's law: in flight = rate × latency; 2,000 in flight over 55 ms is about 36,000
+/// requests per second, above what the pair serves on this machine).
+const LINK_CONNECTIONS: usize = 2_000;
+
+/// Client connections of the overload case (oha ignores `Retry-After`: a 503 is followed at once
+/// by the next request on the same connection).
+const OVERLOAD_CONNECTIONS: usize = 2_000;
+
+/// Client connections of the rate the overload case is compared with.
+const OVERLOAD_BASE_CONNECTIONS: usize = 64;
+
+/// The placement lines of the budget (see BENCHMARKS.md, "Placement").
+mod budget {
+    /// Klaus over a 50 ms link: at least this share of its co-located 200s per second.
+    pub(super) const DISTANCE_RATIO: f64 = 0.7;
+    /// Saturated: Klaus's CPU use at least this share of one core (it serves on one thread), or
+    /// the machine's busy time at least this share of all its cores (then the load generator,
+    /// the link and Petra leave Klaus no more to take). Below both, a 503 is a setting's doing.
+    pub(super) const SATURATED: f64 = 0.9;
+    /// Under overload: 200s per second at 2,000 connections over those at 64.
+    pub(super) const GOODPUT_RATIO: f64 = 0.7;
+    /// Under overload: the p99 of the 200s.
+    pub(super) const OVERLOAD_P99_MS: f64 = 1000.0;
+    /// The manifests' memory limit for Klaus (`k8s/base/klaus/deployment.yaml`), in MiB.
+    pub(super) const RSS_LIMIT_MB: f64 = 128.0;
+}
+
+/// The process groups of a pair; none of the names holds "petra" where the stack looks for it
+/// (the URL key), so Klaus's URL is checked for "hello world" and called without a certificate.
+const PETRA: &str = "placement-petra";
+const KLAUS: &str = "placement-klaus";
+const LINK: &str = "placement-link";
+
+/// Klaus's plain-HTTP front; a request costs Klaus and Petra, not the link.
+const KLAUS_FRONT: Target = target(KLAUS, "klaus", true, &[KLAUS, PETRA]);
+
+/// A link between Klaus and Petra: the round trip it adds and how much that varies either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Distance {
+    /// Short name, for case ids and files.
+    id: &'static str,
+    /// The distance in words, for the table and the plot.
+    pub(super) label: &'static str,
+    /// Round trip added by the link, in milliseconds.
+    pub(super) rtt_ms: u64,
+    /// Jitter of that round trip, either way, in milliseconds.
+    jitter_ms: u64,
+}
+
+/// The three distances: co-located (through the link, with no delay), and two cloud-to-cloud
+/// links.
+const DISTANCES: [Distance; 3] = [
+    Distance {
+        id: "colocated",
+        label: "co-located",
+        rtt_ms: 0,
+        jitter_ms: 0,
+    },
+    Distance {
+        id: "50ms",
+        label: "50 ms ± 10 ms",
+        rtt_ms: 50,
+        jitter_ms: 10,
+    },
+    Distance {
+        id: "150ms",
+        label: "150 ms ± 30 ms",
+        rtt_ms: 150,
+        jitter_ms: 30,
+    },
+];
+
+/// One placement case as measured, with what oha saw of the 200s alone.
+#[derive(Debug, Clone)]
+pub(super) struct Point {
+    measured: Measured,
+    /// 200 answers per second.
+    pub(super) ok_rps: f64,
+    /// Latency percentiles of the 200s alone (oha's `--stats-success-breakdown`), in ms.
+    pub(super) ok_p50_ms: f64,
+    pub(super) ok_p99_ms: f64,
+    /// 503 answers.
+    status_503: u64,
+    /// Answers other than 200, plus requests that got no answer.
+    not_ok: u64,
+    /// Klaus's CPU use over the window, in % of one core.
+    klaus_cpu_pct: f64,
+    /// The machine's busy time over warm-up and window, in % of all its cores.
+    machine_busy_pct: f64,
+    /// Klaus's peak resident memory since it started (VmHWM), in MiB.
+    klaus_peak_mb: f64,
+}
+
+impl Point {
+    /// Whether Klaus had no more CPU to take: see [`budget::SATURATED`].
+    fn saturated(&self) -> bool {
+        self.klaus_cpu_pct >= budget::SATURATED * 100.0
+            || self.machine_busy_pct >= budget::SATURATED * 100.0
+    }
+
+    fn cpu_figure(&self) -> String {
+        format!(
+            "Klaus CPU {:.0} % of a core, machine {:.0} % busy: {}",
+            self.klaus_cpu_pct,
+            self.machine_busy_pct,
+            if self.saturated() {
+                "saturated"
+            } else {
+                "not saturated"
+            }
+        )
+    }
+
+    fn json(&self) -> Value {
+        let m = &self.measured;
+        json!({
+            "id": m.case.id,
+            "connections": m.case.conns,
+            "seconds": m.seconds,
+            "responses": m.responses,
+            "ok_per_second": self.ok_rps,
+            "ok_p50_ms": self.ok_p50_ms,
+            "ok_p99_ms": self.ok_p99_ms,
+            "all_p50_ms": m.p50_ms,
+            "all_p99_ms": m.p99_ms,
+            "status_503": self.status_503,
+            "not_ok": self.not_ok,
+            "errors": m.errors,
+            "error_kinds": m.error_kinds,
+            "cpu_us_per_request": m.cpu_us_per_request,
+            "cpu_seconds": m.cpu_seconds,
+            "klaus_cpu_percent_of_a_core": self.klaus_cpu_pct,
+            "machine_busy_percent": self.machine_busy_pct,
+            "saturated": self.saturated(),
+            "klaus_peak_rss_mb": self.klaus_peak_mb,
+            "other_load_percent": m.background_pct,
+        })
+    }
+
+    /// One table row.
+    fn row(&self, md: &mut String, what: &str) {
+        let m = &self.measured;
+        let _ = writeln!(
+            md,
+            "| {what} | {} | {:.0} | {:.1} | {:.1} | {} | {} | {:.1} | {:.0} % | {:.0} % | {:.1} | {:.0} % |",
+            m.case.conns,
+            self.ok_rps,
+            self.ok_p50_ms,
+            self.ok_p99_ms,
+            self.not_ok,
+            self.status_503,
+            m.cpu_us_per_request,
+            self.klaus_cpu_pct,
+            self.machine_busy_pct,
+            self.klaus_peak_mb,
+            m.background_pct,
+        );
+    }
+}
+
+/// What the placement cases found.
+#[derive(Debug)]
+pub(super) struct Placement {
+    /// Klaus → link → Petra, one per distance, nearest first.
+    pub(super) distances: Vec<(Distance, Point)>,
+    /// Klaus beside Petra, no link: at 64 connections, then at 2,000.
+    base: Point,
+    storm: Point,
+}
+
+/// Starts a pair for each distance and for the overload, and measures them.
+pub(super) fn run(
+    bins: &Binaries,
+    tools: &Tools,
+    certs: &Path,
+    out: &Path,
+    options: &Options,
+    machine: &Machine,
+) -> anyhow::Result<Placement> {
+    let slowlink = root().join("target/release/slowlink");
+    let total = DISTANCES.len() + 2;
+    let mut distances = Vec::new();
+    for (i, distance) in DISTANCES.into_iter().enumerate() {
+        let stack = step(
+            &format!("start Petra, a link ({}), Klaus", distance.label),
+            || start_pair(bins, tools, certs, out, Some((&slowlink, distance))),
+        )?;
+        let case = case(&format!("placement-{}", distance.id), LINK_CONNECTIONS);
+        let label = format!("[placement {}/{total}] {}", i + 1, case.id);
+        let point = measure_point(&stack, tools, certs, out, &case, options, machine, &label)?;
+        distances.push((distance, point));
+    }
+    let stack = step("start Petra and Klaus side by side (no link)", || {
+        start_pair(bins, tools, certs, out, None)
+    })?;
+    let mut overload = [OVERLOAD_BASE_CONNECTIONS, OVERLOAD_CONNECTIONS]
+        .into_iter()
+        .enumerate()
+        .map(|(i, conns)| {
+            let case = case("overload", conns);
+            let label = format!(
+                "[placement {}/{total}] {}",
+                DISTANCES.len() + i + 1,
+                case.id
+            );
+            measure_point(&stack, tools, certs, out, &case, options, machine, &label)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter();
+    let (Some(base), Some(storm)) = (overload.next(), overload.next()) else {
+        bail!("the overload cases did not run");
+    };
+    Ok(Placement {
+        distances,
+        base,
+        storm,
+    })
+}
+
+fn case(name: &str, conns: usize) -> Case {
+    Case {
+        id: format!("{name}/c{conns}"),
+        target: KLAUS_FRONT,
+        conns,
+        mode: Mode::KeepAlive,
+    }
+}
+
+/// Petra, then the link when there is one, then Klaus's plain-HTTP front calling Petra through
+/// it; each checked once like the main stack.
+fn start_pair(
+    bins: &Binaries,
+    tools: &Tools,
+    certs: &Path,
+    out: &Path,
+    link: Option<(&Path, Distance)>,
+) -> anyhow::Result<Stack> {
+    let mut stack = Stack {
+        groups: BTreeMap::new(),
+        urls: BTreeMap::new(),
+        procs: Vec::new(),
+    };
+    let (petra, petra_port) = petra_env(PETRA, certs, "info")?;
+    stack.start_service(&bins.petra, &petra, out, tools)?;
+    let upstream = match link {
+        Some((slowlink, distance)) => {
+            start_link(&mut stack, slowlink, tools, out, petra_port, distance)?
+        }
+        None => petra_port,
+    };
+    let (klaus, port) = klaus_env(KLAUS, certs, upstream, false, "info")?;
+    stack.start_service(&bins.klaus, &klaus, out, tools)?;
+    stack
+        .urls
+        .insert(KLAUS, format!("http://127.0.0.1:{port}/"));
+    stack.sanity_check(tools, certs)?;
+    Ok(stack)
+}
+
+/// Starts `slowlink` from a free port to Petra's; returns the port once it accepts.
+fn start_link(
+    stack: &mut Stack,
+    slowlink: &Path,
+    tools: &Tools,
+    out: &Path,
+    petra_port: u16,
+    distance: Distance,
+) -> anyhow::Result<u16> {
+    let port = free_ports(1)?[0];
+    let stderr = out.join(format!("logs/{LINK}.stderr"));
+    let child = tools
+        .command(slowlink)
+        .arg("--listen")
+        .arg(loopback(port).to_string())
+        .arg("--upstream")
+        .arg(loopback(petra_port).to_string())
+        .arg("--rtt-ms")
+        .arg(distance.rtt_ms.to_string())
+        .arg("--jitter-ms")
+        .arg(distance.jitter_ms.to_string())
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&stderr).context("creating a log file")?)
+        .spawn()
+        .with_context(|| format!("starting {}", slowlink.display()))?;
+    let mut proc = Proc {
+        name: LINK,
+        child,
+        nginx: false,
+        stderr,
+    };
+    // Accepting is all the link has to show for being ready; the probe's connection to Petra
+    // ends before its handshake, which Petra logs and forgets.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect_timeout(&loopback(port), Duration::from_millis(200)).is_err() {
+        proc.check_running()?;
+        if Instant::now() > deadline {
+            bail!("{LINK} did not listen within 10 s");
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    stack.groups.insert(
+        LINK,
+        Group {
+            pids: vec![proc.pid()],
+        },
+    );
+    stack.procs.push(proc);
+    Ok(port)
+}
+
+/// Measures one case like every other (quiet-wait, warm-up, window), then reads the 200s apart
+/// from oha's report, the machine's busy time and Klaus's peak memory.
+#[allow(clippy::too_many_arguments)]
+fn measure_point(
+    stack: &Stack,
+    tools: &Tools,
+    certs: &Path,
+    out: &Path,
+    case: &Case,
+    options: &Options,
+    machine: &Machine,
+    label: &str,
+) -> anyhow::Result<Point> {
+    wait_for_quiet(stack, machine, options.quiet_wait)?;
+    let (busy_before, since) = (machine_busy_ticks()?, Instant::now());
+    let measured = step(label, || {
+        measure(stack, tools, certs, out, case, options, machine)
+    })?;
+    let busy = machine_busy_ticks()?.saturating_sub(busy_before) as f64;
+    let capacity = since.elapsed().as_secs_f64() * (machine.clk_tck * machine.cores) as f64;
+    let raw = raw_path(out, case);
+    let oha: Value = serde_json::from_str(
+        &fs::read_to_string(&raw).with_context(|| format!("reading {}", raw.display()))?,
+    )
+    .context("parsing oha's JSON output")?;
+    let count = |code: &str| oha["statusCodeDistribution"][code].as_u64().unwrap_or(0);
+    let ok = count("200");
+    let ok_ms = |key: &str| {
+        oha["latencyPercentilesSuccessful"][key]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+            * 1e3
+    };
+    let klaus_cpu = measured.cpu_seconds.get(KLAUS).copied().unwrap_or(0.0);
+    let point = Point {
+        ok_rps: ok as f64 / measured.seconds,
+        ok_p50_ms: ok_ms("p50"),
+        ok_p99_ms: ok_ms("p99"),
+        status_503: count("503"),
+        not_ok: measured.responses.saturating_sub(ok) + measured.errors,
+        klaus_cpu_pct: klaus_cpu / measured.seconds * 100.0,
+        machine_busy_pct: busy / capacity * 100.0,
+        klaus_peak_mb: stack.peak_rss()?.get(KLAUS).copied().unwrap_or(f64::NAN),
+        measured,
+    };
+    println!(
+        "    {:.0} × 200/s, 200s' p50 {:.1} ms, p99 {:.1} ms, {} not 200 ({} × 503), {}, \
+         Klaus peak RSS {:.1} MiB",
+        point.ok_rps,
+        point.ok_p50_ms,
+        point.ok_p99_ms,
+        point.not_ok,
+        point.status_503,
+        point.cpu_figure(),
+        point.klaus_peak_mb
+    );
+    Ok(point)
+}
+
+impl Placement {
+    fn at(&self, rtt_ms: u64) -> Option<&Point> {
+        self.distances
+            .iter()
+            .find(|(d, _)| d.rtt_ms == rtt_ms)
+            .map(|(_, p)| p)
+    }
+
+    /// The placement lines of the budget, each compared within this run.
+    pub(super) fn checks(&self) -> Vec<Check> {
+        let mut checks = Vec::new();
+        let (near, far) = (self.at(0), self.at(50));
+        checks.push(Check {
+            line: format!(
+                "Klaus over 50 ms vs co-located (both through the link), {LINK_CONNECTIONS} conns"
+            ),
+            figure: match (near, far) {
+                (Some(n), Some(f)) => format!(
+                    "{:.0} vs {:.0} × 200/s ({:.2}×)",
+                    f.ok_rps,
+                    n.ok_rps,
+                    f.ok_rps / n.ok_rps
+                ),
+                _ => "not measured".into(),
+            },
+            limit: format!("≥ {:.1}× co-located", budget::DISTANCE_RATIO),
+            pass: near
+                .zip(far)
+                .map(|(n, f)| f.ok_rps >= budget::DISTANCE_RATIO * n.ok_rps),
+        });
+        checks.push(Check {
+            line: format!(
+                "503s over 50 ms while Klaus's CPU is not saturated, {LINK_CONNECTIONS} conns"
+            ),
+            figure: far.map_or("not measured".into(), |f| {
+                format!("{} × 503 ({})", f.status_503, f.cpu_figure())
+            }),
+            limit: format!(
+                "0 unless saturated (Klaus ≥ {0:.0} % of one core or the machine ≥ {0:.0} % busy)",
+                budget::SATURATED * 100.0
+            ),
+            pass: far.map(|f| f.saturated() || f.status_503 == 0),
+        });
+        let (base, storm) = (&self.base, &self.storm);
+        checks.push(Check {
+            line: format!(
+                "Goodput under overload, co-located: 200s at {OVERLOAD_CONNECTIONS} vs {OVERLOAD_BASE_CONNECTIONS} conns"
+            ),
+            figure: format!(
+                "{:.0} vs {:.0} × 200/s ({:.2}×; {} × 503)",
+                storm.ok_rps,
+                base.ok_rps,
+                storm.ok_rps / base.ok_rps,
+                storm.status_503
+            ),
+            limit: format!("≥ {:.1}×", budget::GOODPUT_RATIO),
+            pass: Some(storm.ok_rps >= budget::GOODPUT_RATIO * base.ok_rps),
+        });
+        checks.push(Check {
+            line: format!("p99 of the 200s under overload, {OVERLOAD_CONNECTIONS} conns"),
+            figure: format!("{:.1} ms", storm.ok_p99_ms),
+            limit: format!("< {:.0} ms", budget::OVERLOAD_P99_MS),
+            // NaN (no 200 at all) fails.
+            pass: Some(storm.ok_p99_ms < budget::OVERLOAD_P99_MS),
+        });
+        let peak = self
+            .distances
+            .iter()
+            .map(|(_, p)| p.klaus_peak_mb)
+            .chain([storm.klaus_peak_mb])
+            .reduce(f64::max);
+        checks.push(Check {
+            line: "Klaus peak RSS, 2,000 conns, any distance and under overload".into(),
+            figure: peak.map_or("not measured".into(), |mb| format!("{mb:.1} MiB")),
+            limit: format!("≤ {:.0} MiB (the manifests' limit)", budget::RSS_LIMIT_MB),
+            pass: peak.map(|mb| mb <= budget::RSS_LIMIT_MB),
+        });
+        checks
+    }
+
+    /// The placement table.
+    pub(super) fn markdown(&self, md: &mut String) {
+        md.push_str(
+            "\n| placement | conns | 200/s | p50 ms (200s) | p99 ms (200s) | not 200 | 503 | \
+             Klaus + Petra CPU µs/req | Klaus CPU (one core) | machine busy | Klaus peak RSS MiB | other load |\n\
+             |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+        );
+        for (distance, point) in &self.distances {
+            point.row(md, &format!("Klaus → link → Petra, {}", distance.label));
+        }
+        self.base.row(md, "Klaus beside Petra, no link");
+        self.storm.row(md, "Klaus beside Petra, no link (overload)");
+    }
+
+    /// Writes `placement.md`, `placement.json` and `placement.svg` into `out`, and the plot to
+    /// `docs/img/placement.svg` too when `to_docs` (not after a smoke run).
+    pub(super) fn write(&self, out: &Path, to_docs: bool) -> anyhow::Result<()> {
+        let checks = self.checks();
+        let mut md = String::new();
+        self.markdown(&mut md);
+        md.push_str("\n| budget | figure | limit | result |\n|---|---|---|---|\n");
+        for c in &checks {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                c.line,
+                c.figure,
+                c.limit,
+                c.result()
+            );
+        }
+        fs::write(out.join("placement.md"), md.trim_start())
+            .context("writing target/bench/placement.md")?;
+        let mut json = self.json();
+        json["budget"] = checks.iter().map(Check::json).collect();
+        fs::write(
+            out.join("placement.json"),
+            serde_json::to_string_pretty(&json)?,
+        )
+        .context("writing target/bench/placement.json")?;
+        let samples: Vec<plot::Sample> = self
+            .distances
+            .iter()
+            .map(|(d, p)| plot::Sample {
+                rtt_ms: d.rtt_ms as f64,
+                ok_rps: p.ok_rps,
+                p50_ms: p.ok_p50_ms,
+                p99_ms: p.ok_p99_ms,
+            })
+            .collect();
+        let svg = plot::svg(&samples)?;
+        fs::write(out.join("placement.svg"), &svg).context("writing target/bench/placement.svg")?;
+        println!("written: target/bench/placement.md, placement.json, placement.svg");
+        if to_docs {
+            let docs = root().join("docs/img");
+            fs::create_dir_all(&docs).context("creating docs/img")?;
+            fs::write(docs.join("placement.svg"), &svg)
+                .context("writing docs/img/placement.svg")?;
+            println!("written: docs/img/placement.svg");
+        }
+        Ok(())
+    }
+
+    pub(super) fn json(&self) -> Value {
+        json!({
+            "distances": self.distances.iter().map(|(d, p)| json!({
+                "distance": d.label,
+                "rtt_ms": d.rtt_ms,
+                "jitter_ms": d.jitter_ms,
+                "measured": p.json(),
+            })).collect::<Vec<_>>(),
+            "overload": { "base": self.base.json(), "storm": self.storm.json() },
+            "saturated_at_percent": budget::SATURATED * 100.0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A point with the figures the budget reads; the rest is filler.
+    fn point(ok_rps: f64, ok_p99_ms: f64, status_503: u64, klaus_cpu_pct: f64) -> Point {
+        Point {
+            measured: Measured {
+                case: case("test", LINK_CONNECTIONS),
+                responses: 0,
+                seconds: 10.0,
+                rps: ok_rps,
+                p50_ms: 1.0,
+                p99_ms: 1.0,
+                p999_ms: 1.0,
+                errors: 0,
+                non_2xx: status_503,
+                error_kinds: BTreeMap::new(),
+                cpu_us_per_request: 50.0,
+                cpu_seconds: BTreeMap::new(),
+                peak_rss_mb: BTreeMap::new(),
+                background_pct: 0.0,
+            },
+            ok_rps,
+            ok_p50_ms: ok_p99_ms / 2.0,
+            ok_p99_ms,
+            status_503,
+            not_ok: status_503,
+            klaus_cpu_pct,
+            machine_busy_pct: 60.0,
+            klaus_peak_mb: 40.0,
+        }
+    }
+
+    /// Co-located, 50 ms and 150 ms, then the overload's 64 and 2,000 connections.
+    fn placement(points: [Point; 5]) -> Placement {
+        let [near, far, farther, base, storm] = points;
+        Placement {
+            distances: DISTANCES.into_iter().zip([near, far, farther]).collect(),
+            base,
+            storm,
+        }
+    }
+
+    fn verdicts(placement: &Placement) -> Vec<Option<bool>> {
+        placement.checks().iter().map(|c| c.pass).collect()
+    }
+
+    fn good() -> [Point; 5] {
+        [
+            point(10_000.0, 200.0, 0, 80.0),
+            point(8_000.0, 300.0, 0, 70.0),
+            point(4_000.0, 600.0, 0, 40.0),
+            point(15_000.0, 10.0, 0, 95.0),
+            point(12_000.0, 400.0, 5_000, 95.0),
+        ]
+    }
+
+    #[test]
+    fn a_run_within_every_line_passes_them_all() {
+        assert_eq!(verdicts(&placement(good())), vec![Some(true); 5]);
+    }
+
+    #[test]
+    fn the_distance_line_compares_the_200s_with_co_located() {
+        let mut points = good();
+        points[1] = point(6_999.0, 300.0, 0, 70.0);
+        assert_eq!(verdicts(&placement(points))[0], Some(false));
+    }
+
+    #[test]
+    fn a_503_over_50_ms_misses_unless_the_cpu_is_saturated() {
+        let mut points = good();
+        points[1] = point(8_000.0, 300.0, 1, 70.0);
+        assert_eq!(verdicts(&placement(points.clone()))[1], Some(false));
+        points[1] = point(8_000.0, 300.0, 1, 90.0);
+        assert_eq!(verdicts(&placement(points.clone()))[1], Some(true));
+        points[1] = point(8_000.0, 300.0, 1, 50.0);
+        points[1].machine_busy_pct = 95.0;
+        assert_eq!(verdicts(&placement(points))[1], Some(true));
+    }
+
+    #[test]
+    fn overload_needs_goodput_and_a_p99_of_the_200s_under_a_second() {
+        let mut points = good();
+        points[4] = point(10_000.0, 400.0, 5_000, 95.0);
+        assert_eq!(
+            verdicts(&placement(points.clone()))[2..4],
+            [Some(false), Some(true)]
+        );
+        points[4] = point(12_000.0, 1_000.0, 0, 95.0);
+        assert_eq!(
+            verdicts(&placement(points.clone()))[2..4],
+            [Some(true), Some(false)]
+        );
+        // Not a single 200: no percentile, and a miss.
+        points[4] = point(0.0, f64::NAN, 60_000, 95.0);
+        assert_eq!(
+            verdicts(&placement(points))[2..4],
+            [Some(false), Some(false)]
+        );
+    }
+
+    #[test]
+    fn memory_is_held_to_the_manifests_limit_at_every_distance() {
+        let mut points = good();
+        points[2].klaus_peak_mb = 128.5;
+        assert_eq!(verdicts(&placement(points))[4], Some(false));
+    }
+}
