@@ -10,7 +10,9 @@ const FONT: &str = "sans-serif";
 const THROUGHPUT: RGBColor = RGBColor(31, 119, 180);
 const P50: RGBColor = RGBColor(44, 160, 44);
 const P99: RGBColor = RGBColor(214, 39, 40);
-const GUIDE: RGBColor = RGBColor(150, 150, 150);
+const GUIDE: RGBColor = RGBColor(255, 127, 14);
+const FRAME: RGBColor = RGBColor(150, 150, 150);
+const GRID: RGBColor = RGBColor(235, 235, 235);
 
 /// One distance as the plot shows it.
 #[derive(Debug, Clone, Copy)]
@@ -63,14 +65,20 @@ fn draw(samples: &[Sample], svg: &mut String) -> Result<(), Box<dyn std::error::
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.0}"))
         .label_style((FONT, 12))
+        .light_line_style(GRID)
         .draw()?;
     if let Some(&(_, near, _, _)) = points.first() {
         // The budget line: 0.7 × the co-located rate.
         let floor = 0.7 * near;
         chart
-            .draw_series(LineSeries::new([(0.0, floor), (x_max, floor)], GUIDE))?
-            .label("0.7 × co-located")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], GUIDE));
+            .draw_series(DashedLineSeries::new(
+                [(0.0, floor), (x_max, floor)],
+                6,
+                4,
+                GUIDE.stroke_width(2),
+            ))?
+            .label("budget: 0.7 × co-located")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], GUIDE.stroke_width(2)));
     }
     chart
         .draw_series(LineSeries::new(
@@ -96,11 +104,11 @@ fn draw(samples: &[Sample], svg: &mut String) -> Result<(), Box<dyn std::error::
         .position(SeriesLabelPosition::LowerLeft)
         .label_font((FONT, 12))
         .background_style(WHITE.mix(0.8))
-        .border_style(GUIDE)
+        .border_style(FRAME)
         .draw()?;
 
     let mut chart = ChartBuilder::on(&right)
-        .caption("Latency of the 200s", (FONT, 18))
+        .caption("Latency of the 200s: p50 and p99", (FONT, 18))
         .margin(14)
         .x_label_area_size(40)
         .y_label_area_size(64)
@@ -112,6 +120,7 @@ fn draw(samples: &[Sample], svg: &mut String) -> Result<(), Box<dyn std::error::
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.0}"))
         .label_style((FONT, 12))
+        .light_line_style(GRID)
         .draw()?;
     for (name, color, pick) in [
         (
@@ -146,7 +155,7 @@ fn draw(samples: &[Sample], svg: &mut String) -> Result<(), Box<dyn std::error::
         .position(SeriesLabelPosition::UpperLeft)
         .label_font((FONT, 12))
         .background_style(WHITE.mix(0.8))
-        .border_style(GUIDE)
+        .border_style(FRAME)
         .draw()?;
     root.present()?;
     Ok(())
@@ -176,7 +185,7 @@ mod tests {
         for text in [
             "Klaus: 200 answers per second",
             "Latency of the 200s",
-            "0.7 × co-located",
+            "budget: 0.7 × co-located",
             "12345",
             "4321",
             "610",
