@@ -82,3 +82,39 @@ async fn round_trips(stream: &mut TcpStream, n: usize) -> Vec<Duration> {
     }
     rtts
 }
+
+/// A server that reads what the client sends first, answers `last words` and closes at once, as
+/// a TLS server does when it refuses a client's certificate.
+async fn answers_and_closes() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = [0u8; 5];
+            if stream.read_exact(&mut buf).await.is_ok() {
+                let _ = stream.write_all(b"last words").await;
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn what_the_server_sends_before_it_closes_crosses_the_link() {
+    // noxious alone drops the chunk its toxic holds when the server closes; the client would
+    // read an end of stream and nothing else.
+    let link = Link::start(
+        answers_and_closes().await,
+        Shape::new(Duration::from_millis(100), Duration::from_millis(20)),
+    )
+    .await
+    .expect("link");
+    let mut stream = TcpStream::connect(link.addr()).await.expect("connect");
+    // More than the server reads, as a client that sends its request right after its
+    // handshake: the server's system answers them with a reset when it closes.
+    stream.write_all(b"hello").await.expect("write");
+    stream.write_all(b" and more").await.expect("write");
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got).await;
+    assert_eq!(got, b"last words");
+}

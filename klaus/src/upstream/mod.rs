@@ -136,7 +136,7 @@ impl PetraClient {
             targets,
             Arc::clone(&tls),
             resolver,
-            args.timeout() / 2,
+            args.connect_timeout(),
             OutlierSettings {
                 eject_after: args.petra_eject_after,
                 base: Duration::from_millis(args.petra_ejection_ms),
@@ -315,7 +315,14 @@ impl PetraClient {
         profile: Profile,
         incoming: &HeaderMap,
     ) -> Result<String, PetraError> {
-        let client = endpoint.client(profile);
+        let lane = (profile == Profile::Pooled).then(|| endpoint.lane());
+        let client = match &lane {
+            Some(lane) => {
+                lane.connection().await;
+                lane.client()
+            }
+            None => endpoint.fresh(),
+        };
         let mut refused = 0;
         let response = loop {
             match client.request(request(endpoint, incoming)).await {

@@ -311,3 +311,58 @@ async fn a_request_whose_wait_runs_out_gets_a_503() {
     klaus.stop().await;
     petra.petra.stop().await;
 }
+
+#[tokio::test]
+async fn calls_beyond_one_connections_streams_open_more_connections_and_the_limit_grows() {
+    let pki = TestPki::new();
+    let petra = HeldPetra::spawn(&pki).await;
+    let mut petra_settings = petra_args(
+        &petra.petra.https_url(),
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    );
+    petra_settings.petra_timeout_ms = 20_000;
+    // Klaus's adaptive limit starts at 256: 300 calls held at a distant-looking Petra make
+    // requests wait while the runtime idles, so the limit must grow for all of them to pass.
+    // (Opening 300 connections at once in a debug build saturates the test's one thread for a
+    // moment, which shrinks the limit first: the requests may wait long for it to grow back.)
+    let mut args = serve_args();
+    args.request_queue_timeout_ms = 30_000;
+    let klaus = spawn(klaus::service(loopback(), &args, &petra_settings).expect("config")).await;
+    let url = klaus.http_url();
+    let calls: Vec<_> = (0..300)
+        .map(|_| tokio::spawn(crate::helpers::get_owned(url.clone())))
+        .collect();
+    wait_until(
+        "all 300 calls are held at Petra",
+        Duration::from_secs(20),
+        || async { petra.held() == 300 },
+    )
+    .await;
+    let text = klaus.metrics().await;
+    let limit: usize = metric(&text, "concurrency_limit");
+    assert!(
+        limit >= 300,
+        "concurrency_limit {limit} with 300 calls held"
+    );
+    // 300 calls over connections of 128 calls each: three connections, not one.
+    let accepted: usize = metric(&petra.petra.metrics().await, "connections_accepted_total");
+    assert_eq!(
+        accepted, 3,
+        "Petra accepted {accepted} connections for 300 calls"
+    );
+    petra.release.notify_waiters();
+    for call in calls {
+        assert_eq!(call.await.expect("task").0, 200);
+    }
+    klaus.stop().await;
+    petra.petra.stop().await;
+}
+
+/// The value of the unlabelled metric `name` in a Prometheus text exposition.
+fn metric(text: &str, name: &str) -> usize {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
