@@ -56,8 +56,8 @@ mod budget {
     pub(super) const RSS_LIMIT_MB: f64 = 128.0;
 }
 
-/// The process groups of a pair; none of the names holds "petra" where the stack looks for it
-/// (the URL key), so Klaus's URL is checked for "hello world" and called without a certificate.
+/// The process groups of a pair. Klaus's is also its URL's key, which must not hold "petra": the
+/// stack checks that URL for "hello world", and oha calls it without a client certificate.
 const PETRA: &str = "placement-petra";
 const KLAUS: &str = "placement-klaus";
 const LINK: &str = "placement-link";
