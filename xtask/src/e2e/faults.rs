@@ -53,7 +53,7 @@ const DEFAULT_PETRA_TIMEOUT_MS: u64 = 2000;
 const DEADLINE_SLACK: Duration = Duration::from_millis(200);
 
 /// Calls sent to Klaus at once during the partition.
-const PARTITION_CALLS: usize = 8;
+pub(super) const PARTITION_CALLS: usize = 8;
 
 /// The rules the partition inserts in each Petra replica's network namespace: every packet in
 /// or out is dropped, as on a dead link, and nothing is refused or reset. Loopback stays open,
@@ -324,7 +324,7 @@ fn partition(sh: &Shell, project: &Project<'_>, klaus: &Klaus) -> anyhow::Result
 /// Sends [`PARTITION_CALLS`] calls at once and checks that each is a 504 problem with the code
 /// `petra_timeout`, answered no later than `deadline` (plus [`DEADLINE_SLACK`]); returns how long
 /// each took. A call that hangs fails on `get`'s own read timeout.
-fn timeouts(klaus: SocketAddr, deadline: Duration) -> anyhow::Result<Vec<Duration>> {
+pub(super) fn timeouts(klaus: SocketAddr, deadline: Duration) -> anyhow::Result<Vec<Duration>> {
     let mut took = Vec::new();
     for (elapsed, reply) in calls_at_once(klaus, PARTITION_CALLS) {
         let reply = reply.with_context(|| format!("a call got no answer after {elapsed:.2?}"))?;
@@ -371,14 +371,14 @@ fn calls_at_once(klaus: SocketAddr, n: usize) -> Vec<(Duration, anyhow::Result<R
 
 /// [`CUT_RULES`] inserted in the network namespace of each process in `pids` (run on the host
 /// with nsenter and iptables); taken out by [`Cut::restore`], or on drop.
-struct Cut<'a> {
+pub(super) struct Cut<'a> {
     sh: &'a Shell,
     pids: Vec<u32>,
     active: bool,
 }
 
 impl<'a> Cut<'a> {
-    fn new(sh: &'a Shell, pids: Vec<u32>) -> anyhow::Result<Self> {
+    pub(super) fn new(sh: &'a Shell, pids: Vec<u32>) -> anyhow::Result<Self> {
         let mut cut = Self {
             sh,
             pids: Vec::new(),
@@ -391,7 +391,7 @@ impl<'a> Cut<'a> {
         Ok(cut)
     }
 
-    fn restore(&mut self) -> anyhow::Result<()> {
+    pub(super) fn restore(&mut self) -> anyhow::Result<()> {
         self.active = false;
         for &pid in &self.pids {
             iptables(self.sh, pid, "-D")?;
@@ -663,7 +663,7 @@ impl Klaus {
     }
 
     /// Klaus's deadline for calls to Petra.
-    fn petra_timeout(&self, sh: &Shell) -> anyhow::Result<Duration> {
+    pub(super) fn petra_timeout(&self, sh: &Shell) -> anyhow::Result<Duration> {
         let ms = match self.env(sh, "PETRA_TIMEOUT_MS")? {
             Some(ms) => ms
                 .parse()
@@ -735,7 +735,7 @@ pub(super) struct State {
     pub(super) exit_code: i64,
     oom_killed: bool,
     restarts: u64,
-    pid: u32,
+    pub(super) pid: u32,
     pub(super) health: String,
     memory_limit: u64,
 }
