@@ -6,7 +6,15 @@
 //! How noxious delays, which the figures taken through it inherit: its latency toxic holds each
 //! chunk it reads for the delay and reads the next one only then, so bytes that arrive while a
 //! chunk is held leave with the next chunk. A byte therefore spends between one and two delays in
-//! each direction, and a busy connection moves in bursts, one per delay. The toxics apply to a
+//! each direction, and a busy connection moves in bursts, one per delay.
+//!
+//! noxious stops writing to one side as soon as the other side's end is read, dropping the bytes
+//! its latency toxic still holds: a TLS alert that Petra sends just before it closes (a refused
+//! client certificate) would never reach Klaus. A link delivers bytes before the close that
+//! follows them, so noxious's upstream is a small relay ([`relay`]) that holds each close from
+//! the upstream back for two of the longest one-way delays, by which time what noxious holds is
+//! out. (Its slow-close toxic does not help: told to stop, it races the bytes still queued in
+//! front of it.) The toxics apply to a
 //! whole connection (Toxiproxy's `toxicity` picks connections, not segments), so a proxy cannot
 //! drop single segments: loss is made below TCP, where a test needs it.
 
@@ -18,6 +26,8 @@ use noxious::proxy::{ProxyConfig, ProxyRunner, Runner, Toxics};
 use noxious::signal::{Close, Stop, Stopper};
 use noxious::socket::TcpListener;
 use noxious::toxic::{StreamDirection, Toxic, ToxicEvent, ToxicEventKind, ToxicEventResult};
+
+mod relay;
 
 /// What the link does to the bytes crossing it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -39,6 +49,12 @@ impl Shape {
     /// A round trip of `round_trip` ± `jitter`.
     pub const fn new(round_trip: Duration, jitter: Duration) -> Self {
         Self { round_trip, jitter }
+    }
+
+    /// How long a close from the upstream is held back: two of the longest one-way delays, the
+    /// most that noxious's latency toxic holds bytes for (a chunk it holds and the one behind).
+    fn close_hold(self) -> Duration {
+        self.round_trip + self.jitter.min(self.round_trip)
     }
 
     /// The toxics that make this shape: a latency toxic in each direction.
@@ -97,6 +113,7 @@ pub struct Link {
     name: String,
     events: bmrng::RequestSender<ToxicEvent, ToxicEventResult>,
     stopper: Option<Stopper>,
+    relay: relay::Relay,
     shape: Shape,
 }
 
@@ -136,10 +153,16 @@ impl Link {
             source: io::Error::new(io::ErrorKind::InvalidInput, err),
         })?;
         let name = format!("link-{addr}");
+        let relay = relay::Relay::start(upstream, shape.close_hold())
+            .await
+            .map_err(|source| Error::Listen {
+                addr: "127.0.0.1:0".into(),
+                source,
+            })?;
         let config = ProxyConfig {
             name: name.clone(),
             listen: listen.into(),
-            upstream: upstream.into(),
+            upstream: relay.addr().to_string(),
             enabled: true,
             rand_seed: None,
         };
@@ -167,6 +190,7 @@ impl Link {
             name,
             events,
             stopper: Some(stopper),
+            relay,
             shape,
         })
     }
@@ -190,6 +214,7 @@ impl Link {
         for toxic in shape.toxics() {
             self.send(ToxicEventKind::AddToxic(toxic)).await?;
         }
+        self.relay.set_close_hold(shape.close_hold());
         self.shape = shape;
         Ok(())
     }

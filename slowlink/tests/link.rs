@@ -82,3 +82,37 @@ async fn round_trips(stream: &mut TcpStream, n: usize) -> Vec<Duration> {
     }
     rtts
 }
+
+/// A server that sends `bye` and closes each connection at once.
+async fn says_bye_and_closes() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let _ = stream.write_all(b"bye").await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn bytes_sent_just_before_a_close_arrive_before_the_close() {
+    // As a TLS alert does: Petra refuses a client certificate and closes the connection at once.
+    let upstream = says_bye_and_closes().await;
+    let link = Link::start(
+        upstream,
+        Shape::new(Duration::from_millis(60), Duration::from_millis(20)),
+    )
+    .await
+    .expect("link");
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(link.addr()).await.expect("connect");
+        let mut got = Vec::new();
+        let read = stream.read_to_end(&mut got).await;
+        assert_eq!(
+            (read.ok(), got.as_slice()),
+            (Some(3), b"bye".as_slice()),
+            "the close overtook the bytes before it"
+        );
+    }
+}
