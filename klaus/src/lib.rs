@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use clap::{CommandFactory, Parser, Subcommand};
 use prometheus_client::registry::Registry;
+use serving::admission::Admission;
 use serving::metrics::HttpMetrics;
 use serving::observe;
 use serving::{ConfigError, ServeArgs, Service};
@@ -59,14 +60,14 @@ pub enum Command {
 /// What Klaus appends to Petra's answer.
 pub const SUFFIX: &str = " world";
 
-/// Klaus's routes, with request ids, load shedding above `max_concurrent`, metrics and logs.
-pub fn router(petra: PetraClient, metrics: HttpMetrics, max_concurrent: usize) -> Router {
+/// Klaus's routes, with request ids, admission control, metrics and logs.
+pub fn router(petra: PetraClient, metrics: HttpMetrics, admission: Arc<Admission>) -> Router {
     let routes = Router::new()
         .route("/", get(hello))
         .fallback(observe::not_found)
         .method_not_allowed_fallback(observe::method_not_allowed)
         .with_state(petra);
-    observe::layer(routes, metrics, max_concurrent)
+    observe::layer(routes, metrics, admission)
 }
 
 async fn hello(
@@ -112,12 +113,9 @@ pub fn service_with(
         resolver,
         upstream::PetraMetrics::register(&mut registry),
     )?;
-    let routes = router(
-        client.clone(),
-        metrics,
-        serve.max_concurrent_requests as usize,
-    );
-    let mut service = serve.service("klaus", listen_addr, routes, tls, registry);
+    let admission = Admission::new(serve.admission(), &mut registry);
+    let routes = router(client.clone(), metrics, Arc::clone(&admission));
+    let mut service = serve.service("klaus", listen_addr, routes, tls, registry, admission);
     // Discovery and the client's certificate reloads run while Klaus serves, on the same
     // interval as the listener's.
     let reload = (serve.tls_reload_interval_seconds > 0)

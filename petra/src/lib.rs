@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::http::StatusCode;
@@ -10,6 +11,7 @@ use axum::response::Response;
 use axum::routing::get;
 use clap::{CommandFactory, Parser, Subcommand};
 use prometheus_client::registry::Registry;
+use serving::admission::Admission;
 use serving::metrics::HttpMetrics;
 use serving::observe;
 use serving::{ConfigError, ServeArgs, Service};
@@ -48,13 +50,13 @@ pub enum Command {
 /// The body of `GET /`.
 pub const HELLO: &str = "hello";
 
-/// Petra's routes, with request ids, load shedding above `max_concurrent`, metrics and logs.
-pub fn router(metrics: HttpMetrics, max_concurrent: usize) -> Router {
+/// Petra's routes, with request ids, admission control, metrics and logs.
+pub fn router(metrics: HttpMetrics, admission: Arc<Admission>) -> Router {
     let routes = Router::new()
         .route("/", get(hello))
         .fallback(observe::not_found)
         .method_not_allowed_fallback(observe::method_not_allowed);
-    observe::layer(routes, metrics, max_concurrent)
+    observe::layer(routes, metrics, admission)
 }
 
 async fn hello() -> Response {
@@ -72,8 +74,9 @@ pub fn service(listen_addr: SocketAddr, serve: &ServeArgs) -> Result<Service, Co
     };
     let mut registry = Registry::default();
     let metrics = HttpMetrics::register(&mut registry);
-    let routes = router(metrics, serve.max_concurrent_requests as usize);
-    Ok(serve.service("petra", listen_addr, routes, Some(tls), registry))
+    let admission = Admission::new(serve.admission(), &mut registry);
+    let routes = router(metrics, Arc::clone(&admission));
+    Ok(serve.service("petra", listen_addr, routes, Some(tls), registry, admission))
 }
 
 /// Runs the command line: serve, or one of the subcommands.

@@ -45,13 +45,23 @@ pub struct ServeArgs {
     #[arg(long, env = "SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 20)]
     pub shutdown_timeout_seconds: u64,
 
-    /// Requests the main listener works on at once; more are answered 503 at once (load
-    /// shedding) instead of queueing. 512: the benchmark's 512 connections are served without
-    /// a 503, and a 2,000-connection burst stays inside Klaus's 128 MiB (1,024 outgrew 64 MiB:
-    /// `cargo xtask e2e`, RELIABILITY.md).
-    #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 512,
+    /// The most requests the main listener works on at once. Below it the limit adapts to the
+    /// service's queueing delay (CONCURRENCY_LIMIT=adaptive): it grows while the requests in
+    /// flight wait on something else, such as a distant Petra, and shrinks when the CPU is
+    /// saturated. This ceiling bounds memory: the manifests' 128 MiB hold it with room.
+    #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 2048,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
+
+    /// `adaptive` (the default) or `fixed`: a fixed limit stays at MAX_CONCURRENT_REQUESTS.
+    #[arg(long, env = "CONCURRENCY_LIMIT", value_enum, default_value_t = ConcurrencyLimit::Adaptive)]
+    pub concurrency_limit: ConcurrencyLimit,
+
+    /// How long a request over the concurrency limit may wait for room before it is answered
+    /// 503 with `Retry-After`; 0 answers at once. Waiting costs no CPU, refusing does.
+    #[arg(long, env = "REQUEST_QUEUE_TIMEOUT_MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub request_queue_timeout_ms: u64,
 
     /// Seconds after which a connection is closed gracefully (HTTP/2 GOAWAY), give or take
     /// 10 %, so that callers holding long-lived HTTP/2 connections spread over new replicas;
@@ -83,10 +93,12 @@ impl ServeArgs {
         router: axum::Router,
         tls: Option<crate::tls::ServerFiles>,
         registry: prometheus_client::registry::Registry,
+        admission: std::sync::Arc<crate::admission::Admission>,
     ) -> crate::Service {
         crate::Service {
             name,
             router,
+            admission: Some(admission),
             listen_addr,
             admin_addr: self.admin_addr,
             tls,
@@ -99,6 +111,20 @@ impl ServeArgs {
             },
             tasks: crate::server::Tasks::default(),
         }
+    }
+
+    /// The admission control these settings ask for.
+    pub fn admission(&self) -> crate::admission::Settings {
+        let ceiling = self.max_concurrent_requests as usize;
+        let mut settings = crate::admission::Settings::adaptive(
+            ceiling,
+            Duration::from_millis(self.request_queue_timeout_ms),
+        );
+        if self.concurrency_limit == ConcurrencyLimit::Fixed {
+            settings.adaptive = false;
+            settings.initial = ceiling;
+        }
+        settings
     }
 
     /// The timing of graceful shutdown.
@@ -141,6 +167,15 @@ impl ServeArgs {
             })),
         }
     }
+}
+
+/// How the concurrency limit is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConcurrencyLimit {
+    /// Adapted to the queueing delay, up to MAX_CONCURRENT_REQUESTS.
+    Adaptive,
+    /// MAX_CONCURRENT_REQUESTS.
+    Fixed,
 }
 
 /// The log formats.

@@ -7,6 +7,7 @@
 //! main listener keeps serving for a delay, then drains under a deadline.
 
 pub mod admin;
+pub mod admission;
 #[cfg(feature = "certs")]
 pub mod certs;
 pub mod config;

@@ -8,10 +8,10 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::header::{CONTENT_TYPE, HeaderName, RETRY_AFTER};
-use http::{HeaderMap, HeaderValue, StatusCode};
-use tokio::sync::Semaphore;
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderName, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, StatusCode, Version};
 
+use crate::admission::Admission;
 use crate::metrics::{HttpLabels, HttpMetrics, method_label};
 
 /// The request id header: taken from the request when it is sane, made up otherwise, and
@@ -28,21 +28,22 @@ pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 /// The longest request id taken from a client; a longer one is replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// Adds request ids, the header limit, load shedding above `max_concurrent` requests in
-/// flight, metrics and request logs to a router. Call it after the routes are added, so that
-/// the route template is known.
-pub fn layer(router: axum::Router, metrics: HttpMetrics, max_concurrent: usize) -> axum::Router {
-    let state = Arc::new(Observe {
-        metrics,
-        in_flight: Arc::new(Semaphore::new(max_concurrent)),
-    });
+/// Adds request ids, the header limit, admission control (see [`crate::admission`]), metrics
+/// and request logs to a router. Call it after the routes are added, so that the route template
+/// is known.
+pub fn layer(
+    router: axum::Router,
+    metrics: HttpMetrics,
+    admission: Arc<Admission>,
+) -> axum::Router {
+    let state = Arc::new(Observe { metrics, admission });
     router.layer(axum::middleware::from_fn_with_state(state, observe))
 }
 
 #[derive(Debug)]
 struct Observe {
     metrics: HttpMetrics,
-    in_flight: Arc<Semaphore>,
+    admission: Arc<Admission>,
 }
 
 async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: Next) -> Response {
@@ -68,16 +69,11 @@ async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: 
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "request headers too large\n",
         )
-    } else if let Ok(_permit) = state.in_flight.try_acquire() {
-        next.run(request).await
     } else {
-        // Over the limit: a fast 503 keeps latency and memory bounded, where a queue would
-        // grow without end while clients time out anyway.
-        let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, "overloaded, retry later\n");
-        response
-            .headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-        response
+        match state.admission.acquire().await {
+            Ok(_permit) => next.run(request).await,
+            Err(_) => overloaded(request.version()),
+        }
     };
     response
         .headers_mut()
@@ -102,6 +98,19 @@ async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: 
         },
         elapsed,
     );
+    response
+}
+
+/// The answer to a request that found no room: 503 with `Retry-After`. On HTTP/1.1 the
+/// connection is closed too: a client that ignores `Retry-After` would otherwise send its next
+/// request at once, and reconnecting meets the listener's backlog while the queue is full.
+fn overloaded(version: Version) -> Response {
+    let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, "overloaded, retry later\n");
+    let headers = response.headers_mut();
+    headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    if version < Version::HTTP_2 {
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Health};
+use crate::admission::Admission;
 use crate::config::ConfigError;
 use crate::shutdown::Timing;
 use crate::tls::{ReloadingConfig, ServerFiles};
@@ -116,6 +117,10 @@ pub struct Service {
     pub timing: Timing,
     /// Connection limits.
     pub limits: Limits,
+    /// The main listener's admission control (the one its router's [`crate::observe::layer`]
+    /// uses): its limit adapts while the service serves, and the listener stops accepting
+    /// while its queue is full. `None` accepts always.
+    pub admission: Option<Arc<Admission>>,
     /// Work the service runs beside its listeners while it serves.
     pub tasks: Tasks,
 }
@@ -152,6 +157,7 @@ pub struct Bound {
     health: Health,
     timing: Timing,
     limits: Limits,
+    admission: Option<Arc<Admission>>,
     tasks: Tasks,
 }
 
@@ -177,6 +183,7 @@ impl Service {
             health: Health::default(),
             timing: self.timing,
             limits: self.limits,
+            admission: self.admission,
             tasks: self.tasks,
         })
     }
@@ -217,6 +224,9 @@ impl Bound {
         for task in self.tasks.0 {
             task(stop_admin.clone());
         }
+        if let Some(admission) = &self.admission {
+            admission.spawn_adaptation(stop_admin.clone());
+        }
         crate::memory::spawn_trimmer(
             self.conn_metrics.open.clone(),
             Arc::clone(&self.conn_metrics.peak_open),
@@ -228,6 +238,7 @@ impl Bound {
             self.admin,
             None,
             None,
+            None,
             admin_router,
             self.limits,
             stop_admin.clone(),
@@ -237,6 +248,7 @@ impl Bound {
             self.main,
             self.tls.clone(),
             Some(self.conn_metrics.clone()),
+            self.admission.clone(),
             self.router,
             self.limits,
             stop_main.clone(),
@@ -270,12 +282,15 @@ fn unspecified() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
-/// Accepts connections until `stop`, then asks each open connection to finish its requests and
-/// close, and waits up to `drain_timeout` for them.
+/// Accepts connections until `stop` (pausing while `admission`'s queue is full), then asks
+/// each open connection to finish its requests and close, and waits up to `drain_timeout` for
+/// them.
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<Arc<ReloadingConfig>>,
     metrics: Option<ConnMetrics>,
+    admission: Option<Arc<Admission>>,
     router: axum::Router,
     limits: Limits,
     stop: CancellationToken,
@@ -284,6 +299,12 @@ async fn accept_loop(
     let tracker = TaskTracker::new();
     let service = TowerToHyperService::new(router);
     loop {
+        if let Some(admission) = &admission {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = admission.room_to_accept() => {}
+            }
+        }
         let (stream, peer) = tokio::select! {
             () = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {

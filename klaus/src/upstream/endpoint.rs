@@ -49,7 +49,9 @@ pub(crate) struct Endpoint {
     pub(crate) addr: SocketAddr,
     /// Its URL.
     pub(crate) target: Arc<Target>,
-    pooled: HttpClient,
+    /// The pooled client's connections: one HTTP/2 connection each, more opened as the open
+    /// ones fill up.
+    pooled: Lanes,
     fresh: HttpClient,
     in_flight: AtomicUsize,
     outlier: Outlier,
@@ -77,7 +79,7 @@ impl Endpoint {
             tls: Arc::clone(connection.tls),
             connect_timeout: connection.timeout,
         };
-        let client = |profile| transport::client(dial.clone(), profile);
+        let client = |profile| transport::client(dial.clone(), profile, None);
         let label = EndpointLabel {
             priority: target.priority.to_string(),
             endpoint: addr.to_string(),
@@ -91,7 +93,7 @@ impl Endpoint {
         let ejections = metrics.ejections.get_or_create(&label).clone();
         Self {
             addr,
-            pooled: client(Profile::Pooled),
+            pooled: Lanes::new(dial.clone()),
             fresh: client(Profile::Fresh),
             target,
             in_flight: AtomicUsize::new(0),
@@ -107,12 +109,14 @@ impl Endpoint {
         self.target.priority
     }
 
-    /// The client of `profile`.
-    pub(crate) fn client(&self, profile: Profile) -> &HttpClient {
-        match profile {
-            Profile::Pooled => &self.pooled,
-            Profile::Fresh => &self.fresh,
-        }
+    /// The pooled client's lane for one call.
+    pub(crate) fn lane(&self) -> LaneCall {
+        self.pooled.pick(self.addr)
+    }
+
+    /// The client that opens a fresh connection for each call.
+    pub(crate) fn fresh(&self) -> &HttpClient {
+        &self.fresh
     }
 
     /// Calls in flight on this endpoint, the balancer's measure of its load.
@@ -197,6 +201,153 @@ fn attempt(label: &EndpointLabel, outcome: &'static str) -> AttemptLabel {
         priority: label.priority.clone(),
         endpoint: label.endpoint.clone(),
         outcome,
+    }
+}
+
+/// The calls one HTTP/2 connection carries before Klaus opens another to the same endpoint:
+/// half of the 256 streams Petra allows a connection, so that a connection never makes calls
+/// queue for a stream. Over a long link, calls in flight grow with the round trip (Little's
+/// law), and one connection's streams would cap the rate at 256 per round trip.
+pub(crate) const CALLS_PER_CONNECTION: usize = 128;
+
+/// The most connections to one endpoint: with [`CALLS_PER_CONNECTION`], as many calls as
+/// Klaus's default MAX_CONCURRENT_REQUESTS (2,048).
+pub(crate) const MAX_CONNECTIONS: usize = 16;
+
+/// The pooled client's connections to one endpoint. Each lane is a client with a pool of its
+/// own, so one HTTP/2 connection each; a call takes the lane with the fewest calls, and a new
+/// lane opens when every open one carries [`CALLS_PER_CONNECTION`] (as Envoy's and gRPC's
+/// HTTP/2 pools open connections when the streams of the open ones are in use). A lane left
+/// idle keeps its client and loses its connection to the pool's idle timeout.
+///
+/// Until a lane's first connection is up, the calls that pick it wait for the call that opens
+/// it: the client learns from ALPN whether a connection multiplexes, so without the wait a
+/// burst on a cold lane would open a connection per call (158 connections for 300 calls, seen
+/// in `resilience::calls_beyond_one_connections_streams_open_more_connections...`).
+#[derive(Debug)]
+struct Lanes {
+    dial: Dial,
+    lanes: std::sync::Mutex<Vec<Arc<Lane>>>,
+}
+
+#[derive(Debug)]
+struct Lane {
+    client: HttpClient,
+    calls: AtomicUsize,
+    opening: Arc<Opening>,
+}
+
+/// Whether a lane's connection is up, and the calls waiting for it.
+#[derive(Debug, Default)]
+struct Opening {
+    /// A connection of the lane has been up.
+    warm: std::sync::atomic::AtomicBool,
+    /// A call is opening the lane's connection.
+    busy: std::sync::atomic::AtomicBool,
+    /// Wakes the calls waiting for the opening call.
+    opened: tokio::sync::Notify,
+}
+
+impl Lane {
+    fn new(dial: &Dial) -> Arc<Self> {
+        let opening = Arc::new(Opening::default());
+        let on_connected = {
+            let opening = Arc::clone(&opening);
+            Arc::new(move || {
+                if !opening.warm.swap(true, Ordering::AcqRel) {
+                    opening.opened.notify_waiters();
+                }
+            })
+        };
+        Arc::new(Self {
+            client: transport::client(dial.clone(), Profile::Pooled, Some(on_connected)),
+            calls: AtomicUsize::new(0),
+            opening,
+        })
+    }
+}
+
+impl Lanes {
+    fn new(dial: Dial) -> Self {
+        let first = Lane::new(&dial);
+        Self {
+            dial,
+            lanes: std::sync::Mutex::new(vec![first]),
+        }
+    }
+
+    fn pick(&self, addr: SocketAddr) -> LaneCall {
+        let mut lanes = self
+            .lanes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = lanes.len();
+        let least = lanes
+            .iter()
+            .min_by_key(|lane| lane.calls.load(Ordering::Relaxed))
+            .filter(|lane| {
+                lane.calls.load(Ordering::Relaxed) < CALLS_PER_CONNECTION
+                    || count >= MAX_CONNECTIONS
+            })
+            .cloned();
+        let lane = least.unwrap_or_else(|| {
+            let lane = Lane::new(&self.dial);
+            lanes.push(Arc::clone(&lane));
+            tracing::info!(
+                endpoint = %addr,
+                connections = lanes.len(),
+                "the streams of every connection to a Petra endpoint are busy: opening another"
+            );
+            lane
+        });
+        lane.calls.fetch_add(1, Ordering::Relaxed);
+        let opening = &lane.opening;
+        let opener =
+            !opening.warm.load(Ordering::Acquire) && !opening.busy.swap(true, Ordering::AcqRel);
+        LaneCall { lane, opener }
+    }
+}
+
+/// A call on one lane of an endpoint, counted there until dropped.
+#[derive(Debug)]
+pub(crate) struct LaneCall {
+    lane: Arc<Lane>,
+    /// Whether this call opens the lane's connection.
+    opener: bool,
+}
+
+impl LaneCall {
+    /// Waits, when another call is opening the lane's connection, until it is up or the
+    /// opening call has failed.
+    pub(crate) async fn connection(&self) {
+        let opening = &self.lane.opening;
+        if self.opener || opening.warm.load(Ordering::Acquire) {
+            return;
+        }
+        let opened = opening.opened.notified();
+        tokio::pin!(opened);
+        opened.as_mut().enable();
+        if opening.warm.load(Ordering::Acquire) || !opening.busy.load(Ordering::Acquire) {
+            return;
+        }
+        opened.await;
+    }
+
+    /// The lane's client.
+    pub(crate) fn client(&self) -> &HttpClient {
+        &self.lane.client
+    }
+}
+
+impl Drop for LaneCall {
+    fn drop(&mut self) {
+        self.lane.calls.fetch_sub(1, Ordering::Relaxed);
+        let opening = &self.lane.opening;
+        if self.opener && !opening.warm.load(Ordering::Acquire) {
+            // The opening call failed: the waiting calls go on, and the next call opens.
+            opening.busy.store(false, Ordering::Release);
+            opening.opened.notify_waiters();
+        }
     }
 }
 

@@ -315,7 +315,14 @@ impl PetraClient {
         profile: Profile,
         incoming: &HeaderMap,
     ) -> Result<String, PetraError> {
-        let client = endpoint.client(profile);
+        let lane = (profile == Profile::Pooled).then(|| endpoint.lane());
+        let client = match &lane {
+            Some(lane) => {
+                lane.connection().await;
+                lane.client()
+            }
+            None => endpoint.fresh(),
+        };
         let mut refused = 0;
         let response = loop {
             match client.request(request(endpoint, incoming)).await {

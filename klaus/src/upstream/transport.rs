@@ -65,9 +65,17 @@ pub(crate) struct Dial {
     pub(crate) connect_timeout: Duration,
 }
 
+/// Told when a connection is up (TCP and TLS done), so that calls waiting for a lane's first
+/// connection can go on.
+pub(crate) type OnConnected = Arc<dyn Fn() + Send + Sync>;
+
 /// Builds the client of `profile` for one endpoint, for requests whose URI names the
-/// endpoint's URL.
-pub(crate) fn client(dial: Dial, profile: Profile) -> HttpClient {
+/// endpoint's URL; `on_connected` is told of each connection made.
+pub(crate) fn client(
+    dial: Dial,
+    profile: Profile,
+    on_connected: Option<OnConnected>,
+) -> HttpClient {
     let ip = dial.ip;
     let mut tcp = HttpConnector::new_with_resolver(Fixed(ip));
     // TLS is added below; the request's scheme is https.
@@ -82,6 +90,7 @@ pub(crate) fn client(dial: Dial, profile: Profile) -> HttpClient {
         tcp,
         dial: Arc::new(dial),
         profile,
+        on_connected,
     };
     let pooled = profile == Profile::Pooled;
     let mut builder = Client::builder(TokioExecutor::new());
@@ -128,11 +137,21 @@ impl tower_service::Service<Name> for Fixed {
 /// Before connecting, the host is looked up again (new connections are rare: one per endpoint,
 /// renewed through its age, and retries): an address that is no longer the host's is not
 /// dialled, so that a replica that has just gone costs a failed lookup, not a connect timeout.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct EndpointConnector {
     tcp: HttpConnector<Fixed>,
     dial: Arc<Dial>,
     profile: Profile,
+    on_connected: Option<OnConnected>,
+}
+
+impl std::fmt::Debug for EndpointConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointConnector")
+            .field("dial", &self.dial)
+            .field("profile", &self.profile)
+            .finish_non_exhaustive()
+    }
 }
 
 impl tower_service::Service<Uri> for EndpointConnector {
@@ -149,6 +168,7 @@ impl tower_service::Service<Uri> for EndpointConnector {
         let dial = Arc::clone(&self.dial);
         let tls = tokio_rustls::TlsConnector::from(dial.tls.config(self.profile));
         let (name, timeout) = (dial.server_name.clone(), dial.connect_timeout);
+        let on_connected = self.on_connected.clone();
         Box::pin(async move {
             let connecting = async move {
                 if dial.host.parse::<IpAddr>().is_err() {
@@ -166,9 +186,13 @@ impl tower_service::Service<Uri> for EndpointConnector {
                 }
                 connect(tcp, tls, name).await
             };
-            tokio::time::timeout(timeout, connecting)
+            let connected = tokio::time::timeout(timeout, connecting)
                 .await
-                .unwrap_or_else(|_| Err(ConnectTimeout(timeout).into()))
+                .unwrap_or_else(|_| Err(ConnectTimeout(timeout).into()));
+            if let (Ok(_), Some(on_connected)) = (&connected, on_connected) {
+                on_connected();
+            }
+            connected
         })
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::Router;
 use klaus::PetraArgs;
 use serving::ServeArgs;
-use serving::config::LogFormat;
+use serving::config::{ConcurrencyLimit, LogFormat};
 use serving::server::{Limits, Service};
 use serving::shutdown::Timing;
 use serving::testing::{Files, Running, TestPki, loopback, spawn};
@@ -22,6 +22,8 @@ pub(crate) fn serve_args() -> ServeArgs {
         shutdown_delay_seconds: 0,
         shutdown_timeout_seconds: 5,
         max_concurrent_requests: 1024,
+        concurrency_limit: ConcurrencyLimit::Adaptive,
+        request_queue_timeout_ms: 500,
         max_connection_age_seconds: 0,
         worker_threads: 1,
         log_format: LogFormat::Text,
@@ -67,6 +69,7 @@ pub(crate) async fn spawn_fake_petra(pki: &TestPki, cert: &Files, router: Router
             drain_timeout: Duration::from_secs(1),
         },
         limits: Limits::default(),
+        admission: None,
         tasks: Default::default(),
     })
     .await

@@ -133,43 +133,76 @@ async fn retries_stop_when_the_budget_is_spent() {
     klaus.stop().await;
 }
 
+/// A Petra that holds every call until `release` is notified, counting the calls it holds.
+struct HeldPetra {
+    petra: serving::testing::Running,
+    release: Arc<Notify>,
+    held: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HeldPetra {
+    async fn spawn(pki: &TestPki) -> Self {
+        let release = Arc::new(Notify::new());
+        let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (on_release, counter) = (release.clone(), held.clone());
+        let fake = Router::new().route(
+            "/",
+            get(move || {
+                let (on_release, counter) = (on_release.clone(), counter.clone());
+                async move {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    on_release.notified().await;
+                    "hello"
+                }
+            }),
+        );
+        let petra = spawn_fake_petra(pki, &pki.petra, fake).await;
+        Self {
+            petra,
+            release,
+            held,
+        }
+    }
+
+    fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn wait_held(&self, n: usize) {
+        wait_until(
+            &format!("{n} requests are held at Petra"),
+            Duration::from_secs(5),
+            || async { self.held() == n },
+        )
+        .await;
+    }
+
+    /// Klaus with a fixed limit of two requests in flight, waiting up to `queue_ms` for room.
+    async fn klaus(&self, pki: &TestPki, queue_ms: u64) -> serving::testing::Running {
+        let mut args = serve_args();
+        args.max_concurrent_requests = 2;
+        args.concurrency_limit = serving::config::ConcurrencyLimit::Fixed;
+        args.request_queue_timeout_ms = queue_ms;
+        let mut petra_settings = petra_args(
+            &self.petra.https_url(),
+            Some(pki.ca_file.clone()),
+            Some(&pki.klaus),
+        );
+        petra_settings.petra_timeout_ms = 20_000;
+        spawn(klaus::service(loopback(), &args, &petra_settings).expect("config")).await
+    }
+}
+
 #[tokio::test]
-async fn requests_over_the_concurrency_limit_get_a_fast_503() {
+async fn requests_over_the_concurrency_limit_get_a_fast_503_when_waiting_is_off() {
     let pki = TestPki::new();
-    let release = Arc::new(Notify::new());
-    let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (on_release, counter) = (release.clone(), held.clone());
-    let fake = Router::new().route(
-        "/",
-        get(move || {
-            let (on_release, counter) = (on_release.clone(), counter.clone());
-            async move {
-                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                on_release.notified().await;
-                "hello"
-            }
-        }),
-    );
-    let petra = spawn_fake_petra(&pki, &pki.petra, fake).await;
-    let mut args = serve_args();
-    args.max_concurrent_requests = 2;
-    let mut petra_settings = petra_args(
-        &petra.https_url(),
-        Some(pki.ca_file.clone()),
-        Some(&pki.klaus),
-    );
-    petra_settings.petra_timeout_ms = 20_000;
-    let klaus = spawn(klaus::service(loopback(), &args, &petra_settings).expect("config")).await;
+    let petra = HeldPetra::spawn(&pki).await;
+    let klaus = petra.klaus(&pki, 0).await;
     let url = klaus.http_url();
     let in_flight: Vec<_> = (0..2)
         .map(|_| tokio::spawn(crate::helpers::get_owned(url.clone())))
         .collect();
-    wait_until(
-        "two requests are held at Petra",
-        Duration::from_secs(5),
-        || async { held.load(std::sync::atomic::Ordering::SeqCst) == 2 },
-    )
-    .await;
+    petra.wait_held(2).await;
 
     let started = Instant::now();
     let shed = serving::testing::plain_client()
@@ -184,26 +217,152 @@ async fn requests_over_the_concurrency_limit_get_a_fast_503() {
     );
     assert_eq!(shed.status().as_u16(), 503);
     assert_eq!(shed.headers()["retry-after"], "1");
+    // HTTP/1.1: the connection is closed, so that a client ignoring Retry-After reconnects.
+    assert_eq!(shed.headers()["connection"], "close");
 
     // Releasing Petra lets the held requests finish, and the limit frees up again.
-    release.notify_waiters();
+    petra.release.notify_waiters();
     for request in in_flight {
         assert_eq!(request.await.expect("task").2, "hello world");
     }
     let again = tokio::spawn(crate::helpers::get_owned(url.clone()));
-    wait_until(
-        "the third request reaches Petra",
-        Duration::from_secs(5),
-        || async { held.load(std::sync::atomic::Ordering::SeqCst) == 3 },
-    )
-    .await;
-    release.notify_waiters();
+    petra.wait_held(3).await;
+    petra.release.notify_waiters();
     assert_eq!(again.await.expect("task").0, 200);
     let text = klaus.metrics().await;
     assert!(
         text.contains(r#"http_requests_total{route="/",method="GET",status="503"} 1"#),
         "{text}"
     );
+    assert!(
+        text.contains(r#"requests_shed_total{reason="over_limit"} 1"#),
+        "{text}"
+    );
     klaus.stop().await;
-    petra.stop().await;
+    petra.petra.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_over_the_limit_waits_for_room_and_is_served() {
+    let pki = TestPki::new();
+    let petra = HeldPetra::spawn(&pki).await;
+    let klaus = petra.klaus(&pki, 10_000).await;
+    let url = klaus.http_url();
+    let first: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(crate::helpers::get_owned(url.clone())))
+        .collect();
+    petra.wait_held(2).await;
+    let third = tokio::spawn(crate::helpers::get_owned(url.clone()));
+    wait_until(
+        "the third request waits in Klaus's queue",
+        Duration::from_secs(5),
+        || async { klaus.metrics().await.contains("requests_queued 1") },
+    )
+    .await;
+    assert_eq!(petra.held(), 2, "the third request passed the limit");
+
+    // Room frees up: the waiting request goes on to Petra and is answered.
+    petra.release.notify_waiters();
+    petra.wait_held(3).await;
+    petra.release.notify_waiters();
+    for request in first {
+        assert_eq!(request.await.expect("task").0, 200);
+    }
+    assert_eq!(third.await.expect("task").2, "hello world");
+    let text = klaus.metrics().await;
+    assert!(!text.contains("status=\"503\""), "{text}");
+    klaus.stop().await;
+    petra.petra.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_whose_wait_runs_out_gets_a_503() {
+    let pki = TestPki::new();
+    let petra = HeldPetra::spawn(&pki).await;
+    let klaus = petra.klaus(&pki, 150).await;
+    let url = klaus.http_url();
+    let in_flight: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(crate::helpers::get_owned(url.clone())))
+        .collect();
+    petra.wait_held(2).await;
+
+    let started = Instant::now();
+    let shed = serving::testing::plain_client()
+        .get(&url)
+        .send()
+        .await
+        .expect("request");
+    let waited = started.elapsed();
+    assert_eq!(shed.status().as_u16(), 503);
+    assert!(
+        waited >= Duration::from_millis(150) && waited < Duration::from_secs(2),
+        "refused after {waited:?}, for a 150 ms wait"
+    );
+    assert_eq!(shed.headers()["retry-after"], "1");
+    petra.release.notify_waiters();
+    for request in in_flight {
+        assert_eq!(request.await.expect("task").0, 200);
+    }
+    let text = klaus.metrics().await;
+    assert!(
+        text.contains(r#"requests_shed_total{reason="queue_timeout"} 1"#),
+        "{text}"
+    );
+    klaus.stop().await;
+    petra.petra.stop().await;
+}
+
+#[tokio::test]
+async fn calls_beyond_one_connections_streams_open_more_connections_and_the_limit_grows() {
+    let pki = TestPki::new();
+    let petra = HeldPetra::spawn(&pki).await;
+    let mut petra_settings = petra_args(
+        &petra.petra.https_url(),
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    );
+    petra_settings.petra_timeout_ms = 20_000;
+    // Klaus's adaptive limit starts at 256: 300 calls held at a distant-looking Petra make
+    // requests wait while the runtime idles, so the limit must grow for all of them to pass.
+    // (Opening 300 connections at once in a debug build saturates the test's one thread for a
+    // moment, which shrinks the limit first: the requests may wait long for it to grow back.)
+    let mut args = serve_args();
+    args.request_queue_timeout_ms = 30_000;
+    let klaus = spawn(klaus::service(loopback(), &args, &petra_settings).expect("config")).await;
+    let url = klaus.http_url();
+    let calls: Vec<_> = (0..300)
+        .map(|_| tokio::spawn(crate::helpers::get_owned(url.clone())))
+        .collect();
+    wait_until(
+        "all 300 calls are held at Petra",
+        Duration::from_secs(20),
+        || async { petra.held() == 300 },
+    )
+    .await;
+    let text = klaus.metrics().await;
+    let limit: usize = metric(&text, "concurrency_limit");
+    assert!(
+        limit >= 300,
+        "concurrency_limit {limit} with 300 calls held"
+    );
+    // 300 calls over connections of 128 calls each: three connections, not one.
+    let accepted: usize = metric(&petra.petra.metrics().await, "connections_accepted_total");
+    assert_eq!(
+        accepted, 3,
+        "Petra accepted {accepted} connections for 300 calls"
+    );
+    petra.release.notify_waiters();
+    for call in calls {
+        assert_eq!(call.await.expect("task").0, 200);
+    }
+    klaus.stop().await;
+    petra.petra.stop().await;
+}
+
+/// The value of the unlabelled metric `name` in a Prometheus text exposition.
+fn metric(text: &str, name: &str) -> usize {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
 }

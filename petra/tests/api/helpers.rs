@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use serving::ServeArgs;
-use serving::config::LogFormat;
+use serving::config::{ConcurrencyLimit, LogFormat};
 use serving::testing::{Running, TestPki, loopback, spawn};
 
 /// Settings for a Petra on free loopback ports serving `pki`'s certificate, requiring client
@@ -18,6 +18,8 @@ pub(crate) fn args(pki: &TestPki, client_ca: Option<&Path>) -> ServeArgs {
         shutdown_delay_seconds: 0,
         shutdown_timeout_seconds: 5,
         max_concurrent_requests: 1024,
+        concurrency_limit: ConcurrencyLimit::Adaptive,
+        request_queue_timeout_ms: 500,
         max_connection_age_seconds: 0,
         worker_threads: 1,
         log_format: LogFormat::Text,

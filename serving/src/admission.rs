@@ -1,0 +1,525 @@
+//! Admission control: how many requests the main listener works on at once, and what happens
+//! to the rest.
+//!
+//! A fixed limit is right for one latency and wrong for every other (Little's law: requests in
+//! flight = rate × latency): a Klaus whose Petra is 50 ms away needs fifty times the requests in
+//! flight of one whose Petra is next door, for the same rate and the same CPU. So the limit
+//! follows a measure of overload that distance does not change: the service's own queueing
+//! delay, the time a task that is ready to run waits for the runtime's thread (the signal
+//! Breakwater uses). A probe measures it every [`PROBE_EVERY`]; every [`WINDOW`] the limit
+//!
+//! - shrinks by a tenth when the delay exceeds [`QUEUEING_TARGET`] (the CPU is saturated: more
+//!   requests in flight only make each one slower), and
+//! - grows by a fifth when requests had to wait for the limit and the delay is below the
+//!   target (the requests in flight are waiting on something else, such as a distant Petra),
+//!
+//! between a floor and `MAX_CONCURRENT_REQUESTS`, which bounds memory. A request over the limit
+//! waits, first come first served, for at most `REQUEST_QUEUE_TIMEOUT_MS`; a waiting request
+//! costs no CPU, where refusing it would cost an answer and, from a client that ignores
+//! `Retry-After`, another request at once. It is refused (503, `Retry-After`, and on HTTP/1.1
+//! `Connection: close`) only when its wait runs out or the queue is full; while the queue is
+//! full the listener stops accepting connections, so that TCP pushes back on new clients.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// How often the probe measures the queueing delay.
+pub const PROBE_EVERY: Duration = Duration::from_millis(10);
+
+/// How often the limit is adjusted.
+pub const WINDOW: Duration = Duration::from_millis(100);
+
+/// The queueing delay above which the service counts as saturated. A runtime with CPU to spare
+/// runs a woken task within tens of microseconds; a saturated one makes it wait for every task
+/// ahead of it, milliseconds at the request rates here.
+pub const QUEUEING_TARGET: Duration = Duration::from_millis(2);
+
+/// The smallest limit the adaptation goes to.
+const FLOOR: usize = 16;
+
+/// The settings of a listener's admission control.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// The most requests worked on at once, whatever the adaptation says (memory bound).
+    pub ceiling: usize,
+    /// The limit before the first adjustment.
+    pub initial: usize,
+    /// How long a request over the limit may wait for room; zero refuses it at once.
+    pub max_wait: Duration,
+    /// How many requests may wait at once; beyond, they are refused and no connection is
+    /// accepted.
+    pub max_queued: usize,
+    /// Whether the limit adapts to the queueing delay; `false` keeps it at the ceiling.
+    pub adaptive: bool,
+}
+
+impl Settings {
+    /// Adaptive settings below `ceiling`, with waits of at most `max_wait`.
+    pub fn adaptive(ceiling: usize, max_wait: Duration) -> Self {
+        let ceiling = ceiling.max(1);
+        Self {
+            ceiling,
+            initial: ceiling.min(256),
+            max_wait,
+            max_queued: ceiling.saturating_mul(2),
+            adaptive: true,
+        }
+    }
+
+    /// A fixed limit of `limit`, refusing at once above it.
+    pub fn fixed(limit: usize) -> Self {
+        let limit = limit.max(1);
+        Self {
+            ceiling: limit,
+            initial: limit,
+            max_wait: Duration::ZERO,
+            max_queued: 0,
+            adaptive: false,
+        }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ShedLabels {
+    /// `queue_full`, `queue_timeout`, or `over_limit` (no waiting allowed).
+    pub reason: &'static str,
+}
+
+/// A refused request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    /// The limit was reached and waiting is off.
+    OverLimit,
+    /// The queue was full.
+    QueueFull,
+    /// The request waited [`Settings::max_wait`] without room.
+    QueueTimeout,
+}
+
+impl Shed {
+    fn reason(self) -> &'static str {
+        match self {
+            Self::OverLimit => "over_limit",
+            Self::QueueFull => "queue_full",
+            Self::QueueTimeout => "queue_timeout",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Metrics {
+    limit: Gauge,
+    in_flight: Gauge,
+    queued: Gauge,
+    queueing_delay: Gauge<f64, std::sync::atomic::AtomicU64>,
+    shed: Family<ShedLabels, Counter>,
+    accept_pauses: Counter,
+}
+
+/// The admission control of one listener, shared by its requests and its accept loop.
+#[derive(Debug)]
+pub struct Admission {
+    settings: Settings,
+    state: Mutex<State>,
+    /// Wakes waiting requests, oldest first, when room frees up.
+    room: Notify,
+    /// Wakes a paused accept loop when the queue has room again.
+    accept: Notify,
+    metrics: Metrics,
+}
+
+#[derive(Debug)]
+struct State {
+    limit: usize,
+    in_flight: usize,
+    queued: usize,
+    /// Whether a request waited (or was refused) since the last adjustment.
+    limited: bool,
+    /// The queueing delays the probe measured since the last adjustment.
+    delay_sum: Duration,
+    delay_samples: u32,
+    adjusted: Instant,
+}
+
+impl Admission {
+    /// Admission control with `settings`, its metrics in `registry`.
+    pub fn new(settings: Settings, registry: &mut Registry) -> Arc<Self> {
+        let metrics = Metrics::default();
+        registry.register(
+            "concurrency_limit",
+            "Requests the main listener works on at once now (adapted to the queueing delay, below MAX_CONCURRENT_REQUESTS)",
+            metrics.limit.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Requests the main listener is working on",
+            metrics.in_flight.clone(),
+        );
+        registry.register(
+            "requests_queued",
+            "Requests waiting for room under the concurrency limit",
+            metrics.queued.clone(),
+        );
+        registry.register(
+            "runtime_queueing_delay_seconds",
+            "How long a ready task waited for the runtime, averaged over the last adjustment window",
+            metrics.queueing_delay.clone(),
+        );
+        registry.register(
+            "requests_shed",
+            "Requests refused with 503, by reason",
+            metrics.shed.clone(),
+        );
+        registry.register(
+            "accept_pauses",
+            "Times the main listener stopped accepting connections because the queue was full",
+            metrics.accept_pauses.clone(),
+        );
+        let initial = settings.initial.clamp(1, settings.ceiling);
+        metrics
+            .limit
+            .set(i64::try_from(initial).unwrap_or(i64::MAX));
+        Arc::new(Self {
+            settings,
+            state: Mutex::new(State {
+                limit: initial,
+                in_flight: 0,
+                queued: 0,
+                limited: false,
+                delay_sum: Duration::ZERO,
+                delay_samples: 0,
+                adjusted: Instant::now(),
+            }),
+            room: Notify::new(),
+            accept: Notify::new(),
+            metrics,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The limit in force.
+    pub fn limit(&self) -> usize {
+        self.lock().limit
+    }
+
+    /// Room for one request: at once when there is room and nobody is waiting, else after a
+    /// wait of at most [`Settings::max_wait`].
+    pub async fn acquire(self: &Arc<Self>) -> Result<Permit, Shed> {
+        {
+            let mut state = self.lock();
+            if state.queued == 0 && state.in_flight < state.limit {
+                return Ok(self.admit(&mut state));
+            }
+            state.limited = true;
+            if self.settings.max_wait.is_zero() {
+                return Err(self.refuse(Shed::OverLimit));
+            }
+            if state.queued >= self.settings.max_queued {
+                return Err(self.refuse(Shed::QueueFull));
+            }
+            state.queued += 1;
+            self.metrics.queued.inc();
+        }
+        let deadline = tokio::time::sleep(self.settings.max_wait);
+        tokio::pin!(deadline);
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut state = self.lock();
+                if state.in_flight < state.limit {
+                    self.leave_queue(&mut state);
+                    return Ok(self.admit(&mut state));
+                }
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = &mut deadline => {
+                    let mut state = self.lock();
+                    self.leave_queue(&mut state);
+                    // Room that freed up as this wait ended goes to the next in line.
+                    if state.in_flight < state.limit {
+                        self.room.notify_one();
+                    }
+                    return Err(self.refuse(Shed::QueueTimeout));
+                }
+            }
+        }
+    }
+
+    fn admit(self: &Arc<Self>, state: &mut State) -> Permit {
+        state.in_flight += 1;
+        self.metrics.in_flight.inc();
+        Permit(Arc::clone(self))
+    }
+
+    fn leave_queue(&self, state: &mut State) {
+        state.queued -= 1;
+        self.metrics.queued.dec();
+        if state.queued + 1 == self.settings.max_queued {
+            self.accept.notify_waiters();
+        }
+    }
+
+    fn refuse(&self, shed: Shed) -> Shed {
+        self.metrics
+            .shed
+            .get_or_create(&ShedLabels {
+                reason: shed.reason(),
+            })
+            .inc();
+        shed
+    }
+
+    fn release(&self) {
+        let mut state = self.lock();
+        state.in_flight -= 1;
+        self.metrics.in_flight.dec();
+        if state.queued > 0 && state.in_flight < state.limit {
+            self.room.notify_one();
+        }
+    }
+
+    /// Waits until the queue has room for more requests, so that the accept loop stops
+    /// accepting connections while it is full. Returns at once when it has room.
+    pub async fn room_to_accept(&self) {
+        if self.settings.max_queued == 0 {
+            return;
+        }
+        let mut paused = false;
+        loop {
+            let notified = self.accept.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock().queued < self.settings.max_queued {
+                return;
+            }
+            if !paused {
+                paused = true;
+                self.metrics.accept_pauses.inc();
+                tracing::warn!(
+                    queued = self.settings.max_queued,
+                    "request queue full: not accepting connections until it has room"
+                );
+            }
+            notified.await;
+        }
+    }
+
+    /// Measures the runtime's queueing delay and adjusts the limit, until `stop`. Does nothing
+    /// for a fixed limit.
+    pub fn spawn_adaptation(self: &Arc<Self>, stop: CancellationToken) {
+        if !self.settings.adaptive {
+            return;
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut probe = tokio::time::interval(PROBE_EVERY);
+            probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = probe.tick() => {}
+                }
+                // A yield puts this task behind every task that is ready to run: the time it
+                // takes to come back is what a woken request waits for the thread.
+                let yielded = Instant::now();
+                tokio::task::yield_now().await;
+                this.observe_delay(yielded.elapsed(), Instant::now());
+            }
+        });
+    }
+
+    fn observe_delay(&self, delay: Duration, now: Instant) {
+        let mut state = self.lock();
+        state.delay_sum += delay;
+        state.delay_samples += 1;
+        if now.duration_since(state.adjusted) < WINDOW {
+            return;
+        }
+        let mean = state.delay_sum / state.delay_samples.max(1);
+        let before = state.limit;
+        state.limit = next_limit(
+            before,
+            mean,
+            state.limited || state.in_flight >= before,
+            self.settings.ceiling,
+        );
+        state.delay_sum = Duration::ZERO;
+        state.delay_samples = 0;
+        state.limited = false;
+        state.adjusted = now;
+        self.metrics
+            .limit
+            .set(i64::try_from(state.limit).unwrap_or(i64::MAX));
+        self.metrics.queueing_delay.set(mean.as_secs_f64());
+        // Room the larger limit makes goes to the requests waiting for it.
+        for _ in 0..state.limit.saturating_sub(before).min(state.queued) {
+            self.room.notify_one();
+        }
+    }
+}
+
+/// The limit after a window whose mean queueing delay was `delay`, in which requests met the
+/// limit (`limited`) or not.
+fn next_limit(limit: usize, delay: Duration, limited: bool, ceiling: usize) -> usize {
+    let floor = FLOOR.min(ceiling);
+    if delay > QUEUEING_TARGET {
+        (limit - limit / 10).max(floor)
+    } else if limited {
+        (limit + limit / 5 + 1).min(ceiling)
+    } else {
+        limit
+    }
+}
+
+/// Room for one request, given back when dropped.
+#[derive(Debug)]
+pub struct Permit(Arc<Admission>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission(settings: Settings) -> Arc<Admission> {
+        Admission::new(settings, &mut Registry::default())
+    }
+
+    #[tokio::test]
+    async fn requests_over_the_limit_wait_in_order_and_get_room_as_it_frees() {
+        let admission = admission(Settings {
+            max_queued: 2,
+            ..Settings::adaptive(1, Duration::from_secs(5))
+        });
+        let first = admission.acquire().await.expect("room");
+        let second = tokio::spawn({
+            let admission = Arc::clone(&admission);
+            async move { admission.acquire().await }
+        });
+        let third = tokio::spawn({
+            let admission = Arc::clone(&admission);
+            async move { admission.acquire().await }
+        });
+        while admission.lock().queued < 2 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(admission.acquire().await.err(), Some(Shed::QueueFull));
+        drop(first);
+        let second = second.await.expect("task").expect("room after the first");
+        assert!(!third.is_finished());
+        drop(second);
+        third.await.expect("task").expect("room after the second");
+        assert_eq!(admission.lock().in_flight, 0);
+    }
+
+    #[tokio::test]
+    async fn a_wait_that_runs_out_is_refused_and_its_room_goes_to_the_next() {
+        let admission = admission(Settings::adaptive(1, Duration::from_millis(50)));
+        let held = admission.acquire().await.expect("room");
+        let started = Instant::now();
+        assert_eq!(admission.acquire().await.err(), Some(Shed::QueueTimeout));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert_eq!(admission.lock().queued, 0);
+        drop(held);
+        admission
+            .acquire()
+            .await
+            .expect("room once the holder is done");
+    }
+
+    #[tokio::test]
+    async fn a_fixed_limit_refuses_at_once() {
+        let admission = admission(Settings::fixed(1));
+        let _held = admission.acquire().await.expect("room");
+        assert_eq!(admission.acquire().await.err(), Some(Shed::OverLimit));
+    }
+
+    #[tokio::test]
+    async fn the_limit_grows_while_requests_wait_on_an_idle_runtime() {
+        let admission = admission(Settings {
+            initial: 4,
+            ..Settings::adaptive(64, Duration::from_secs(10))
+        });
+        let stop = CancellationToken::new();
+        admission.spawn_adaptation(stop.clone());
+        // Twenty requests held, as if waiting on a distant peer: only four fit at first.
+        let (release, _) = tokio::sync::broadcast::channel::<()>(1);
+        let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for _ in 0..20 {
+            let (admission, held) = (Arc::clone(&admission), Arc::clone(&held));
+            let mut released = release.subscribe();
+            tokio::spawn(async move {
+                let _permit = admission.acquire().await;
+                held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = released.recv().await;
+            });
+        }
+        let started = Instant::now();
+        while held.load(std::sync::atomic::Ordering::SeqCst) < 20 {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the limit stayed at {} with requests waiting",
+                admission.limit()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(admission.limit() >= 20);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn the_limit_shrinks_when_the_runtime_is_saturated() {
+        let admission = admission(Settings::adaptive(1024, Duration::from_secs(1)));
+        let before = admission.limit();
+        let stop = CancellationToken::new();
+        admission.spawn_adaptation(stop.clone());
+        // A task that keeps the thread busy for 5 ms at a time, as a saturated service does.
+        let busy = tokio::spawn(async {
+            loop {
+                std::thread::sleep(Duration::from_millis(5));
+                tokio::task::yield_now().await;
+            }
+        });
+        let started = Instant::now();
+        while admission.limit() >= before {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the limit stayed at {before} on a saturated runtime"
+            );
+            tokio::task::yield_now().await;
+        }
+        busy.abort();
+        stop.cancel();
+    }
+
+    #[test]
+    fn the_limit_shrinks_when_saturated_and_grows_only_when_it_was_met() {
+        let ms = Duration::from_millis;
+        assert_eq!(next_limit(100, ms(5), true, 1000), 90);
+        assert_eq!(next_limit(100, ms(5), false, 1000), 90);
+        assert_eq!(next_limit(100, Duration::from_micros(50), true, 1000), 121);
+        assert_eq!(next_limit(100, Duration::from_micros(50), false, 1000), 100);
+        assert_eq!(next_limit(990, Duration::ZERO, true, 1000), 1000);
+        assert_eq!(next_limit(16, ms(50), true, 1000), 16);
+        assert_eq!(next_limit(4, ms(50), true, 4), 4);
+    }
+}
