@@ -117,7 +117,7 @@ pub(crate) fn e2e_parts(only: &[String]) -> anyhow::Result<()> {
     let oha = step("oha is installed", || faults::Oha::find(&sh))?;
     for topology in TOPOLOGIES.iter().filter(|t| wanted(t.name)) {
         step(&format!("e2e {}", topology.file), || {
-            run_topology(&sh, &compose, topology)
+            run_topology(&sh, &compose, &oha, topology)
         })?;
     }
     if wanted("faults") {
@@ -255,7 +255,12 @@ impl Drop for Container<'_> {
 }
 
 /// Brings one topology up, runs every check, prints the logs if one fails, and tears it down.
-fn run_topology(sh: &Shell, compose: &[String], topology: &Topology) -> anyhow::Result<()> {
+fn run_topology(
+    sh: &Shell,
+    compose: &[String],
+    oha: &faults::Oha,
+    topology: &Topology,
+) -> anyhow::Result<()> {
     let mut ports = vec![KLAUS_PORT];
     ports.extend(topology.petra_port);
     for port in ports {
@@ -268,7 +273,7 @@ fn run_topology(sh: &Shell, compose: &[String], topology: &Topology) -> anyhow::
         file: topology.file,
     };
     project.run(&["up", "-d"])?;
-    let result = checks(sh, &project, topology);
+    let result = checks(sh, &project, oha, topology);
     if result.is_err() {
         let _ = project.run(&["logs", "--no-color", "--tail", "40"]);
     }
@@ -283,7 +288,12 @@ fn ensure_port_free(port: u16) -> anyhow::Result<()> {
 }
 
 /// The checks, in order; each prints a line when it passes.
-fn checks(sh: &Shell, project: &Project<'_>, topology: &Topology) -> anyhow::Result<()> {
+fn checks(
+    sh: &Shell,
+    project: &Project<'_>,
+    oha: &faults::Oha,
+    topology: &Topology,
+) -> anyhow::Result<()> {
     let klaus: SocketAddr = ([127, 0, 0, 1], KLAUS_PORT).into();
 
     let started = Instant::now();
@@ -306,7 +316,7 @@ fn checks(sh: &Shell, project: &Project<'_>, topology: &Topology) -> anyhow::Res
         curl_petra_directly(sh, project, port)?;
     }
     match topology.link {
-        Some(link) => distance::run(sh, project, topology, link, klaus),
+        Some(link) => distance::run(sh, project, oha, topology, link, klaus),
         None => placement(sh, project, topology, klaus).map(drop),
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use xshell::{Shell, cmd};
 
-use super::faults::{Cut, Klaus, PARTITION_CALLS, span, state, timeouts};
+use super::faults::{Cut, Klaus, Oha, PARTITION_CALLS, load_args, span, state, timeouts};
 use super::{Placement, Project, STARTUP_DEADLINE, Topology, get, pass, placement, wait_for};
 
 /// One distance between Klaus and Petra.
@@ -55,6 +55,11 @@ const LOSS_PROBABILITY: &str = "0.005";
 /// do cross the link.
 const ANSWER_CALLS: usize = 10;
 
+/// The load sent through the link at each distance, as fast as Klaus answers: connections and
+/// length. It is what meets the loss: a few calls cross the link in a few dozen segments.
+const LOAD_CONNECTIONS: u32 = 32;
+const LOAD: Duration = Duration::from_secs(3);
+
 /// How long after the silent link speaks again Klaus must answer 200: the calls on its pooled
 /// connection wait for TCP's next retransmission, which backs off while the link is silent.
 const LINK_RECOVERY_DEADLINE: Duration = Duration::from_secs(10);
@@ -79,6 +84,7 @@ impl std::fmt::Display for Distance {
 pub(super) fn run(
     sh: &Shell,
     project: &Project<'_>,
+    oha: &Oha,
     topology: &Topology,
     link: &str,
     klaus: SocketAddr,
@@ -88,7 +94,7 @@ pub(super) fn run(
     for distance in DISTANCES {
         println!("  at {distance}:");
         seen.push(
-            at(sh, project, topology, link, klaus, distance)
+            at(sh, project, oha, topology, link, klaus, distance)
                 .with_context(|| format!("at {distance}"))?,
         );
     }
@@ -119,6 +125,9 @@ struct Seen {
     /// The median and slowest of [`ANSWER_CALLS`] calls.
     median: Duration,
     slowest: Duration,
+    /// The load's rate of 200s and their p99, in ms.
+    load_rate: f64,
+    load_p99_ms: f64,
     /// How long the 504s took while the link was silent.
     timeouts: String,
     /// How soon after the link returned Klaus answered 200.
@@ -131,10 +140,13 @@ impl std::fmt::Display for Seen {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "answers median {:.0} ms, slowest {:.0} ms; Petra stopped: 502 `{}` after {:.2} s, \
+            "answers median {:.0} ms, slowest {:.0} ms; {LOAD_CONNECTIONS} connections: {:.0} × 200/s, \
+             p99 {:.0} ms; Petra stopped: 502 `{}` after {:.2} s, \
              200 {:.2} s after its start; link silent: 504 after {}, 200 {:.2} s after its return",
             ms(self.median),
             ms(self.slowest),
+            self.load_rate,
+            self.load_p99_ms,
             self.placement.outage_code,
             self.placement.outage_after.as_secs_f64(),
             self.placement.recovered_after.as_secs_f64(),
@@ -152,6 +164,7 @@ impl std::fmt::Display for Seen {
 fn at(
     sh: &Shell,
     project: &Project<'_>,
+    oha: &Oha,
     topology: &Topology,
     link: &str,
     klaus: SocketAddr,
@@ -177,6 +190,7 @@ fn at(
         .transpose()?;
 
     let (median, slowest) = answers(klaus, distance)?;
+    let (load_rate, load_p99_ms) = load(sh, project, oha)?;
     let placement = placement(sh, project, topology, klaus)?;
     let (timeouts, link_back) = deadline(sh, project, klaus, link_pid)?;
     let loss = loss.map(|loss| loss.counts()).transpose()?;
@@ -189,6 +203,8 @@ fn at(
         placement,
         median,
         slowest,
+        load_rate,
+        load_p99_ms,
         timeouts,
         link_back,
         loss,
@@ -251,6 +267,28 @@ fn answers(klaus: SocketAddr, distance: Distance) -> anyhow::Result<(Duration, D
         ms(slowest)
     ));
     Ok((median, slowest))
+}
+
+/// [`LOAD_CONNECTIONS`] connections from oha for [`LOAD`], to Klaus's address on its network:
+/// every answer must be 200. Returns the rate of 200s and their p99 in ms.
+fn load(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<(f64, f64)> {
+    let klaus = Klaus::find(sh, project)?;
+    let report = oha
+        .run(&klaus.url(), &load_args(None, LOAD_CONNECTIONS, LOAD))
+        .context("the load through the link")?;
+    ensure!(
+        report.failures() == 0,
+        "{LOAD_CONNECTIONS} connections for {LOAD:?}: not every answer was 200: {}",
+        report.outcomes()
+    );
+    let rate = report.count(200) as f64 / report.seconds;
+    pass(&format!(
+        "{LOAD_CONNECTIONS} connections for {:.1} s: {} × 200 ({rate:.0}/s), no error, p99 {:.0} ms",
+        report.seconds,
+        report.count(200),
+        report.p99_ms
+    ));
+    Ok((rate, report.p99_ms))
 }
 
 /// Silences the link (every segment in or out of its network namespace dropped) and checks that

@@ -470,6 +470,7 @@ fn overload(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<()> 
     );
 
     // Measured just before the burst, so that both see the same machine.
+    let cpu = Cpu::sample(before.pid);
     let reference = oha
         .run(
             &klaus.url(),
@@ -482,10 +483,13 @@ fn overload(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<()> 
         reference.outcomes()
     );
     let reference_rate = reference.count(200) as f64 / reference.seconds;
+    let cpu = Cpu::sample(before.pid).since(&cpu, reference.count(200));
 
+    let burst_cpu = Cpu::sample(before.pid);
     let burst = oha
         .run(&klaus.url(), &load_args(None, BURST_CONNECTIONS, BURST))
         .context("the burst")?;
+    let burst_cpu = Cpu::sample(before.pid).since(&burst_cpu, burst.count(200));
     let after = state(sh, &klaus.id)?;
     let peak = PeakMemory::of(before.pid);
     ensure!(
@@ -513,7 +517,8 @@ fn overload(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<()> 
         .context("oha's report has no p99 of the 200s")?;
     let figures = format!(
         "{ok} × 200 in {:.1} s = {goodput:.0}/s, {:.2} × the {reference_rate:.0}/s at {REFERENCE_CONNECTIONS} connections \
-         (bound {GOODPUT_SHARE}); p99 of the 200s {p99_ok_ms:.0} ms (bound {GOODPUT_P99_MS:.0} ms); {shed} × 503",
+         (bound {GOODPUT_SHARE}); p99 of the 200s {p99_ok_ms:.0} ms (bound {GOODPUT_P99_MS:.0} ms); {shed} × 503; \
+         CPU at 64 connections: {cpu}; in the burst: {burst_cpu}",
         burst.seconds,
         goodput / reference_rate
     );
@@ -593,6 +598,93 @@ fn overload(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<()> 
         peak_kib as f64 / 1024.0
     ));
     Ok(())
+}
+
+/// Where the CPU went during a run: Klaus's own (from `/proc/PID/stat`) and the whole host's
+/// (from `/proc/stat`), where oha, Petra and anything else running share the cores.
+struct Cpu {
+    /// Klaus's user and system time, in clock ticks.
+    klaus_ticks: Option<u64>,
+    /// The host's busy and total time over all cores, in clock ticks.
+    host: Option<(u64, u64)>,
+    at: Instant,
+}
+
+/// A [`Cpu`] difference, for printing.
+struct CpuUse {
+    /// Klaus's CPU seconds per second.
+    klaus_cores: Option<f64>,
+    /// Klaus's 200s per CPU millisecond.
+    ok_per_cpu_ms: Option<f64>,
+    /// The share of the host's cores that were busy.
+    host_busy: Option<f64>,
+}
+
+/// Clock ticks per second in `/proc` (USER_HZ), 100 on Linux everywhere we run.
+const USER_HZ: f64 = 100.0;
+
+impl Cpu {
+    fn sample(pid: u32) -> Self {
+        let klaus_ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                // After the command name in parentheses: state is the first field, utime the 12th,
+                // stime the 13th.
+                let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+                Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+            });
+        let host = std::fs::read_to_string("/proc/stat").ok().and_then(|stat| {
+            let times: Vec<u64> = stat
+                .lines()
+                .next()?
+                .strip_prefix("cpu ")?
+                .split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+            let total: u64 = times.iter().take(8).sum();
+            let idle = times.get(3)? + times.get(4)?;
+            Some((total - idle, total))
+        });
+        Self {
+            klaus_ticks,
+            host,
+            at: Instant::now(),
+        }
+    }
+
+    fn since(&self, earlier: &Self, ok: u64) -> CpuUse {
+        let seconds = self.at.duration_since(earlier.at).as_secs_f64();
+        let klaus_seconds = self
+            .klaus_ticks
+            .zip(earlier.klaus_ticks)
+            .map(|(now, then)| now.saturating_sub(then) as f64 / USER_HZ);
+        CpuUse {
+            klaus_cores: klaus_seconds.map(|s| s / seconds),
+            ok_per_cpu_ms: klaus_seconds
+                .filter(|s| *s > 0.0)
+                .map(|s| ok as f64 / (s * 1e3)),
+            host_busy: self.host.zip(earlier.host).and_then(|(now, then)| {
+                let total = now.1.saturating_sub(then.1);
+                (total > 0).then(|| now.0.saturating_sub(then.0) as f64 / total as f64)
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for CpuUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let or_unknown = |v: Option<f64>, fmt: &dyn Fn(f64) -> String| {
+            v.map_or_else(|| "unknown".to_owned(), fmt)
+        };
+        write!(
+            f,
+            "Klaus {} cores, {} × 200 per CPU-ms; host {} busy",
+            or_unknown(self.klaus_cores, &|v| format!("{v:.2}")),
+            or_unknown(self.ok_per_cpu_ms, &|v| format!("{v:.1}")),
+            or_unknown(self.host_busy, &|v| format!("{:.0} %", v * 100.0))
+        )
+    }
 }
 
 /// A process's resident memory now (VmRSS), in KiB.
@@ -881,7 +973,7 @@ impl Oha {
     }
 
     /// Runs oha against `url` and returns its report.
-    fn run(&self, url: &str, args: &[String]) -> anyhow::Result<Report> {
+    pub(super) fn run(&self, url: &str, args: &[String]) -> anyhow::Result<Report> {
         self.start(url, args)?.finish()
     }
 }
