@@ -6,7 +6,10 @@
 //! How noxious delays, which the figures taken through it inherit: its latency toxic holds each
 //! chunk it reads for the delay and reads the next one only then, so bytes that arrive while a
 //! chunk is held leave with the next chunk. A byte therefore spends between one and two delays in
-//! each direction, and a busy connection moves in bursts, one per delay.
+//! each direction, and a busy connection moves in bursts, one per delay. Chunks already read
+//! queue: each waits its full delay after the one before it (Toxiproxy subtracts the time a chunk
+//! has already waited; noxious does not), so under load the link also caps the rate of chunks,
+//! and its throughput is the tool's, not the services'.
 //!
 //! noxious stops writing to one side as soon as the other side's end is read, dropping the bytes
 //! its latency toxic still holds: a TLS alert that Petra sends just before it closes (a refused
