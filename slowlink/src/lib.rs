@@ -6,20 +6,18 @@
 //! How noxious delays, which the figures taken through it inherit: its latency toxic holds each
 //! chunk it reads for the delay and reads the next one only then, so bytes that arrive while a
 //! chunk is held leave with the next chunk. A byte therefore spends between one and two delays in
-//! each direction, and a busy connection moves in bursts, one per delay. Chunks already read
-//! queue: each waits its full delay after the one before it (Toxiproxy subtracts the time a chunk
-//! has already waited; noxious does not), so under load the link also caps the rate of chunks,
-//! and its throughput is the tool's, not the services'.
-//!
-//! noxious stops writing to one side as soon as the other side's end is read, dropping the bytes
-//! its latency toxic still holds: a TLS alert that Petra sends just before it closes (a refused
-//! client certificate) would never reach Klaus. A link delivers bytes before the close that
-//! follows them, so noxious's upstream is a small relay ([`relay`]) that holds each close from
-//! the upstream back for two of the longest one-way delays, by which time what noxious holds is
-//! out. (Its slow-close toxic does not help: told to stop, it races the bytes still queued in
-//! front of it.) The toxics apply to a
+//! each direction, and a busy connection moves in bursts, one per delay. The toxics apply to a
 //! whole connection (Toxiproxy's `toxicity` picks connections, not segments), so a proxy cannot
 //! drop single segments: loss is made below TCP, where a test needs it.
+//!
+//! How noxious closes, which this crate mends on one side: as soon as one side of a connection
+//! closes, noxious ends both directions and drops the chunks its latency toxic still holds. TCP
+//! delivers every byte sent before the close, and what a server sends just before it closes is
+//! often the point: a TLS alert refusing the client's certificate, an HTTP/2 GOAWAY. So the
+//! link reaches its upstream through a small relay (module `relay`) that, when the upstream
+//! closes, keeps noxious's side open for as long as noxious can hold a chunk
+//! ([`Shape::longest_hold`]) and closes it only then. The other side is not mended: bytes the
+//! client sends just before it closes may still be dropped.
 
 use std::io;
 use std::net::SocketAddr;
@@ -29,8 +27,7 @@ use noxious::proxy::{ProxyConfig, ProxyRunner, Runner, Toxics};
 use noxious::signal::{Close, Stop, Stopper};
 use noxious::socket::TcpListener;
 use noxious::toxic::{StreamDirection, Toxic, ToxicEvent, ToxicEventKind, ToxicEventResult};
-
-mod relay;
+use tokio::sync::watch;
 
 /// What the link does to the bytes crossing it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,10 +51,11 @@ impl Shape {
         Self { round_trip, jitter }
     }
 
-    /// How long a close from the upstream is held back: two of the longest one-way delays, the
-    /// most that noxious's latency toxic holds bytes for (a chunk it holds and the one behind).
-    fn close_hold(self) -> Duration {
-        self.round_trip + self.jitter.min(self.round_trip)
+    /// How long noxious may hold what crosses the link before it passes it on: a chunk waits for
+    /// the one before it, then for its own delay, so twice the longest round trip covers a few
+    /// chunks in a row.
+    pub fn longest_hold(self) -> Duration {
+        2 * (self.round_trip + self.jitter.min(self.round_trip))
     }
 
     /// The toxics that make this shape: a latency toxic in each direction.
@@ -116,8 +114,9 @@ pub struct Link {
     name: String,
     events: bmrng::RequestSender<ToxicEvent, ToxicEventResult>,
     stopper: Option<Stopper>,
-    relay: relay::Relay,
-    shape: Shape,
+    /// The shape in force, which the relay reads for how long to hold a close.
+    shape: watch::Sender<Shape>,
+    relay: tokio::task::AbortHandle,
 }
 
 impl Link {
@@ -156,16 +155,20 @@ impl Link {
             source: io::Error::new(io::ErrorKind::InvalidInput, err),
         })?;
         let name = format!("link-{addr}");
-        let relay = relay::Relay::start(upstream, shape.close_hold())
+        let relay = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|source| Error::Listen {
                 addr: "127.0.0.1:0".into(),
                 source,
             })?;
+        let relay_addr = relay.local_addr().map_err(|source| Error::Listen {
+            addr: "127.0.0.1:0".into(),
+            source,
+        })?;
         let config = ProxyConfig {
             name: name.clone(),
             listen: listen.into(),
-            upstream: relay.addr().to_string(),
+            upstream: relay_addr.to_string(),
             enabled: true,
             rand_seed: None,
         };
@@ -188,13 +191,15 @@ impl Link {
         tokio::spawn(ProxyRunner::run_proxy(
             listener, info, receiver, stop, closer,
         ));
+        let (shape, held) = watch::channel(shape);
+        let relay = tokio::spawn(relay::serve(relay, upstream.to_owned(), held)).abort_handle();
         Ok(Self {
             addr,
             name,
             events,
             stopper: Some(stopper),
-            relay,
             shape,
+            relay,
         })
     }
 
@@ -205,20 +210,19 @@ impl Link {
 
     /// The shape in force.
     pub fn shape(&self) -> Shape {
-        self.shape
+        *self.shape.borrow()
     }
 
     /// Gives the link a new shape, for the connections open now and the ones to come.
     pub async fn reshape(&mut self, shape: Shape) -> Result<(), Error> {
         // One by one: noxious's "remove all" clears only the upstream direction.
-        for toxic in self.shape.toxics() {
+        for toxic in self.shape().toxics() {
             self.send(ToxicEventKind::RemoveToxic(toxic.name)).await?;
         }
         for toxic in shape.toxics() {
             self.send(ToxicEventKind::AddToxic(toxic)).await?;
         }
-        self.relay.set_close_hold(shape.close_hold());
-        self.shape = shape;
+        self.shape.send_replace(shape);
         Ok(())
     }
 
@@ -236,5 +240,87 @@ impl Drop for Link {
         if let Some(stopper) = self.stopper.take() {
             stopper.stop();
         }
+        self.relay.abort();
+    }
+}
+
+mod relay {
+    //! Between noxious and the upstream: passes bytes both ways as they come and, when the
+    //! upstream closes, holds noxious's side open for [`Shape::longest_hold`] first, so that
+    //! what the upstream sent before closing crosses the link (see the crate's doc).
+
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::watch;
+
+    use super::Shape;
+
+    /// Accepts noxious's connections and relays each to `upstream` (looked up each time).
+    pub(crate) async fn serve(
+        listener: TcpListener,
+        upstream: String,
+        shape: watch::Receiver<Shape>,
+    ) {
+        while let Ok((link, _)) = listener.accept().await {
+            let (upstream, shape) = (upstream.clone(), shape.clone());
+            tokio::spawn(async move {
+                // An upstream that refuses: noxious's connection is closed at once, as
+                // noxious itself closes the client's when it cannot connect.
+                if let Ok(server) = TcpStream::connect(upstream.as_str()).await {
+                    relay(link, server, shape).await;
+                }
+            });
+        }
+    }
+
+    async fn relay(link: TcpStream, server: TcpStream, shape: watch::Receiver<Shape>) {
+        let _ = (link.set_nodelay(true), server.set_nodelay(true));
+        let (link_read, link_write) = link.into_split();
+        let (server_read, server_write) = server.into_split();
+        let towards = towards_server(link_read, server_write);
+        let back = back_to_link(server_read, link_write);
+        tokio::pin!(towards, back);
+        tokio::select! {
+            link_write = &mut back => {
+                // The upstream closed: what it sent last may still be in noxious's toxics.
+                let hold: Duration = shape.borrow().longest_hold();
+                let _ = tokio::time::timeout(hold, &mut towards).await;
+                drop(link_write);
+            }
+            () = &mut towards => {
+                // noxious closed (it closes both directions at once): the upstream has had
+                // its end of stream; it has nowhere left to send.
+            }
+        }
+    }
+
+    /// Passes what noxious sends on to the upstream; once the upstream stops taking it, reads on
+    /// and drops it, so that noxious's side stays open until noxious closes it. Ends the
+    /// upstream's stream when noxious's ends.
+    async fn towards_server(mut from: OwnedReadHalf, mut to: OwnedWriteHalf) {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut taken = true;
+        while let Ok(n) = from.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            taken = taken && to.write_all(&buf[..n]).await.is_ok();
+        }
+        let _ = to.shutdown().await;
+    }
+
+    /// Passes what the upstream sends to noxious until the upstream closes; returns noxious's
+    /// side, still open.
+    async fn back_to_link(mut from: OwnedReadHalf, mut to: OwnedWriteHalf) -> OwnedWriteHalf {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = from.read(&mut buf).await {
+            if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        to
     }
 }

@@ -81,6 +81,13 @@ impl PetraArgs {
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.petra_timeout_ms)
     }
+
+    /// The share of the deadline one connection attempt (TCP and the TLS handshake) gets: half,
+    /// so that a retry on another endpoint still has time. At the default 2 s that is 1 s, over
+    /// two round trips of a slow link (RELIABILITY.md, "Distance").
+    pub fn connect_timeout(&self) -> Duration {
+        self.timeout() / 2
+    }
 }
 
 /// One of PETRA_URL's URLs, with what calling it needs, parsed once.

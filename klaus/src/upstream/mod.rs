@@ -136,7 +136,7 @@ impl PetraClient {
             targets,
             Arc::clone(&tls),
             resolver,
-            args.timeout() / 2,
+            args.connect_timeout(),
             OutlierSettings {
                 eject_after: args.petra_eject_after,
                 base: Duration::from_millis(args.petra_ejection_ms),

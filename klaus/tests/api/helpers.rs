@@ -42,11 +42,16 @@ pub(crate) fn petra_args(url: &str, ca: Option<PathBuf>, identity: Option<&Files
 
 /// The real Petra with mutual TLS against `pki`'s CA.
 pub(crate) async fn spawn_petra(pki: &TestPki) -> Running {
+    spawn_petra_at(pki, loopback()).await
+}
+
+/// [`spawn_petra`] listening on `addr`: a Petra that comes back where it was.
+pub(crate) async fn spawn_petra_at(pki: &TestPki, addr: std::net::SocketAddr) -> Running {
     let mut args = serve_args();
     args.tls_cert_file = Some(pki.petra.cert.clone());
     args.tls_key_file = Some(pki.petra.key.clone());
     args.tls_client_ca_file = Some(pki.ca_file.clone());
-    spawn(petra::service(loopback(), &args).expect("valid Petra configuration")).await
+    spawn(petra::service(addr, &args).expect("valid Petra configuration")).await
 }
 
 /// A fake Petra serving `router` over HTTPS with `cert`, requiring client certificates from
