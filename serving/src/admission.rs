@@ -217,21 +217,36 @@ impl Admission {
     /// Room for one request: at once when there is room and nobody is waiting, else after a
     /// wait of at most [`Settings::max_wait`].
     pub async fn acquire(self: &Arc<Self>) -> Result<Permit, Shed> {
-        {
-            let mut state = self.lock();
-            if state.queued == 0 && state.in_flight < state.limit {
-                return Ok(self.admit(&mut state));
-            }
-            state.limited = true;
-            if self.settings.max_wait.is_zero() {
-                return Err(self.refuse(Shed::OverLimit));
-            }
-            if state.queued >= self.settings.max_queued {
-                return Err(self.refuse(Shed::QueueFull));
-            }
-            state.queued += 1;
-            self.metrics.queued.inc();
+        match self.try_acquire() {
+            Ok(permit) => Ok(permit),
+            Err(None) => Box::pin(self.wait()).await,
+            Err(Some(shed)) => Err(shed),
         }
+    }
+
+    /// Room for one request at once; `Err(None)` when it must wait (it is counted as queued
+    /// then, and must call [`Self::wait`]), `Err(Some(_))` when it is refused.
+    pub fn try_acquire(self: &Arc<Self>) -> Result<Permit, Option<Shed>> {
+        let mut state = self.lock();
+        if state.queued == 0 && state.in_flight < state.limit {
+            return Ok(self.admit(&mut state));
+        }
+        state.limited = true;
+        if self.settings.max_wait.is_zero() {
+            return Err(Some(self.refuse(Shed::OverLimit)));
+        }
+        if state.queued >= self.settings.max_queued {
+            return Err(Some(self.refuse(Shed::QueueFull)));
+        }
+        state.queued += 1;
+        self.metrics.queued.inc();
+        Err(None)
+    }
+
+    /// The wait of a request that [`Self::try_acquire`] queued. Kept out of the request's
+    /// future (callers box it), so that the common case, room at once, costs no timer and no
+    /// larger future.
+    pub async fn wait(self: &Arc<Self>) -> Result<Permit, Shed> {
         let deadline = tokio::time::sleep(self.settings.max_wait);
         tokio::pin!(deadline);
         loop {
