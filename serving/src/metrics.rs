@@ -78,17 +78,26 @@ impl HttpMetrics {
     }
 
     /// Counts one request that took `seconds`.
-    pub fn record(&self, labels: &HttpLabels, seconds: f64) {
+    /// The route is borrowed: it is copied only the first time its label set is seen.
+    pub fn record(&self, route: &str, method: &'static str, status: u16, seconds: f64) {
         let mut hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(series) = hot.iter().find(|series| series.labels == *labels) {
+        if let Some(series) = hot.iter().find(|series| {
+            let labels = &series.labels;
+            labels.status == status && labels.method == method && labels.route == route
+        }) {
             series.requests.inc();
             series.duration.observe(seconds);
             return;
         }
+        let labels = HttpLabels {
+            route: Cow::Owned(route.to_owned()),
+            method,
+            status,
+        };
         let series = Series {
-            labels: labels.clone(),
-            requests: self.requests.get_or_create(labels).clone(),
-            duration: self.duration.get_or_create(labels).clone(),
+            requests: self.requests.get_or_create(&labels).clone(),
+            duration: self.duration.get_or_create(&labels).clone(),
+            labels,
         };
         series.requests.inc();
         series.duration.observe(seconds);
@@ -120,27 +129,19 @@ mod tests {
 
     use super::*;
 
-    fn labels(route: &'static str, status: u16) -> HttpLabels {
-        HttpLabels {
-            route: Cow::Borrowed(route),
-            method: "GET",
-            status,
-        }
-    }
-
     #[test]
     fn each_label_set_counts_on_its_own_series() {
         let mut registry = Registry::default();
         let metrics = HttpMetrics::register(&mut registry);
         for _ in 0..3 {
-            metrics.record(&labels("/", 200), 0.001);
+            metrics.record("/", "GET", 200, 0.001);
         }
-        metrics.record(&labels("/", 503), 0.001);
+        metrics.record("/", "GET", 503, 0.001);
         // More label sets than are kept at hand still count.
         for status in 0..HOT_SERIES as u16 + 2 {
-            metrics.record(&labels("unmatched", 400 + status), 0.001);
+            metrics.record("unmatched", "GET", 400 + status, 0.001);
         }
-        metrics.record(&labels("unmatched", 400 + HOT_SERIES as u16 + 1), 0.001);
+        metrics.record("unmatched", "GET", 400 + HOT_SERIES as u16 + 1, 0.001);
         let mut text = String::new();
         encode(&mut text, &registry).expect("encode");
         for (series, count) in [
