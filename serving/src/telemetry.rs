@@ -354,8 +354,8 @@ fn write_json_str(out: &mut impl fmt::Write, value: &str) -> fmt::Result {
 
 /// Whether `s` holds a byte that a JSON string must escape. The check looks at every byte
 /// without stopping early, which the compiler vectorises: most strings here (request ids,
-/// routes, field names) need nothing, and the byte-by-byte search for the first such byte
-/// was a third of the log line's cost.
+/// routes, field names) need nothing and are then written whole, without the byte-by-byte
+/// search for the first byte to escape.
 fn needs_escaping(s: &str) -> bool {
     s.bytes().fold(false, |any, b| {
         any | (b == b'"') | (b == b'\\') | (b < b' ')
