@@ -52,9 +52,8 @@ impl Shape {
         Self { round_trip, jitter }
     }
 
-    /// How long noxious may hold what crosses the link before it passes it on: a chunk waits for
-    /// the one before it, then for its own delay, so twice the longest round trip covers a few
-    /// chunks in a row.
+    /// How long noxious may hold what crosses the link before it passes it on: one delay at its
+    /// longest, doubled for margin (a chunk also waits for the one before it to leave).
     pub fn longest_hold(self) -> Duration {
         2 * (self.round_trip + self.jitter.min(self.round_trip))
     }
