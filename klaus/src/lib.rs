@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header::CONTENT_TYPE};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header::CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use clap::{CommandFactory, Parser, Subcommand};
@@ -70,11 +70,10 @@ pub fn router(petra: PetraClient, metrics: HttpMetrics, admission: Arc<Admission
     observe::layer(routes, metrics, admission)
 }
 
-async fn hello(
-    State(petra): State<PetraClient>,
-    headers: HeaderMap,
-) -> Result<Response, PetraError> {
-    let mut text = petra.hello(&headers).await?;
+/// Takes the whole request rather than a `HeaderMap`, which axum would clone.
+async fn hello(State(petra): State<PetraClient>, request: Request) -> Result<Response, PetraError> {
+    let (parts, _) = request.into_parts();
+    let mut text = petra.hello(&parts.headers).await?;
     text.push_str(SUFFIX);
     Ok((
         StatusCode::OK,

@@ -8,10 +8,11 @@
 //! delay, the time a task that is ready to run waits for the runtime's thread (the signal
 //! Breakwater uses). A probe measures it every [`PROBE_EVERY`]; every [`WINDOW`] the limit
 //!
-//! - shrinks by a tenth when the delay exceeds [`QUEUEING_TARGET`] (the CPU is saturated: more
-//!   requests in flight only make each one slower), and
-//! - grows by a fifth when requests had to wait for the limit and the delay is below the
-//!   target (the requests in flight are waiting on something else, such as a distant Petra),
+//! - shrinks by a tenth when the delay exceeds [`QUEUEING_TARGET`] while the serving threads
+//!   were on the CPU at least 90 % of the window (saturated: more requests in flight only make
+//!   each one slower), and
+//! - grows by a fifth when requests had to wait for the limit and it is not saturated (the
+//!   requests in flight are waiting on something else, such as a distant Petra),
 //!
 //! between a floor and `MAX_CONCURRENT_REQUESTS`, which bounds memory. A request over the limit
 //! waits, first come first served, for at most `REQUEST_QUEUE_TIMEOUT_MS`; a waiting request
@@ -148,6 +149,8 @@ struct State {
     delay_sum: Duration,
     delay_samples: u32,
     adjusted: Instant,
+    /// The process's CPU time at the last adjustment.
+    cpu_at_adjustment: Duration,
 }
 
 impl Admission {
@@ -198,6 +201,7 @@ impl Admission {
                 delay_sum: Duration::ZERO,
                 delay_samples: 0,
                 adjusted: Instant::now(),
+                cpu_at_adjustment: process_cpu(),
             }),
             room: Notify::new(),
             accept: Notify::new(),
@@ -217,21 +221,38 @@ impl Admission {
     /// Room for one request: at once when there is room and nobody is waiting, else after a
     /// wait of at most [`Settings::max_wait`].
     pub async fn acquire(self: &Arc<Self>) -> Result<Permit, Shed> {
-        {
-            let mut state = self.lock();
-            if state.queued == 0 && state.in_flight < state.limit {
-                return Ok(self.admit(&mut state));
-            }
-            state.limited = true;
-            if self.settings.max_wait.is_zero() {
-                return Err(self.refuse(Shed::OverLimit));
-            }
-            if state.queued >= self.settings.max_queued {
-                return Err(self.refuse(Shed::QueueFull));
-            }
-            state.queued += 1;
-            self.metrics.queued.inc();
+        match self.try_acquire() {
+            Ok(permit) => Ok(permit),
+            Err(None) => Box::pin(self.wait()).await,
+            Err(Some(shed)) => Err(shed),
         }
+    }
+
+    /// Room for one request at once; `Err(None)` when it must wait (it is counted as queued
+    /// then, and must call [`Self::wait`]), `Err(Some(_))` when it is refused.
+    pub fn try_acquire(self: &Arc<Self>) -> Result<Permit, Option<Shed>> {
+        let mut state = self.lock();
+        if state.queued == 0 && state.in_flight < state.limit {
+            return Ok(self.admit(&mut state));
+        }
+        state.limited = true;
+        if self.settings.max_wait.is_zero() {
+            return Err(Some(self.refuse(Shed::OverLimit)));
+        }
+        if state.queued >= self.settings.max_queued {
+            return Err(Some(self.refuse(Shed::QueueFull)));
+        }
+        state.queued += 1;
+        self.metrics.queued.inc();
+        Err(None)
+    }
+
+    /// The wait of a request that [`Self::try_acquire`] queued. Kept out of the request's
+    /// future (callers box it), so that the common case, room at once, costs no timer and no
+    /// larger future.
+    pub async fn wait(self: &Arc<Self>) -> Result<Permit, Shed> {
+        // Leaves the queue however the wait ends, a client that went away included.
+        let mut queued = Queued(self, true);
         let deadline = tokio::time::sleep(self.settings.max_wait);
         tokio::pin!(deadline);
         loop {
@@ -241,7 +262,7 @@ impl Admission {
             {
                 let mut state = self.lock();
                 if state.in_flight < state.limit {
-                    self.leave_queue(&mut state);
+                    queued.leave(&mut state);
                     return Ok(self.admit(&mut state));
                 }
             }
@@ -249,9 +270,9 @@ impl Admission {
                 () = &mut notified => {}
                 () = &mut deadline => {
                     let mut state = self.lock();
-                    self.leave_queue(&mut state);
+                    queued.leave(&mut state);
                     // Room that freed up as this wait ended goes to the next in line.
-                    if state.in_flight < state.limit {
+                    if state.queued > 0 && state.in_flight < state.limit {
                         self.room.notify_one();
                     }
                     return Err(self.refuse(Shed::QueueTimeout));
@@ -326,6 +347,7 @@ impl Admission {
             return;
         }
         let this = Arc::clone(self);
+        let workers = tokio::runtime::Handle::current().metrics().num_workers().max(1);
         tokio::spawn(async move {
             let mut probe = tokio::time::interval(PROBE_EVERY);
             probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -338,30 +360,37 @@ impl Admission {
                 // takes to come back is what a woken request waits for the thread.
                 let yielded = Instant::now();
                 tokio::task::yield_now().await;
-                this.observe_delay(yielded.elapsed(), Instant::now());
+                this.observe_delay(yielded.elapsed(), Instant::now(), process_cpu(), workers);
             }
         });
     }
 
-    fn observe_delay(&self, delay: Duration, now: Instant) {
+    fn observe_delay(&self, delay: Duration, now: Instant, cpu: Duration, workers: usize) {
         let mut state = self.lock();
         state.delay_sum += delay;
         state.delay_samples += 1;
-        if now.duration_since(state.adjusted) < WINDOW {
+        let wall = now.duration_since(state.adjusted);
+        if wall < WINDOW {
             return;
         }
         let mean = state.delay_sum / state.delay_samples.max(1);
+        let busy = cpu.saturating_sub(state.cpu_at_adjustment).as_secs_f64()
+            / (wall.as_secs_f64() * workers as f64);
         let before = state.limit;
         state.limit = next_limit(
             before,
-            mean,
-            state.limited || state.in_flight >= before,
+            Window {
+                delay: mean,
+                busy,
+                limited: state.limited || state.in_flight >= before,
+            },
             self.settings.ceiling,
         );
         state.delay_sum = Duration::ZERO;
         state.delay_samples = 0;
         state.limited = false;
         state.adjusted = now;
+        state.cpu_at_adjustment = cpu;
         self.metrics
             .limit
             .set(i64::try_from(state.limit).unwrap_or(i64::MAX));
@@ -373,16 +402,67 @@ impl Admission {
     }
 }
 
-/// The limit after a window whose mean queueing delay was `delay`, in which requests met the
-/// limit (`limited`) or not.
-fn next_limit(limit: usize, delay: Duration, limited: bool, ceiling: usize) -> usize {
+/// What one adjustment window saw.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    /// The mean queueing delay.
+    delay: Duration,
+    /// The share of the serving threads' time spent on the CPU.
+    busy: f64,
+    /// Whether requests met the limit.
+    limited: bool,
+}
+
+/// The share of the serving threads' time on the CPU above which, with a queueing delay above
+/// [`QUEUEING_TARGET`], the service counts as saturated.
+const BUSY: f64 = 0.9;
+
+/// The limit after `window`. Both signals must say saturated for it to shrink: a long queueing
+/// delay alone also comes from a burst of new connections' requests, which the limit does not
+/// control (they are read before they meet it), and shrinking for it would leave the CPU idle
+/// with requests waiting.
+fn next_limit(limit: usize, window: Window, ceiling: usize) -> usize {
     let floor = FLOOR.min(ceiling);
-    if delay > QUEUEING_TARGET {
+    if window.delay > QUEUEING_TARGET && window.busy >= BUSY {
         (limit - limit / 10).max(floor)
-    } else if limited {
+    } else if window.limited {
         (limit + limit / 5 + 1).min(ceiling)
     } else {
         limit
+    }
+}
+
+/// The CPU time of the process so far (all its threads).
+fn process_cpu() -> Duration {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(
+        u64::try_from(now.tv_sec).unwrap_or(0),
+        u32::try_from(now.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// A request in the queue; leaves it when dropped, if it has not left yet.
+struct Queued<'a>(&'a Arc<Admission>, bool);
+
+impl Queued<'_> {
+    fn leave(&mut self, state: &mut State) {
+        if std::mem::take(&mut self.1) {
+            self.0.leave_queue(state);
+        }
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            let admission = self.0;
+            let mut state = admission.lock();
+            self.leave(&mut state);
+            // A wake-up this request took goes to the next in line.
+            if state.queued > 0 && state.in_flight < state.limit {
+                admission.room.notify_one();
+            }
+        }
     }
 }
 
@@ -492,10 +572,13 @@ mod tests {
         let before = admission.limit();
         let stop = CancellationToken::new();
         admission.spawn_adaptation(stop.clone());
-        // A task that keeps the thread busy for 5 ms at a time, as a saturated service does.
+        // A task that keeps the thread on the CPU 5 ms at a time, as a saturated service does.
         let busy = tokio::spawn(async {
             loop {
-                std::thread::sleep(Duration::from_millis(5));
+                let started = Instant::now();
+                while started.elapsed() < Duration::from_millis(5) {
+                    std::hint::spin_loop();
+                }
                 tokio::task::yield_now().await;
             }
         });
@@ -513,13 +596,40 @@ mod tests {
 
     #[test]
     fn the_limit_shrinks_when_saturated_and_grows_only_when_it_was_met() {
-        let ms = Duration::from_millis;
-        assert_eq!(next_limit(100, ms(5), true, 1000), 90);
-        assert_eq!(next_limit(100, ms(5), false, 1000), 90);
-        assert_eq!(next_limit(100, Duration::from_micros(50), true, 1000), 121);
-        assert_eq!(next_limit(100, Duration::from_micros(50), false, 1000), 100);
-        assert_eq!(next_limit(990, Duration::ZERO, true, 1000), 1000);
-        assert_eq!(next_limit(16, ms(50), true, 1000), 16);
-        assert_eq!(next_limit(4, ms(50), true, 4), 4);
+        let window = |ms: u64, busy: f64, limited: bool| Window {
+            delay: Duration::from_micros(ms * 1000),
+            busy,
+            limited,
+        };
+        // Saturated: a long queueing delay on a busy thread.
+        assert_eq!(next_limit(100, window(5, 0.95, true), 1000), 90);
+        assert_eq!(next_limit(100, window(5, 0.95, false), 1000), 90);
+        // A long delay on a thread with time to spare (a burst of new connections): not
+        // saturated, so the limit grows when it was met.
+        assert_eq!(next_limit(100, window(20, 0.6, true), 1000), 121);
+        // A busy thread with no queue: requests wait on something else.
+        assert_eq!(next_limit(100, window(0, 0.99, true), 1000), 121);
+        assert_eq!(next_limit(100, window(0, 0.2, false), 1000), 100);
+        assert_eq!(next_limit(990, window(0, 0.2, true), 1000), 1000);
+        assert_eq!(next_limit(16, window(50, 1.0, true), 1000), 16);
+        assert_eq!(next_limit(4, window(50, 1.0, true), 4), 4);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_goes_away_while_waiting_leaves_the_queue() {
+        let admission = admission(Settings::adaptive(1, Duration::from_secs(10)));
+        let held = admission.acquire().await.expect("room");
+        let waiting = tokio::spawn({
+            let admission = Arc::clone(&admission);
+            async move { admission.acquire().await }
+        });
+        while admission.lock().queued == 0 {
+            tokio::task::yield_now().await;
+        }
+        waiting.abort();
+        let _ = waiting.await;
+        assert_eq!(admission.lock().queued, 0);
+        drop(held);
+        admission.acquire().await.expect("room");
     }
 }

@@ -2,6 +2,7 @@
 //! the admin port serves.
 
 use std::borrow::Cow;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -38,6 +39,21 @@ pub struct HttpLabels {
 pub struct HttpMetrics {
     requests: Family<HttpLabels, Counter>,
     duration: Family<HttpLabels, Histogram, fn() -> Histogram>,
+    /// The series of the label sets seen so far (up to [`HOT_SERIES`]), found by comparing
+    /// labels: a `Family` lookup hashes the label set with SipHash under a lock, and each
+    /// request needed two.
+    hot: Arc<Mutex<Vec<Series>>>,
+}
+
+/// How many label sets [`HttpMetrics`] keeps at hand; others are looked up in the families.
+const HOT_SERIES: usize = 16;
+
+/// The two series of one label set.
+#[derive(Debug)]
+struct Series {
+    labels: HttpLabels,
+    requests: Counter,
+    duration: Histogram,
 }
 
 impl HttpMetrics {
@@ -46,6 +62,7 @@ impl HttpMetrics {
         let this = Self {
             requests: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
+            hot: Arc::default(),
         };
         registry.register(
             "http_requests",
@@ -61,9 +78,32 @@ impl HttpMetrics {
     }
 
     /// Counts one request that took `seconds`.
-    pub fn record(&self, labels: &HttpLabels, seconds: f64) {
-        self.requests.get_or_create(labels).inc();
-        self.duration.get_or_create(labels).observe(seconds);
+    /// The route is borrowed: it is copied only the first time its label set is seen.
+    pub fn record(&self, route: &str, method: &'static str, status: u16, seconds: f64) {
+        let mut hot = self.hot.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(series) = hot.iter().find(|series| {
+            let labels = &series.labels;
+            labels.status == status && labels.method == method && labels.route == route
+        }) {
+            series.requests.inc();
+            series.duration.observe(seconds);
+            return;
+        }
+        let labels = HttpLabels {
+            route: Cow::Owned(route.to_owned()),
+            method,
+            status,
+        };
+        let series = Series {
+            requests: self.requests.get_or_create(&labels).clone(),
+            duration: self.duration.get_or_create(&labels).clone(),
+            labels,
+        };
+        series.requests.inc();
+        series.duration.observe(seconds);
+        if hot.len() < HOT_SERIES {
+            hot.push(series);
+        }
     }
 }
 
@@ -80,5 +120,46 @@ pub fn method_label(method: &http::Method) -> &'static str {
         http::Method::CONNECT => "CONNECT",
         http::Method::TRACE => "TRACE",
         _ => "OTHER",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+
+    #[test]
+    fn each_label_set_counts_on_its_own_series() {
+        let mut registry = Registry::default();
+        let metrics = HttpMetrics::register(&mut registry);
+        for _ in 0..3 {
+            metrics.record("/", "GET", 200, 0.001);
+        }
+        metrics.record("/", "GET", 503, 0.001);
+        // More label sets than are kept at hand still count.
+        for status in 0..HOT_SERIES as u16 + 2 {
+            metrics.record("unmatched", "GET", 400 + status, 0.001);
+        }
+        metrics.record("unmatched", "GET", 400 + HOT_SERIES as u16 + 1, 0.001);
+        let mut text = String::new();
+        encode(&mut text, &registry).expect("encode");
+        for (series, count) in [
+            (r#"route="/",method="GET",status="200""#, 3),
+            (r#"route="/",method="GET",status="503""#, 1),
+            (r#"route="unmatched",method="GET",status="400""#, 1),
+            (r#"route="unmatched",method="GET",status="417""#, 2),
+        ] {
+            assert!(
+                text.contains(&format!("http_requests_total{{{series}}} {count}")),
+                "{series} {count}: {text}"
+            );
+            assert!(
+                text.contains(&format!(
+                    "http_request_duration_seconds_count{{{series}}} {count}"
+                )),
+                "{series} {count}: {text}"
+            );
+        }
     }
 }

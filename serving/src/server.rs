@@ -36,7 +36,9 @@ pub struct Limits {
     pub max_buf_size: usize,
     /// The HTTP/2 header list limit.
     pub max_header_list_size: u32,
-    /// Concurrent HTTP/2 streams per connection.
+    /// Concurrent HTTP/2 streams per connection: 256, so that one client cannot hold more of
+    /// the service's work on one connection than that; Klaus opens another connection to a
+    /// Petra endpoint at 128 calls, half of it, and the admission limit bounds the total.
     pub max_concurrent_streams: u32,
     /// Interval of HTTP/2 keep-alive pings, which find dead peers.
     pub h2_keep_alive_interval: Duration,

@@ -255,7 +255,7 @@ where
         write_timestamp(&mut writer, SystemTime::now())?;
         writer.write_str("\",\"level\":\"")?;
         writer.write_str(meta.level().as_str())?;
-        writer.write_char('"')?;
+        writer.write_str("\"")?;
         let mut fields = JsonFields {
             out: &mut writer,
             result: Ok(()),
@@ -278,9 +278,17 @@ impl<W: fmt::Write> JsonFields<'_, W> {
     fn field(&mut self, field: &Field, value: impl FnOnce(&mut W) -> fmt::Result) {
         if self.result.is_ok() {
             self.result = (|| {
-                self.out.write_char(',')?;
-                write_json_str(self.out, field.name())?;
-                self.out.write_char(':')?;
+                // A field name is almost always an identifier: one check, then one write.
+                let name = field.name();
+                if needs_escaping(name) {
+                    self.out.write_str(",")?;
+                    write_json_str(self.out, name)?;
+                    self.out.write_str(":")?;
+                } else {
+                    self.out.write_str(",\"")?;
+                    self.out.write_str(name)?;
+                    self.out.write_str("\":")?;
+                }
                 value(self.out)
             })();
         }
@@ -322,26 +330,36 @@ impl<W: fmt::Write> Visit for JsonFields<'_, W> {
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         self.field(field, |out| {
-            out.write_char('"')?;
+            out.write_str("\"")?;
             write!(Escaped(out), "{value}")?;
-            out.write_char('"')
+            out.write_str("\"")
         });
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.field(field, |out| {
-            out.write_char('"')?;
+            out.write_str("\"")?;
             write!(Escaped(out), "{value:?}")?;
-            out.write_char('"')
+            out.write_str("\"")
         });
     }
 }
 
 /// `value` as a JSON string, quotes included.
 fn write_json_str(out: &mut impl fmt::Write, value: &str) -> fmt::Result {
-    out.write_char('"')?;
+    out.write_str("\"")?;
     Escaped(out).write_str(value)?;
-    out.write_char('"')
+    out.write_str("\"")
+}
+
+/// Whether `s` holds a byte that a JSON string must escape. The check looks at every byte
+/// without stopping early, which the compiler vectorises: most strings here (request ids,
+/// routes, field names) need nothing and are then written whole, without the byte-by-byte
+/// search for the first byte to escape.
+fn needs_escaping(s: &str) -> bool {
+    s.bytes().fold(false, |any, b| {
+        any | (b == b'"') | (b == b'\\') | (b < b' ')
+    })
 }
 
 /// Escapes what it is given for the inside of a JSON string.
@@ -349,6 +367,9 @@ struct Escaped<'a, W: fmt::Write>(&'a mut W);
 
 impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        if !needs_escaping(s) {
+            return self.0.write_str(s);
+        }
         // Byte by byte: every character that needs escaping is ASCII, and no byte of a
         // multi-byte UTF-8 sequence is, so the runs in between are whole characters.
         let mut rest = s;

@@ -3,12 +3,13 @@
 //! port of Toxiproxy); this crate only starts it with the toxics of a [`Shape`] and changes them
 //! while it runs.
 //!
-//! How noxious delays, which the figures taken through it inherit: its latency toxic holds each
-//! chunk it reads for the delay and reads the next one only then, so bytes that arrive while a
-//! chunk is held leave with the next chunk. A byte therefore spends between one and two delays in
-//! each direction, and a busy connection moves in bursts, one per delay. The toxics apply to a
-//! whole connection (Toxiproxy's `toxicity` picks connections, not segments), so a proxy cannot
-//! drop single segments: loss is made below TCP, where a test needs it.
+//! How noxious delays: its latency toxic holds each chunk it reads for the delay (± jitter),
+//! and passes chunks on in the order they came. Published, it held one chunk at a time, so under
+//! load a chunk also waited for the delays of the chunks before it; the copy in `vendor/`
+//! holds them concurrently (vendor/README.md). The toxics apply to a whole connection
+//! (Toxiproxy's `toxicity` picks connections, not segments), so a proxy cannot drop single
+//! segments: loss is made below TCP, where a test needs it. TCP itself sees no distance: the
+//! delay is added between two local connections.
 //!
 //! How noxious closes, which this crate mends on one side: as soon as one side of a connection
 //! closes, noxious ends both directions and drops the chunks its latency toxic still holds. TCP
@@ -51,9 +52,8 @@ impl Shape {
         Self { round_trip, jitter }
     }
 
-    /// How long noxious may hold what crosses the link before it passes it on: a chunk waits for
-    /// the one before it, then for its own delay, so twice the longest round trip covers a few
-    /// chunks in a row.
+    /// How long noxious may hold what crosses the link before it passes it on: one delay at its
+    /// longest, doubled for margin (a chunk also waits for the one before it to leave).
     pub fn longest_hold(self) -> Duration {
         2 * (self.round_trip + self.jitter.min(self.round_trip))
     }
@@ -116,59 +116,37 @@ pub struct Link {
     stopper: Option<Stopper>,
     /// The shape in force, which the relay reads for how long to hold a close.
     shape: watch::Sender<Shape>,
-    relay: tokio::task::AbortHandle,
+    relays: [tokio::task::AbortHandle; 2],
 }
 
-impl Link {
-    /// A link on a free port of 127.0.0.1 to `upstream`, shaped by `shape`. Runs on the calling
-    /// runtime.
-    pub async fn start(upstream: SocketAddr, shape: Shape) -> Result<Self, Error> {
-        // noxious binds by address and does not report the port it got, so a free port is taken
-        // first and handed over; another process may take it in between, hence the retries.
-        let mut last = None;
-        for _ in 0..20 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|listener| listener.local_addr())
-                .map_err(|source| Error::Listen {
-                    addr: "127.0.0.1:0".into(),
-                    source,
-                })?
-                .port();
-            match Self::bind(&format!("127.0.0.1:{port}"), &upstream.to_string(), shape).await {
-                Err(Error::Listen { source, .. }) if source.kind() == io::ErrorKind::AddrInUse => {
-                    last = Some(source);
-                }
-                other => return other,
-            }
-        }
-        Err(Error::Listen {
-            addr: "127.0.0.1:0".into(),
-            source: last.unwrap_or_else(|| io::Error::other("no free port")),
-        })
-    }
-
-    /// A link listening on `listen` (`host:port`) to `upstream` (`host:port`, looked up for each
-    /// connection), shaped by `shape`. Runs on the calling runtime.
-    pub async fn bind(listen: &str, upstream: &str, shape: Shape) -> Result<Self, Error> {
-        let addr = listen.parse::<SocketAddr>().map_err(|err| Error::Listen {
-            addr: listen.into(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, err),
-        })?;
-        let name = format!("link-{addr}");
-        let relay = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
+/// noxious on a free port of 127.0.0.1, to `upstream`. noxious binds by address and does not
+/// report the port it got, so a free port is taken first and handed over; another process may
+/// take it in between, hence the retries.
+async fn start_noxious(
+    upstream: SocketAddr,
+    shape: Shape,
+) -> Result<
+    (
+        SocketAddr,
+        String,
+        bmrng::RequestSender<ToxicEvent, ToxicEventResult>,
+        Stopper,
+    ),
+    Error,
+> {
+    let mut last = None;
+    for _ in 0..20 {
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
             .map_err(|source| Error::Listen {
                 addr: "127.0.0.1:0".into(),
                 source,
             })?;
-        let relay_addr = relay.local_addr().map_err(|source| Error::Listen {
-            addr: "127.0.0.1:0".into(),
-            source,
-        })?;
+        let name = format!("link-{free}");
         let config = ProxyConfig {
             name: name.clone(),
-            listen: listen.into(),
-            upstream: relay_addr.to_string(),
+            listen: free.to_string(),
+            upstream: upstream.to_string(),
             enabled: true,
             rand_seed: None,
         };
@@ -179,27 +157,67 @@ impl Link {
                 StreamDirection::Downstream => toxics.downstream.push(toxic),
             }
         }
-        let (listener, info) = ProxyRunner::initialize_proxy::<TcpListener>(config, toxics)
+        match ProxyRunner::initialize_proxy::<TcpListener>(config, toxics).await {
+            Ok((listener, info)) => {
+                let (events, receiver) = bmrng::channel(4);
+                let (stop, stopper) = Stop::new();
+                let (_closed, closer) = Close::new();
+                tokio::spawn(ProxyRunner::run_proxy(
+                    listener, info, receiver, stop, closer,
+                ));
+                return Ok((free, name, events, stopper));
+            }
+            Err(source) if source.kind() == io::ErrorKind::AddrInUse => last = Some(source),
+            Err(source) => {
+                return Err(Error::Listen {
+                    addr: free.to_string(),
+                    source,
+                });
+            }
+        }
+    }
+    Err(Error::Listen {
+        addr: "127.0.0.1:0".into(),
+        source: last.unwrap_or_else(|| io::Error::other("no free port")),
+    })
+}
+
+impl Link {
+    /// A link on a free port of 127.0.0.1 to `upstream`, shaped by `shape`. Runs on the calling
+    /// runtime.
+    pub async fn start(upstream: SocketAddr, shape: Shape) -> Result<Self, Error> {
+        Self::bind("127.0.0.1:0", &upstream.to_string(), shape).await
+    }
+
+    /// A link listening on `listen` (`host:port`; port 0 picks a free one) to `upstream`
+    /// (`host:port`, looked up for each connection), shaped by `shape`. Runs on the calling
+    /// runtime.
+    pub async fn bind(listen: &str, upstream: &str, shape: Shape) -> Result<Self, Error> {
+        let listen_error = |addr: &str| {
+            let addr = addr.to_owned();
+            move |source| Error::Listen { addr, source }
+        };
+        let front = tokio::net::TcpListener::bind(listen)
             .await
-            .map_err(|source| Error::Listen {
-                addr: listen.into(),
-                source,
-            })?;
-        let (events, receiver) = bmrng::channel(4);
-        let (stop, stopper) = Stop::new();
-        let (_closed, closer) = Close::new();
-        tokio::spawn(ProxyRunner::run_proxy(
-            listener, info, receiver, stop, closer,
-        ));
+            .map_err(listen_error(listen))?;
+        let addr = front.local_addr().map_err(listen_error(listen))?;
+        let back = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(listen_error("127.0.0.1:0"))?;
+        let back_addr = back.local_addr().map_err(listen_error("127.0.0.1:0"))?;
+        let (proxy, name, events, stopper) = start_noxious(back_addr, shape).await?;
         let (shape, held) = watch::channel(shape);
-        let relay = tokio::spawn(relay::serve(relay, upstream.to_owned(), held)).abort_handle();
+        let relays = [
+            tokio::spawn(relay::front(front, proxy)).abort_handle(),
+            tokio::spawn(relay::serve(back, upstream.to_owned(), held)).abort_handle(),
+        ];
         Ok(Self {
             addr,
             name,
             events,
             stopper: Some(stopper),
             shape,
-            relay,
+            relays,
         })
     }
 
@@ -240,14 +258,22 @@ impl Drop for Link {
         if let Some(stopper) = self.stopper.take() {
             stopper.stop();
         }
-        self.relay.abort();
+        for relay in &self.relays {
+            relay.abort();
+        }
     }
 }
 
 mod relay {
-    //! Between noxious and the upstream: passes bytes both ways as they come and, when the
-    //! upstream closes, holds noxious's side open for [`Shape::longest_hold`] first, so that
-    //! what the upstream sent before closing crosses the link (see the crate's doc).
+    //! The link's two relays, on either side of noxious. The front one takes the clients'
+    //! connections; the back one reaches the upstream and, when the upstream closes, holds
+    //! noxious's side open for [`Shape::longest_hold`] first, so that what the upstream sent
+    //! before closing crosses the link (see the crate's doc).
+    //!
+    //! Both acknowledge what noxious sends them at once (`TCP_QUICKACK` after each read):
+    //! noxious leaves Nagle's algorithm on, so a small write of its waits for the peer's
+    //! acknowledgement of the one before, and a peer that delays its acknowledgements (40 ms on
+    //! Linux) added up to 40 ms to a crossing, even with no delay set.
 
     use std::time::Duration;
 
@@ -274,6 +300,45 @@ mod relay {
                 }
             });
         }
+    }
+
+    /// Accepts the clients' connections and relays each to noxious at `proxy`.
+    pub(crate) async fn front(listener: TcpListener, proxy: std::net::SocketAddr) {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(link) = TcpStream::connect(proxy).await else {
+                    return;
+                };
+                let _ = (client.set_nodelay(true), link.set_nodelay(true));
+                let (client_read, client_write) = client.into_split();
+                let (link_read, link_write) = link.into_split();
+                tokio::join!(
+                    pass(client_read, link_write, false),
+                    pass(link_read, client_write, true),
+                );
+            });
+        }
+    }
+
+    /// Passes bytes on until the reading side ends, then ends the writing side's stream;
+    /// `from_noxious` acknowledges each read at once.
+    async fn pass(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, from_noxious: bool) {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = from.read(&mut buf).await {
+            if from_noxious {
+                quickack(&from);
+            }
+            if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    /// Acknowledges what has arrived at once, for the next segments too (Linux turns it off
+    /// again by itself, so it is set after each read).
+    fn quickack(stream: &OwnedReadHalf) {
+        let _ = rustix::net::sockopt::set_tcp_quickack(AsRef::<TcpStream>::as_ref(stream), true);
     }
 
     async fn relay(link: TcpStream, server: TcpStream, shape: watch::Receiver<Shape>) {
@@ -304,6 +369,7 @@ mod relay {
         let mut buf = vec![0u8; 16 * 1024];
         let mut taken = true;
         while let Ok(n) = from.read(&mut buf).await {
+            quickack(&from);
             if n == 0 {
                 break;
             }

@@ -22,10 +22,18 @@ struct Args {
     /// How much the round trip varies either way, in milliseconds; at most the round trip.
     #[arg(long, env = "SLOWLINK_JITTER_MS", default_value_t = 0)]
     jitter_ms: u64,
+    /// Instead of proxying, check that a link listens at LISTEN (on 127.0.0.1 when it names
+    /// every address) and exit 0 if it accepts a connection within 2 s, 1 if not: the image's
+    /// health check, since it has no shell.
+    #[arg(long)]
+    healthcheck: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.healthcheck {
+        return healthcheck(&args.listen);
+    }
     if args.jitter_ms > args.rtt_ms {
         eprintln!(
             "error: SLOWLINK_JITTER_MS ({}) is larger than SLOWLINK_RTT_MS ({}): a round trip cannot be negative",
@@ -65,6 +73,27 @@ fn main() -> ExitCode {
         println!("slowlink: stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// Connects to the link's own listening address.
+fn healthcheck(listen: &str) -> ExitCode {
+    let mut addr: std::net::SocketAddr = match listen.parse() {
+        Ok(addr) => addr,
+        Err(err) => {
+            eprintln!("error: SLOWLINK_LISTEN {listen:?} is not an address: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("unhealthy: nothing accepts connections at {addr}: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn stopped() {

@@ -9,7 +9,7 @@
 //!    with the components), the Dockerfiles and the compose files. checkov has no compose
 //!    framework, so the compose files get its secrets scan.
 //! 4. No private key in the repository (tracked and untracked, not ignored files) and none in any
-//!    layer of the images petra:dev and klaus:dev (built by `cargo xtask images`). The layer
+//!    layer of the images petra:dev, klaus:dev and slowlink:dev (built by `cargo xtask images`). The layer
 //!    check proves itself on each run against a throwaway image that holds a fake key.
 //!
 //! cargo-deny is installed into `target/tools` (or `$XTASK_TOOLS_ROOT`), hadolint and checkov
@@ -34,7 +34,7 @@ const VENV: &str = "target/audit-venv";
 const WORK: &str = "target/audit";
 
 /// The images whose layers must hold no key.
-const IMAGES: &[&str] = &["petra:dev", "klaus:dev"];
+const IMAGES: &[&str] = &["petra:dev", "klaus:dev", "slowlink:dev"];
 
 /// The throwaway image that proves the layer check finds a planted key.
 const SELFTEST_IMAGE: &str = "petra-klaus-audit-selftest:throwaway";
@@ -110,9 +110,10 @@ pub(crate) fn audit(args: &[String]) -> anyhow::Result<()> {
     );
     record(
         "image keys",
-        step("no key in any layer of petra:dev and klaus:dev", || {
-            image_keys(&sh, &work)
-        }),
+        step(
+            "no key in any layer of petra:dev, klaus:dev and slowlink:dev",
+            || image_keys(&sh, &work),
+        ),
     );
 
     for note in &notes {
@@ -537,7 +538,7 @@ fn repo_keys(sh: &Shell) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Fails if petra:dev or klaus:dev is missing or holds a key in any layer.
+/// Fails if any of [`IMAGES`] is missing or holds a key in any layer.
 fn image_keys(sh: &Shell, work: &Path) -> anyhow::Result<()> {
     let missing: Vec<&str> = IMAGES
         .iter()

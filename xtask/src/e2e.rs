@@ -2,9 +2,13 @@
 //! runs the fault scenarios ([`faults`]: rolling restart, partition, overload) on the single-network one
 //! and the failover between two clouds ([`failover`]) on the two-cloud one.
 //!
+//! The split topology has a link between Klaus and Petra, and runs its checks at three distances
+//! ([`distance`]).
+//!
 //! Each topology runs under a project name of its own and is always torn down (`down -v --remove-orphans`),
 //! also when a check fails. Every wait polls a condition under a deadline; none is a fixed sleep.
 
+mod distance;
 mod failover;
 mod faults;
 
@@ -27,6 +31,9 @@ const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
 /// How soon Klaus must answer 502 once Petra is stopped.
 const OUTAGE_DEADLINE: Duration = Duration::from_secs(1);
 
+/// The problem code of Klaus's 502 while no Petra runs, in every topology and at every distance.
+const OUTAGE_CODE: &str = "petra_unreachable";
+
 /// How soon Klaus must answer `hello world` again once Petra is started.
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -48,6 +55,9 @@ struct Topology {
     petra_port: Option<u16>,
     /// Every Petra service: all are stopped for the outage check.
     petra_services: &'static [&'static str],
+    /// The link service (slowlink) every call from Klaus to Petra crosses, if there is one: the
+    /// checks then run at each of [`distance::DISTANCES`].
+    link: Option<&'static str>,
 }
 
 const TOPOLOGIES: [Topology; 3] = [
@@ -58,14 +68,16 @@ const TOPOLOGIES: [Topology; 3] = [
         petra_url: "https://petra:8443",
         petra_port: None,
         petra_services: &["petra"],
+        link: None,
     },
     Topology {
         name: "split",
         file: "docker-compose.split.yml",
         klaus_network: "klaus-side",
-        petra_url: "https://host.docker.internal:8443",
+        petra_url: "https://link:8443",
         petra_port: Some(8443),
         petra_services: &["petra"],
+        link: Some("link"),
     },
     Topology {
         name: "clouds",
@@ -75,6 +87,7 @@ const TOPOLOGIES: [Topology; 3] = [
         // Cloud B's Petra; cloud A's is not published.
         petra_port: Some(8444),
         petra_services: &["petra-a", "petra-b"],
+        link: None,
     },
 ];
 
@@ -104,7 +117,7 @@ pub(crate) fn e2e_parts(only: &[String]) -> anyhow::Result<()> {
     let oha = step("oha is installed", || faults::Oha::find(&sh))?;
     for topology in TOPOLOGIES.iter().filter(|t| wanted(t.name)) {
         step(&format!("e2e {}", topology.file), || {
-            run_topology(&sh, &compose, topology)
+            run_topology(&sh, &compose, &oha, topology)
         })?;
     }
     if wanted("faults") {
@@ -242,7 +255,12 @@ impl Drop for Container<'_> {
 }
 
 /// Brings one topology up, runs every check, prints the logs if one fails, and tears it down.
-fn run_topology(sh: &Shell, compose: &[String], topology: &Topology) -> anyhow::Result<()> {
+fn run_topology(
+    sh: &Shell,
+    compose: &[String],
+    oha: &faults::Oha,
+    topology: &Topology,
+) -> anyhow::Result<()> {
     let mut ports = vec![KLAUS_PORT];
     ports.extend(topology.petra_port);
     for port in ports {
@@ -255,7 +273,7 @@ fn run_topology(sh: &Shell, compose: &[String], topology: &Topology) -> anyhow::
         file: topology.file,
     };
     project.run(&["up", "-d"])?;
-    let result = checks(sh, &project, topology);
+    let result = checks(sh, &project, oha, topology);
     if result.is_err() {
         let _ = project.run(&["logs", "--no-color", "--tail", "40"]);
     }
@@ -270,7 +288,12 @@ fn ensure_port_free(port: u16) -> anyhow::Result<()> {
 }
 
 /// The checks, in order; each prints a line when it passes.
-fn checks(sh: &Shell, project: &Project<'_>, topology: &Topology) -> anyhow::Result<()> {
+fn checks(
+    sh: &Shell,
+    project: &Project<'_>,
+    oha: &faults::Oha,
+    topology: &Topology,
+) -> anyhow::Result<()> {
     let klaus: SocketAddr = ([127, 0, 0, 1], KLAUS_PORT).into();
 
     let started = Instant::now();
@@ -289,10 +312,36 @@ fn checks(sh: &Shell, project: &Project<'_>, topology: &Topology) -> anyhow::Res
     );
     pass("GET http://localhost:8080/ is exactly `hello world`");
 
-    refused_without_client_cert(sh, project, topology)?;
     if let Some(port) = topology.petra_port {
         curl_petra_directly(sh, project, port)?;
     }
+    match topology.link {
+        Some(link) => distance::run(sh, project, oha, topology, link, klaus),
+        None => placement(sh, project, topology, klaus).map(drop),
+    }
+}
+
+/// What the placement checks saw.
+#[derive(Debug)]
+struct Placement {
+    /// The problem code of Klaus's 502 while Petra was stopped.
+    outage_code: String,
+    /// How soon after Petra stopped Klaus answered that 502.
+    outage_after: Duration,
+    /// How soon after Petra started Klaus answered `hello world` again.
+    recovered_after: Duration,
+}
+
+/// The checks that must give the same answers wherever Petra runs: a client without a
+/// certificate is refused, Klaus answers 502 `petra_unreachable` while every Petra is stopped,
+/// and `hello world` again once they are started.
+fn placement(
+    sh: &Shell,
+    project: &Project<'_>,
+    topology: &Topology,
+    klaus: SocketAddr,
+) -> anyhow::Result<Placement> {
+    refused_without_client_cert(sh, project, topology)?;
 
     let mut stop = vec!["stop"];
     stop.extend(topology.petra_services);
@@ -304,15 +353,21 @@ fn checks(sh: &Shell, project: &Project<'_>, topology: &Topology) -> anyhow::Res
     .with_context(|| {
         format!("Klaus did not answer 502 within {OUTAGE_DEADLINE:?} of Petra stopping")
     })?;
+    let outage_after = stopped.elapsed();
     ensure!(
         reply.content_type == "application/problem+json",
         "Klaus's 502 has content-type {:?}, not application/problem+json",
         reply.content_type
     );
+    let outage_code = problem_code(&reply.body)?;
+    ensure!(
+        outage_code == OUTAGE_CODE,
+        "Klaus's 502 while Petra is stopped has the code {outage_code:?}, not {OUTAGE_CODE:?}"
+    );
     pass(&format!(
-        "{} stopped: Klaus answers 502 application/problem+json after {:.2}s",
+        "{} stopped: Klaus answers 502 application/problem+json `{outage_code}` after {:.2}s",
         topology.petra_services.join(", "),
-        stopped.elapsed().as_secs_f64()
+        outage_after.as_secs_f64()
     ));
 
     let mut start = vec!["start"];
@@ -327,12 +382,27 @@ fn checks(sh: &Shell, project: &Project<'_>, topology: &Topology) -> anyhow::Res
     .with_context(|| {
         format!("Klaus did not answer `hello world` within {RECOVERY_DEADLINE:?} of Petra starting")
     })?;
+    let recovered_after = restarted.elapsed();
     pass(&format!(
         "{} started: Klaus answers `hello world` again after {:.2}s",
         topology.petra_services.join(", "),
-        restarted.elapsed().as_secs_f64()
+        recovered_after.as_secs_f64()
     ));
-    Ok(())
+    Ok(Placement {
+        outage_code,
+        outage_after,
+        recovered_after,
+    })
+}
+
+/// The `code` of an RFC 9457 problem body.
+fn problem_code(body: &str) -> anyhow::Result<String> {
+    let problem: serde_json::Value =
+        serde_json::from_str(body).with_context(|| format!("the problem {body:?} is not JSON"))?;
+    problem["code"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("the problem {body:?} has no code"))
 }
 
 /// Runs a second Klaus, on Klaus's network with Petra's CA but no client certificate, and checks that

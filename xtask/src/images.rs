@@ -1,4 +1,5 @@
-//! `cargo xtask images`: builds `petra:dev` and `klaus:dev` from `Dockerfile.petra` and `Dockerfile.klaus`.
+//! `cargo xtask images`: builds `petra:dev`, `klaus:dev` and `slowlink:dev` from `Dockerfile.petra`,
+//! `Dockerfile.klaus` and `Dockerfile.slowlink` (the link that docker-compose.split.yml puts between them).
 //!
 //! No image can be pulled on our machines, so the Rust builder image that the Dockerfiles start from is made
 //! here when it is missing: a Debian root file system from `debootstrap` plus this machine's Rust toolchain,
@@ -15,7 +16,7 @@ use xshell::{Shell, cmd};
 use crate::util::{root, shell, step};
 
 /// The services that get an image, each from `Dockerfile.<name>`, tagged `<name>:dev`.
-pub(crate) const SERVICES: [&str; 2] = ["petra", "klaus"];
+pub(crate) const SERVICES: [&str; 3] = ["petra", "klaus", "slowlink"];
 
 /// The size budget for each runtime image, in bytes as `docker image ls` counts them (1 MB = 10^6 bytes).
 const IMAGE_BUDGET_BYTES: u64 = 10_000_000;
@@ -38,7 +39,7 @@ const BUILDER_ENV: [&str; 3] = [
 /// This machine's CA bundle, which the made builder image's cargo uses (see `BUILDER_ENV`).
 const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// Builds both service images, making the Rust builder image first if the machine lacks it.
+/// Builds every service image, making the Rust builder image first if the machine lacks it.
 pub(crate) fn images() -> anyhow::Result<()> {
     let sh = shell()?;
     step("docker is reachable", || ensure_docker(&sh))?;
@@ -81,7 +82,7 @@ const BUILDER_MARKS: (&str, &str) = ("/src", "RUSTFLAGS=-C target-feature=+crt-s
 const PRUNE_ROUNDS: usize = 40;
 
 /// Deletes the untagged images that earlier builds left: builder stages (about 1.5 GB each, one per change
-/// of the manifests) other than the one that just built, and superseded `petra:dev` and `klaus:dev`.
+/// of the manifests) other than the one that just built, and superseded `petra:dev`, `klaus:dev` and `slowlink:dev`.
 ///
 /// Old builder stages are deleted one step per round with `--no-prune`, from their last step up: a plain
 /// `docker rmi` also deletes untagged parents, and those can be the current builder stage's layers, which
@@ -203,7 +204,7 @@ fn has_program(name: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Checks that both Dockerfiles share one builder stage whose default `RUST_IMAGE` is at the version that
+/// Checks that the Dockerfiles share one builder stage whose default `RUST_IMAGE` is at the version that
 /// `rust-toolchain.toml` pins, and returns that image name.
 fn check_dockerfiles() -> anyhow::Result<String> {
     let mut builder_stages = Vec::new();
@@ -217,7 +218,7 @@ fn check_dockerfiles() -> anyhow::Result<String> {
     for (path, stage) in &builder_stages[1..] {
         ensure!(
             stage == first,
-            "the builder stages of {} and {} differ; keep them identical so one build warms the cache for both",
+            "the builder stages of {} and {} differ; keep them identical so one build warms the cache for all",
             first_path.display(),
             path.display()
         );
@@ -232,7 +233,7 @@ fn check_dockerfiles() -> anyhow::Result<String> {
     ensure!(
         rust_image.starts_with(&format!("rust:{channel}-")),
         "the Dockerfiles' default RUST_IMAGE is {rust_image}, but rust-toolchain.toml pins {channel}: \
-         update `ARG RUST_IMAGE=rust:{channel}-...` in both Dockerfiles"
+         update `ARG RUST_IMAGE=rust:{channel}-...` in every Dockerfile"
     );
     Ok(rust_image)
 }
@@ -563,7 +564,7 @@ fn one_line_sources(text: &str) -> Vec<(String, Vec<String>)> {
     found
 }
 
-/// Prints both images' sizes and fails if either is over the budget.
+/// Prints the images' sizes and fails if any is over the budget.
 fn check_sizes(sh: &Shell) -> anyhow::Result<()> {
     const LS_FORMAT: &str = "{{.Repository}}:{{.Tag}}\t{{.Size}}";
     const SIZE_FORMAT: &str = "{{.Size}}";

@@ -17,7 +17,7 @@ usage: cargo xtask <task>
 tasks:
   ci       every check CI runs: fmt, clippy, tests, manifests, images and end-to-end tests
   test     the Rust tests only (cargo nextest, or cargo test where nextest is missing)
-  images   build petra:dev and klaus:dev from Dockerfile.petra and Dockerfile.klaus
+  images   build petra:dev, klaus:dev and slowlink:dev from Dockerfile.<name>
   e2e      build the images, bring up each compose topology and check it end to end, then the fault
            and failover scenarios; cargo xtask e2e [one|split|clouds|faults|failover]... runs only those
   k8s      render every kustomize overlay and component, validate and policy-check them

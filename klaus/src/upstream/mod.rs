@@ -344,7 +344,8 @@ impl PetraClient {
         {
             return Err(PetraError::TooLarge);
         }
-        let mut text = Vec::new();
+        // Room for Petra's answer and Klaus's suffix without growing.
+        let mut text = Vec::with_capacity(64);
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|err| self.classify(endpoint, err.into()))?;
             if let Ok(chunk) = frame.into_data() {
