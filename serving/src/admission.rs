@@ -347,7 +347,10 @@ impl Admission {
             return;
         }
         let this = Arc::clone(self);
-        let workers = tokio::runtime::Handle::current().metrics().num_workers().max(1);
+        let workers = tokio::runtime::Handle::current()
+            .metrics()
+            .num_workers()
+            .max(1);
         tokio::spawn(async move {
             let mut probe = tokio::time::interval(PROBE_EVERY);
             probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
