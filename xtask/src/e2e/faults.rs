@@ -297,13 +297,20 @@ fn partition(sh: &Shell, project: &Project<'_>, klaus: &Klaus) -> anyhow::Result
     let first = timeouts(klaus.main, deadline).context("during the partition, first calls")?;
     let next = timeouts(klaus.main, deadline).context("during the partition, next calls")?;
     // Hold the cut until Klaus has given up its silent pooled connection (an HTTP/2 ping not
-    // answered in time): a call then ends at the connect timeout, half the deadline, instead of
-    // riding the dead connection into the full deadline. Kept, that connection would also carry
-    // calls for seconds after the link returns, while TCP's retransmission backs off.
+    // answered in time): a call's first attempt then ends at the connect timeout, half the
+    // deadline, instead of riding the dead connection into the full deadline. Kept, that
+    // connection would also carry calls for seconds after the link returns, while TCP's
+    // retransmission backs off. Either sign counts: a 504 well before the deadline, or a retry
+    // (Klaus retries only with time left, so the first attempt ended early; the retry, on the
+    // other replica's new connection, may then take the call to its deadline).
+    let retries = |klaus: &Klaus| klaus.metric("petra_retries_total", &["result=\"attempted\""]);
+    let retried_before = retries(klaus)?;
     wait_for(DEAD_CONNECTION_DEADLINE, || {
         let started = Instant::now();
         let reply = get(klaus.main, "/").ok()?;
-        (reply.status == 504 && started.elapsed() < deadline * 3 / 4).then_some(())
+        let early = reply.status == 504 && started.elapsed() < deadline * 3 / 4;
+        let retried = retries(klaus).is_ok_and(|now| now > retried_before);
+        (early || (reply.status == 504 && retried)).then_some(())
     })
     .with_context(|| {
         format!(
