@@ -177,6 +177,25 @@ impl HeldPetra {
         .await;
     }
 
+    /// [`Self::klaus`] with its two places taken by calls held here: the calls and Klaus's URL.
+    async fn full_klaus(
+        &self,
+        pki: &TestPki,
+        queue_ms: u64,
+    ) -> (
+        serving::testing::Running,
+        String,
+        Vec<tokio::task::JoinHandle<(u16, String, String)>>,
+    ) {
+        let klaus = self.klaus(pki, queue_ms).await;
+        let url = klaus.http_url();
+        let in_flight: Vec<_> = (0..2)
+            .map(|_| tokio::spawn(crate::helpers::get_owned(url.clone())))
+            .collect();
+        self.wait_held(2).await;
+        (klaus, url, in_flight)
+    }
+
     /// Klaus with a fixed limit of two requests in flight, waiting up to `queue_ms` for room.
     async fn klaus(&self, pki: &TestPki, queue_ms: u64) -> serving::testing::Running {
         let mut args = serve_args();
@@ -197,12 +216,7 @@ impl HeldPetra {
 async fn requests_over_the_concurrency_limit_get_a_fast_503_when_waiting_is_off() {
     let pki = TestPki::new();
     let petra = HeldPetra::spawn(&pki).await;
-    let klaus = petra.klaus(&pki, 0).await;
-    let url = klaus.http_url();
-    let in_flight: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(crate::helpers::get_owned(url.clone())))
-        .collect();
-    petra.wait_held(2).await;
+    let (klaus, url, in_flight) = petra.full_klaus(&pki, 0).await;
 
     let started = Instant::now();
     let shed = serving::testing::plain_client()
@@ -246,12 +260,7 @@ async fn requests_over_the_concurrency_limit_get_a_fast_503_when_waiting_is_off(
 async fn a_request_over_the_limit_waits_for_room_and_is_served() {
     let pki = TestPki::new();
     let petra = HeldPetra::spawn(&pki).await;
-    let klaus = petra.klaus(&pki, 10_000).await;
-    let url = klaus.http_url();
-    let first: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(crate::helpers::get_owned(url.clone())))
-        .collect();
-    petra.wait_held(2).await;
+    let (klaus, url, first) = petra.full_klaus(&pki, 10_000).await;
     let third = tokio::spawn(crate::helpers::get_owned(url.clone()));
     wait_until(
         "the third request waits in Klaus's queue",
@@ -279,12 +288,7 @@ async fn a_request_over_the_limit_waits_for_room_and_is_served() {
 async fn a_request_whose_wait_runs_out_gets_a_503() {
     let pki = TestPki::new();
     let petra = HeldPetra::spawn(&pki).await;
-    let klaus = petra.klaus(&pki, 150).await;
-    let url = klaus.http_url();
-    let in_flight: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(crate::helpers::get_owned(url.clone())))
-        .collect();
-    petra.wait_held(2).await;
+    let (klaus, url, in_flight) = petra.full_klaus(&pki, 150).await;
 
     let started = Instant::now();
     let shed = serving::testing::plain_client()
