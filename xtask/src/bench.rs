@@ -1268,6 +1268,21 @@ fn raw_path(out: &Path, case: &Case) -> PathBuf {
 
 /// Waits up to `max` for other processes to leave the cores alone (under 10 % of them, over
 /// one second), so that a burst of someone else's work does not land in a measured window.
+/// Appends the budget lines `checks` to `md` as a markdown table.
+fn budget_table(md: &mut String, checks: &[Check]) {
+    md.push_str("\n| budget | figure | limit | result |\n|---|---|---|---|\n");
+    for c in checks {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            c.line,
+            c.figure,
+            c.limit,
+            c.result()
+        );
+    }
+}
+
 fn wait_for_quiet(stack: &Stack, machine: &Machine, max: Duration) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut said = false;
@@ -1645,17 +1660,7 @@ impl Report {
         if let Some(placement) = &self.placement {
             placement.markdown(&mut md);
         }
-        md.push_str("\n| budget | figure | limit | result |\n|---|---|---|---|\n");
-        for c in checks {
-            let _ = writeln!(
-                md,
-                "| {} | {} | {} | {} |",
-                c.line,
-                c.figure,
-                c.limit,
-                c.result()
-            );
-        }
+        budget_table(&mut md, checks);
         md
     }
 

@@ -566,17 +566,7 @@ impl Placement {
         let checks = self.checks();
         let mut md = String::new();
         self.markdown(&mut md);
-        md.push_str("\n| budget | figure | limit | result |\n|---|---|---|---|\n");
-        for c in &checks {
-            let _ = writeln!(
-                md,
-                "| {} | {} | {} | {} |",
-                c.line,
-                c.figure,
-                c.limit,
-                c.result()
-            );
-        }
+        super::budget_table(&mut md, &checks);
         fs::write(out.join("placement.md"), md.trim_start())
             .context("writing target/bench/placement.md")?;
         let mut json = self.json();

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use xshell::{Shell, cmd};
 
-use super::faults::{Cut, Klaus, Oha, PARTITION_CALLS, load_args, span, state, timeouts};
+use super::faults::{
+    Cut, Klaus, Oha, PARTITION_CALLS, answers_again, load_args, span, state, timeouts,
+};
 use super::{Placement, Project, STARTUP_DEADLINE, Topology, get, pass, placement, wait_for};
 
 /// One distance between Klaus and Petra.
@@ -305,16 +307,7 @@ fn deadline(
     let took = timeouts(klaus, deadline).context("while the link was silent")?;
     cut.restore()?;
     let restored = Instant::now();
-    wait_for(LINK_RECOVERY_DEADLINE, || {
-        get(klaus, "/")
-            .ok()
-            .filter(|r| r.status == 200 && r.body == "hello world")
-    })
-    .with_context(|| {
-        format!(
-            "Klaus did not answer `hello world` within {LINK_RECOVERY_DEADLINE:?} of the link's return"
-        )
-    })?;
+    answers_again(klaus, LINK_RECOVERY_DEADLINE)?;
     let link_back = restored.elapsed();
     let took = span(&took);
     pass(&format!(

@@ -321,16 +321,7 @@ fn partition(sh: &Shell, project: &Project<'_>, klaus: &Klaus) -> anyhow::Result
     cut.restore()?;
 
     let restored = Instant::now();
-    wait_for(LINK_RECOVERY_DEADLINE, || {
-        get(klaus.main, "/")
-            .ok()
-            .filter(|r| r.status == 200 && r.body == "hello world")
-    })
-    .with_context(|| {
-        format!(
-            "Klaus did not answer `hello world` within {LINK_RECOVERY_DEADLINE:?} of the link's return"
-        )
-    })?;
+    answers_again(klaus.main, LINK_RECOVERY_DEADLINE)?;
     pass(&format!(
         "partition (Petra's replicas drop every packet in and out, DNS still resolves them): \
          {PARTITION_CALLS} calls at once get 504 problem+json `petra_timeout` after {}, the next {PARTITION_CALLS} \
@@ -342,6 +333,19 @@ fn partition(sh: &Shell, project: &Project<'_>, klaus: &Klaus) -> anyhow::Result
         dropped.as_secs_f64(),
         restored.elapsed().as_millis()
     ));
+    Ok(())
+}
+
+/// Waits up to `deadline` for Klaus to answer `hello world` again once a cut link is back.
+pub(super) fn answers_again(klaus: SocketAddr, deadline: Duration) -> anyhow::Result<()> {
+    wait_for(deadline, || {
+        get(klaus, "/")
+            .ok()
+            .filter(|r| r.status == 200 && r.body == "hello world")
+    })
+    .with_context(|| {
+        format!("Klaus did not answer `hello world` within {deadline:?} of the link's return")
+    })?;
     Ok(())
 }
 
