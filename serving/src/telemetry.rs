@@ -56,10 +56,7 @@ pub fn init(format: LogFormat) -> Result<(), ConfigError> {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if let Some(batched) = STDOUT.get() {
-            // try_lock: the panic may have struck while this thread held a lock.
-            if let (Ok(pending), Ok(mut out)) = (batched.lines.try_lock(), batched.out.try_lock()) {
-                out.write(pending);
-            }
+            batched.flush_after_panic(Duration::from_secs(1));
         }
         report(info);
     }));
@@ -216,6 +213,34 @@ impl Batched {
         // Written once nothing is pending and the flushing thread is not in a write.
         while !(self.lock().is_empty() && self.out.try_lock().is_ok()) && Instant::now() < deadline
         {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// For the panic hook: has the flushing thread write out what is buffered and waits up to
+    /// `limit`, without waiting for a lock (the panic may have struck while this thread held
+    /// one) or writing on this thread (a blocked stdout would turn the abort into a hang).
+    fn flush_after_panic(&self, limit: Duration) {
+        if !self.flusher.load(Ordering::Acquire) {
+            if let (Ok(pending), Ok(mut out)) = (self.lines.try_lock(), self.out.try_lock()) {
+                out.write(pending);
+            }
+            return;
+        }
+        // Without the lock a wake-up can be missed; the flushing thread then writes at the
+        // end of its flush interval instead.
+        self.urgent.store(true, Ordering::Release);
+        self.arrived.notify_one();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let written = self
+                .lines
+                .try_lock()
+                .is_ok_and(|pending| pending.is_empty())
+                && self.out.try_lock().is_ok();
+            if written {
+                return;
+            }
             std::thread::sleep(Duration::from_millis(1));
         }
     }
