@@ -169,8 +169,8 @@ pub struct CertsArgs {
     /// balancer's name; repeat for several.
     #[arg(long = "san", value_name = "NAME")]
     pub sans: Vec<String>,
-    /// Validity of the service certificates, in days.
-    #[arg(long, default_value_t = 90)]
+    /// Validity of the service certificates, in days (at most the CA's ten years).
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(i64).range(1..=3650))]
     pub days: i64,
     /// Replace existing service keys and certificates (the CA is kept, so rotation needs no
     /// new trust anchor).

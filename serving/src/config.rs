@@ -11,6 +11,18 @@ use clap::Parser;
 /// The exit status for invalid configuration, as for any usage error.
 pub const EXIT_CONFIG: u8 = 2;
 
+/// The default MAX_CONNECTIONS: 2,048 for the requests in flight at the concurrency ceiling
+/// and 1,024 more.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 3072;
+
+/// The longest TLS_RELOAD_INTERVAL_SECONDS: a day. The reloader adds the interval to the
+/// current instant, which overflows (a panic, and panic = abort) for values near `u64::MAX`.
+pub const MAX_RELOAD_INTERVAL_SECONDS: u64 = 86_400;
+
+/// The longest MAX_CONNECTION_AGE_SECONDS: a week (0 already means "never"). Each connection's
+/// age is the setting times up to 1.1, which overflows a `Duration` near `u64::MAX` seconds.
+pub const MAX_CONNECTION_AGE_LIMIT_SECONDS: u64 = 7 * 86_400;
+
 /// Settings every service has besides its main listener address.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -32,8 +44,9 @@ pub struct ServeArgs {
     pub tls_client_ca_file: Option<PathBuf>,
 
     /// How often the TLS files are checked for changes; a changed set is loaded without a
-    /// restart (0 turns reloading off).
-    #[arg(long, env = "TLS_RELOAD_INTERVAL_SECONDS", default_value_t = 10)]
+    /// restart (0 turns reloading off; at most a day).
+    #[arg(long, env = "TLS_RELOAD_INTERVAL_SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_RELOAD_INTERVAL_SECONDS))]
     pub tls_reload_interval_seconds: u64,
 
     /// After SIGTERM, how long the main listener keeps serving while /readyz answers 503, so
@@ -53,6 +66,15 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
 
+    /// The most connections the main listener holds open at once. Beyond it the listener stops
+    /// accepting until one closes: new connections wait in the kernel's backlog, which costs
+    /// the service nothing. The default keeps a replica inside the manifests' 128 MiB: 2,000
+    /// connections busy at the concurrency ceiling peaked at 95 MiB (BENCHMARKS.md), and the
+    /// 1,072 more take about 20 MiB busy (waiting in the queue) or 6 MiB idle.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub max_connections: u32,
+
     /// `adaptive` (the default) or `fixed`: a fixed limit stays at MAX_CONCURRENT_REQUESTS.
     #[arg(long, env = "CONCURRENCY_LIMIT", value_enum, default_value_t = ConcurrencyLimit::Adaptive)]
     pub concurrency_limit: ConcurrencyLimit,
@@ -65,8 +87,9 @@ pub struct ServeArgs {
 
     /// Seconds after which a connection is closed gracefully (HTTP/2 GOAWAY), give or take
     /// 10 %, so that callers holding long-lived HTTP/2 connections spread over new replicas;
-    /// 0 keeps connections open for as long as the client likes.
-    #[arg(long, env = "MAX_CONNECTION_AGE_SECONDS", default_value_t = 300)]
+    /// 0 keeps connections open for as long as the client likes (at most a week otherwise).
+    #[arg(long, env = "MAX_CONNECTION_AGE_SECONDS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_CONNECTION_AGE_LIMIT_SECONDS))]
     pub max_connection_age_seconds: u64,
 
     /// Threads that serve requests. 1 (the default) runs everything on one thread, with no
@@ -107,6 +130,7 @@ impl ServeArgs {
             limits: crate::server::Limits {
                 max_connection_age: (self.max_connection_age_seconds > 0)
                     .then(|| Duration::from_secs(self.max_connection_age_seconds)),
+                max_connections: self.max_connections as usize,
                 ..crate::server::Limits::default()
             },
             tasks: crate::server::Tasks::default(),
@@ -258,13 +282,66 @@ mod tests {
         );
     }
 
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    /// Every numeric setting at the extremes of its type: each is refused with an error that
+    /// names it, or taken and turned into durations and limits without overflowing.
+    #[test]
+    fn extreme_numbers_are_refused_or_harmless() {
+        let max = u64::MAX.to_string();
+        for (flag, value) in [
+            ("--max-connection-age-seconds", max.as_str()),
+            ("--max-connection-age-seconds", "604801"),
+            ("--tls-reload-interval-seconds", max.as_str()),
+            ("--tls-reload-interval-seconds", "86401"),
+            ("--max-connections", "0"),
+            ("--max-connections", max.as_str()),
+            ("--max-concurrent-requests", "0"),
+            ("--request-queue-timeout-ms", max.as_str()),
+            ("--worker-threads", "0"),
+            ("--worker-threads", "65535"),
+        ] {
+            let err = Cli::try_parse_from(["x", flag, value])
+                .err()
+                .unwrap_or_else(|| panic!("{flag} {value} was accepted"));
+            let name = flag
+                .trim_start_matches("--")
+                .replace('-', "_")
+                .to_uppercase();
+            assert!(err.to_string().contains(&name), "{flag} {value}: {err}");
+        }
+        // The largest values accepted make durations and limits without a panic.
+        let cli = Cli::try_parse_from([
+            "x",
+            "--max-connection-age-seconds",
+            "604800",
+            "--tls-reload-interval-seconds",
+            "86400",
+            "--shutdown-delay-seconds",
+            &max,
+            "--shutdown-timeout-seconds",
+            &max,
+            "--max-concurrent-requests",
+            &u32::MAX.to_string(),
+        ])
+        .expect("in range");
+        let timing = cli.serve.shutdown_timing();
+        assert_eq!(timing.delay.as_secs(), u64::MAX);
+        let _ = tokio::time::Instant::now().checked_add(timing.drain_timeout);
+        assert!(cli.serve.admission().max_queued >= cli.serve.admission().ceiling);
+        assert!(
+            tokio::time::Instant::now()
+                .checked_add(Duration::from_secs(86_400))
+                .is_some()
+        );
+    }
+
     #[test]
     fn half_a_tls_pair_names_the_missing_variable() {
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            serve: ServeArgs,
-        }
         let cli = Cli::try_parse_from(["x", "--tls-cert-file", "/c.pem"]).expect("parses");
         let err = cli.serve.tls_files().expect_err("half a pair is an error");
         assert_eq!(err.var, "TLS_KEY_FILE");

@@ -10,19 +10,35 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Health};
 use crate::admission::Admission;
 use crate::config::ConfigError;
+use crate::observe::MAX_HEADER_BYTES;
 use crate::shutdown::Timing;
 use crate::tls::{ReloadingConfig, ServerFiles};
+
+/// What the protocol layers hold of one request head, on either HTTP version: 16 KiB, twice
+/// [`MAX_HEADER_BYTES`], which the application answers 431 above. That leaves room for the
+/// request line and each field's separators (HTTP/1.1), or the 32 bytes HTTP/2 counts per
+/// field, for up to hyper's 100 fields, so that every request the application would take
+/// reaches it; a larger head is refused before it is decoded into a header map. It is also
+/// hyper's own HTTP/2 default.
+pub const MAX_HEAD_BYTES: usize = 2 * MAX_HEADER_BYTES;
+
+/// The admin listener's connection cap: the kubelet's probes and a Prometheus scraper use a
+/// few connections at a time.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// Limits that keep a slow, idle or hostile client from holding a connection or task forever.
 #[derive(Debug, Clone, Copy)]
@@ -34,8 +50,14 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// The HTTP/1.1 read buffer, which bounds the request head; beyond it hyper answers 431.
     pub max_buf_size: usize,
-    /// The HTTP/2 header list limit.
+    /// The HTTP/2 header list limit (RFC 9113's `SETTINGS_MAX_HEADER_LIST_SIZE`: names and
+    /// values plus 32 bytes a field); beyond it h2 answers 431 and resets the stream.
     pub max_header_list_size: u32,
+    /// The most connections the main listener holds open at once; at the cap it stops
+    /// accepting until one closes, so that further clients wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// The same for the admin listener, which probes and a scraper use a few at a time.
+    pub admin_max_connections: usize,
     /// Concurrent HTTP/2 streams per connection: 256, so that one client cannot hold more of
     /// the service's work on one connection than that; Klaus opens another connection to a
     /// Petra endpoint at 128 calls, half of it, and the admission limit bounds the total.
@@ -53,8 +75,10 @@ impl Default for Limits {
         Self {
             tls_handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
-            max_buf_size: 64 * 1024,
-            max_header_list_size: 64 * 1024,
+            max_buf_size: MAX_HEAD_BYTES,
+            max_header_list_size: MAX_HEAD_BYTES as u32,
+            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS as usize,
+            admin_max_connections: ADMIN_MAX_CONNECTIONS,
             max_concurrent_streams: 256,
             h2_keep_alive_interval: Duration::from_secs(20),
             max_connection_age: None,
@@ -97,6 +121,79 @@ impl ConnMetrics {
             this.memory_trims.clone(),
         );
         this
+    }
+}
+
+/// A listener's connection cap, and its metrics.
+#[derive(Debug, Clone)]
+struct Cap {
+    /// One permit per connection the listener may hold open.
+    slots: Arc<Semaphore>,
+    /// Connections open on this listener.
+    open: Gauge,
+    /// Times the listener stopped accepting because it held its cap.
+    pauses: Counter,
+}
+
+/// The `listener` label of the connection cap metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: &'static str,
+}
+
+impl Cap {
+    /// The caps of the main and admin listeners, their metrics in `registry`.
+    fn register(limits: &Limits, registry: &mut Registry) -> (Self, Self) {
+        let open = Family::<ListenerLabel, Gauge>::default();
+        let max = Family::<ListenerLabel, Gauge>::default();
+        let pauses = Family::<ListenerLabel, Counter>::default();
+        registry.register(
+            "listener_connections_open",
+            "Connections open, by listener",
+            open.clone(),
+        );
+        registry.register(
+            "listener_connections_max",
+            "The most connections a listener holds open at once (MAX_CONNECTIONS for the main listener)",
+            max.clone(),
+        );
+        registry.register(
+            "listener_cap_pauses",
+            "Times a listener stopped accepting because it held its most connections; new ones wait in the backlog",
+            pauses.clone(),
+        );
+        let cap = |listener: &'static str, slots: usize| {
+            let label = ListenerLabel { listener };
+            let slots = slots.clamp(1, Semaphore::MAX_PERMITS);
+            max.get_or_create(&label)
+                .set(i64::try_from(slots).unwrap_or(i64::MAX));
+            Self {
+                slots: Arc::new(Semaphore::new(slots)),
+                open: open.get_or_create(&label).clone(),
+                pauses: pauses.get_or_create(&label).clone(),
+            }
+        };
+        (
+            cap("main", limits.max_connections),
+            cap("admin", limits.admin_max_connections),
+        )
+    }
+
+    /// A slot for the next connection: at once while the listener is under its cap, else once
+    /// a connection closes (`None` when `stop` fires first). Until then nothing is accepted,
+    /// so that further clients wait in the kernel's backlog, which costs the service nothing;
+    /// closing them at once would cost an accept and a close each, and a client that retries
+    /// at once would keep the listener busy doing only that.
+    async fn slot(&self, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        if let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() {
+            return Some(slot);
+        }
+        self.pauses.inc();
+        tracing::debug!("connection cap reached; accepting again when a connection closes");
+        tokio::select! {
+            () = stop.cancelled() => None,
+            slot = Arc::clone(&self.slots).acquire_owned() => slot.ok(),
+        }
     }
 }
 
@@ -156,6 +253,8 @@ pub struct Bound {
     tls: Option<Arc<ReloadingConfig>>,
     registry: Arc<Registry>,
     conn_metrics: ConnMetrics,
+    main_cap: Cap,
+    admin_cap: Cap,
     health: Health,
     timing: Timing,
     limits: Limits,
@@ -174,6 +273,8 @@ impl Service {
         let main = bind("LISTEN_ADDR", self.listen_addr).await?;
         let admin = bind("ADMIN_ADDR", self.admin_addr).await?;
         let conn_metrics = ConnMetrics::register(&mut self.registry);
+        let (main_cap, admin_cap) = Cap::register(&self.limits, &mut self.registry);
+        crate::telemetry::register(&mut self.registry);
         Ok(Bound {
             name: self.name,
             router: self.router,
@@ -182,6 +283,8 @@ impl Service {
             tls,
             registry: Arc::new(self.registry),
             conn_metrics,
+            main_cap,
+            admin_cap,
             health: Health::default(),
             timing: self.timing,
             limits: self.limits,
@@ -238,6 +341,7 @@ impl Bound {
         let admin_router = admin::router(self.health.clone(), Arc::clone(&self.registry));
         let admin = tokio::spawn(accept_loop(
             self.admin,
+            self.admin_cap,
             None,
             None,
             None,
@@ -248,6 +352,7 @@ impl Bound {
         ));
         let main = tokio::spawn(accept_loop(
             self.main,
+            self.main_cap,
             self.tls.clone(),
             Some(self.conn_metrics.clone()),
             self.admission.clone(),
@@ -284,12 +389,13 @@ fn unspecified() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
-/// Accepts connections until `stop` (pausing while `admission`'s queue is full), then asks
-/// each open connection to finish its requests and close, and waits up to `drain_timeout` for
-/// them.
+/// Accepts connections until `stop` (pausing while `admission`'s queue is full or the
+/// listener holds its `cap` of connections), then asks each open connection to finish its
+/// requests and close, and waits up to `drain_timeout` for them.
 #[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     listener: TcpListener,
+    cap: Cap,
     tls: Option<Arc<ReloadingConfig>>,
     metrics: Option<ConnMetrics>,
     admission: Option<Arc<Admission>>,
@@ -307,6 +413,9 @@ async fn accept_loop(
                 () = admission.room_to_accept() => {}
             }
         }
+        let Some(slot) = cap.slot(&stop).await else {
+            break;
+        };
         let (stream, peer) = tokio::select! {
             () = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -324,7 +433,9 @@ async fn accept_loop(
         let stop = stop.clone();
         let tls = tls.as_ref().map(|tls| tls.current());
         let metrics = metrics.clone();
+        let open = cap.open.clone();
         tracker.spawn(async move {
+            open.inc();
             if let Some(metrics) = &metrics {
                 metrics.accepted.inc();
                 let open = metrics.open.inc() + 1;
@@ -347,6 +458,9 @@ async fn accept_loop(
             if let Some(metrics) = &metrics {
                 metrics.open.dec();
             }
+            open.dec();
+            // The slot frees last, once the connection is closed and counted as such.
+            drop(slot);
         });
     }
     drop(listener);
@@ -435,11 +549,13 @@ async fn serve_http2<IO>(
 }
 
 /// This connection's maximum age: [`Limits::max_connection_age`] spread over ±10 % by the
-/// peer's port, so that connections opened together do not all close together.
+/// peer's port, so that connections opened together do not all close together. Saturates
+/// instead of overflowing (`Duration::mul_f64` panics there), though the configuration
+/// already keeps the age to a week.
 fn max_age(limits: &Limits, peer: SocketAddr) -> Option<Duration> {
     let age = limits.max_connection_age?;
     let spread = f64::from(peer.port() % 201) / 1000.0 - 0.1;
-    Some(age.mul_f64(1.0 + spread))
+    Some(Duration::try_from_secs_f64(age.as_secs_f64() * (1.0 + spread)).unwrap_or(Duration::MAX))
 }
 
 /// Runs a connection to its end; when `stop` fires or the connection reaches `max_age`, lets
@@ -470,5 +586,32 @@ where
     };
     if let Err(err) = result {
         tracing::debug!(error = %err, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_ages_spread_without_overflowing() {
+        let peer = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let limits = |age| Limits {
+            max_connection_age: Some(age),
+            ..Limits::default()
+        };
+        let five_minutes = limits(Duration::from_secs(300));
+        assert_eq!(
+            max_age(&five_minutes, peer(0)),
+            Some(Duration::from_secs(270))
+        );
+        assert_eq!(
+            max_age(&five_minutes, peer(200)),
+            Some(Duration::from_secs(330))
+        );
+        // Near the largest duration, a factor above 1 saturates instead of panicking.
+        let forever = limits(Duration::from_secs(u64::MAX));
+        assert_eq!(max_age(&forever, peer(200)), Some(Duration::MAX));
+        assert_eq!(max_age(&Limits::default(), peer(200)), None);
     }
 }

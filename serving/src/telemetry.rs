@@ -9,20 +9,31 @@
 //! by byte: the line in Klaus went from 8.0k to 5.2k instructions.
 //! The lines keep the same shape: `timestamp`, `level`, the event's fields (the message
 //! under `message`), `target`.
+//!
+//! Logging never blocks serving: lines go to a bounded buffer that a thread of its own writes
+//! out (`Batched`), and request lines with an error status are sampled (`Sampler`).
 
 use std::fmt::{self, Write as _};
 use std::io::{self, Write as _};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, Once, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Condvar, LazyLock, Mutex, MutexGuard, Once, OnceLock, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::{Context, SubscriberExt as _};
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::{ConfigError, LogFormat};
 
@@ -45,25 +56,46 @@ pub fn init(format: LogFormat) -> Result<(), ConfigError> {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if let Some(batched) = STDOUT.get() {
-            // try_lock: the panic may have struck while this thread held a lock.
-            if let (Ok(pending), Ok(mut out)) = (batched.lines.try_lock(), batched.out.try_lock()) {
-                out.write(pending);
-            }
+            batched.flush_after_panic(Duration::from_secs(1));
         }
         report(info);
     }));
     // A second initialisation (tests that start several services) keeps the first subscriber.
-    let _ = match format {
-        LogFormat::Json => builder.event_format(JsonLine).try_init(),
-        LogFormat::Text => builder.with_ansi(false).try_init(),
+    let sampler = Sampler::global();
+    let installed = match format {
+        LogFormat::Json => builder
+            .event_format(JsonLine)
+            .finish()
+            .with(sampler)
+            .try_init(),
+        LogFormat::Text => builder.with_ansi(false).finish().with(sampler).try_init(),
     };
+    if installed.is_ok() {
+        sampler.start_summaries();
+    }
     Ok(())
 }
 
-/// Writes out the log lines still held in the buffer. Call it before the process exits.
+/// Registers the logging metrics in `registry`: `log_lines_dropped_total` and
+/// `log_lines_suppressed_total{status}`. They count for the whole process.
+pub fn register(registry: &mut Registry) {
+    registry.register(
+        "log_lines_dropped",
+        "Log lines dropped because stdout did not take them as fast as they came (the buffer was full)",
+        DROPPED.clone(),
+    );
+    registry.register(
+        "log_lines_suppressed",
+        "Request log lines with this status left out beyond the first few each second (a summary line counts them)",
+        Sampler::global().suppressed.clone(),
+    );
+}
+
+/// Writes out the log lines still held in the buffer, waiting at most a second for stdout.
+/// Call it before the process exits.
 pub fn flush() {
     if let Some(batched) = STDOUT.get() {
-        batched.write_out(batched.lock());
+        batched.flush_within(Duration::from_secs(1));
     }
 }
 
@@ -73,25 +105,46 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 /// A buffer that holds this many bytes is written out at once.
 const FLUSH_BYTES: usize = 64 * 1024;
 
+/// The most bytes the buffer holds while stdout does not take them: four full batches, about
+/// a thousand request lines. Beyond it lines are dropped and counted, never waited for.
+pub const MAX_PENDING_BYTES: usize = 4 * FLUSH_BYTES;
+
 static STDOUT: OnceLock<Batched> = OnceLock::new();
 
-/// Log output written in batches. One `write(2)` per log line was a third of Klaus's system
-/// calls and nine in ten of Petra's under load (strace), so lines collect in a buffer that a
-/// background thread writes out [`FLUSH_INTERVAL`] after the first of them arrived, or at once
-/// when it reaches [`FLUSH_BYTES`]. Warnings and errors are written at once, after what is
-/// buffered, so that order is kept and nothing that explains a failure waits; [`flush`] runs
-/// before the process exits, and a panic writes the buffer out before it aborts. What a
-/// SIGKILL can lose is at most the last 50 ms of info lines, as with nginx's
-/// `access_log buffer= flush=`. While no line arrives the thread sleeps on a condvar.
+/// `log_lines_dropped_total`.
+static DROPPED: LazyLock<Counter> = LazyLock::new(Counter::default);
+
+/// Log output written in batches, by one thread of its own. One `write(2)` per log line was a
+/// third of Klaus's system calls and nine in ten of Petra's under load (strace), so lines
+/// collect in a buffer that the `log-flush` thread writes out [`FLUSH_INTERVAL`] after the
+/// first of them arrived, or at once when a warning or an error arrives or the buffer reaches
+/// [`FLUSH_BYTES`], after what was buffered so that order is kept. A thread that logs only
+/// appends to the buffer: it never writes, so a stdout that blocks (a log driver pushing back,
+/// a full pipe nobody reads) never stops serving. While stdout does not take the lines the
+/// buffer fills up to [`MAX_PENDING_BYTES`], and further lines are dropped and counted in
+/// `log_lines_dropped_total`. [`flush`] runs before the process exits, and a panic writes the
+/// buffer out before it aborts. What a SIGKILL can lose is at most the last 50 ms of info
+/// lines, as with nginx's `access_log buffer= flush=`. While no line arrives the thread sleeps
+/// on a condvar.
+///
+/// tracing-appender's `non_blocking` writer was the other candidate: it also hands lines to a
+/// thread and can drop them (lossy mode), but it sends every line as a message of its own and
+/// writes each with a `write(2)` of its own, the cost this writer was made to remove.
 struct Batched {
     /// Lines not yet written. Lock order: `lines`, then `out`.
     lines: Mutex<Vec<u8>>,
+    /// Wakes the flushing thread: a first line arrived, or one that must go out at once.
     arrived: Condvar,
-    /// Where the lines go, and the batch being written. Writing holds only this lock, so a
-    /// slow stdout (a log driver pushing back) never holds up a thread that logs an info line.
+    /// Whether a line that must go out at once (a warning, an error, a full batch, a flush)
+    /// is waiting.
+    urgent: AtomicBool,
+    /// Where the lines go, and the batch being written. Only the flushing thread writes while
+    /// it runs; it holds this lock, not `lines`, while it does.
     out: Mutex<Output>,
     /// Whether the flushing thread runs; without it every line is written at once.
     flusher: AtomicBool,
+    /// Where dropped lines are counted.
+    dropped: Counter,
 }
 
 /// The sink, and a spare buffer that the pending lines are swapped into for writing.
@@ -115,26 +168,25 @@ impl Output {
             .write_all(&self.batch)
             .and_then(|()| self.sink.flush());
         self.batch.clear();
-        if self.batch.capacity() > 4 * FLUSH_BYTES {
-            self.batch.shrink_to(FLUSH_BYTES);
-        }
     }
 }
 
 impl Batched {
-    fn new(sink: Box<dyn io::Write + Send>) -> Self {
+    fn new(sink: Box<dyn io::Write + Send>, dropped: Counter) -> Self {
         Self {
             lines: Mutex::new(Vec::new()),
             arrived: Condvar::new(),
+            urgent: AtomicBool::new(false),
             out: Mutex::new(Output {
                 sink,
                 batch: Vec::new(),
             }),
             flusher: AtomicBool::new(false),
+            dropped,
         }
     }
 
-    /// Writes out what `pending` holds.
+    /// Writes out what `pending` holds, on this thread.
     fn write_out(&self, pending: MutexGuard<'_, Vec<u8>>) {
         if pending.is_empty() {
             return;
@@ -145,10 +197,58 @@ impl Batched {
             .write(pending);
     }
 
+    /// Has the flushing thread write out what is buffered, and waits up to `limit` until it
+    /// has: a stdout that never takes them must not keep the process from exiting.
+    fn flush_within(&self, limit: Duration) {
+        if !self.flusher.load(Ordering::Acquire) {
+            self.write_out(self.lock());
+            return;
+        }
+        {
+            let _pending = self.lock();
+            self.urgent.store(true, Ordering::Release);
+            self.arrived.notify_one();
+        }
+        let deadline = Instant::now() + limit;
+        // Written once nothing is pending and the flushing thread is not in a write.
+        while !(self.lock().is_empty() && self.out.try_lock().is_ok()) && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// For the panic hook: has the flushing thread write out what is buffered and waits up to
+    /// `limit`, without waiting for a lock (the panic may have struck while this thread held
+    /// one) or writing on this thread (a blocked stdout would turn the abort into a hang).
+    fn flush_after_panic(&self, limit: Duration) {
+        if !self.flusher.load(Ordering::Acquire) {
+            if let (Ok(pending), Ok(mut out)) = (self.lines.try_lock(), self.out.try_lock()) {
+                out.write(pending);
+            }
+            return;
+        }
+        // Without the lock a wake-up can be missed; the flushing thread then writes at the
+        // end of its flush interval instead.
+        self.urgent.store(true, Ordering::Release);
+        self.arrived.notify_one();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let written = self
+                .lines
+                .try_lock()
+                .is_ok_and(|pending| pending.is_empty())
+                && self.out.try_lock().is_ok();
+            if written {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// The process's one batched stdout, with its flushing thread started on first use.
     fn stdout() -> &'static Self {
         static START: Once = Once::new();
-        let batched = STDOUT.get_or_init(|| Self::new(Box::new(io::stdout())));
+        let batched = STDOUT.get_or_init(|| Self::new(Box::new(io::stdout()), DROPPED.clone()));
         START.call_once(|| batched.start_flusher());
         batched
     }
@@ -181,19 +281,44 @@ impl Batched {
                     .wait(pending)
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
             }
-            drop(pending);
-            std::thread::sleep(FLUSH_INTERVAL);
-            self.write_out(self.lock());
+            // Info lines wait for more to join them, unless something must go out now.
+            let deadline = Instant::now() + FLUSH_INTERVAL;
+            while !self.urgent.load(Ordering::Acquire) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                pending = self
+                    .arrived
+                    .wait_timeout(pending, left)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .0;
+            }
+            self.urgent.store(false, Ordering::Release);
+            self.write_out(pending);
         }
     }
 
-    /// Takes one formatted line (or several).
+    /// Takes one formatted line (or several): appends it to the buffer, or drops and counts
+    /// it when the buffer is full. Never writes, unless the flushing thread could not start.
     fn take(&self, line: &[u8], urgent: bool) {
         let mut pending = self.lock();
+        if !self.flusher.load(Ordering::Acquire) {
+            pending.extend_from_slice(line);
+            self.write_out(pending);
+            return;
+        }
+        if pending.len() + line.len() > MAX_PENDING_BYTES {
+            drop(pending);
+            let lines = line.iter().filter(|&&b| b == b'\n').count().max(1);
+            self.dropped.inc_by(lines as u64);
+            return;
+        }
         let was_empty = pending.is_empty();
         pending.extend_from_slice(line);
-        if urgent || pending.len() >= FLUSH_BYTES || !self.flusher.load(Ordering::Acquire) {
-            self.write_out(pending);
+        if urgent || pending.len() >= FLUSH_BYTES {
+            self.urgent.store(true, Ordering::Release);
+            self.arrived.notify_one();
         } else if was_empty {
             self.arrived.notify_one();
         }
@@ -233,6 +358,154 @@ impl<'a> MakeWriter<'a> for BatchedStdout {
             urgent: *meta.level() <= tracing::Level::WARN,
         }
     }
+}
+
+/// Request log lines (target `http`) with an error status that are logged each second, per
+/// status; the rest are counted and summarised.
+pub const SAMPLED_LINES_PER_SECOND: u32 = 20;
+
+/// The `status` label of `log_lines_suppressed_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StatusLabel {
+    status: u16,
+}
+
+/// Samples the request log lines a client can multiply at will: one line per 404, 431 or 503
+/// (any status from 400) would let a flood of bad requests multiply the log volume, fill the
+/// log pipeline and hide what matters. Per status, the first [`SAMPLED_LINES_PER_SECOND`] lines
+/// of each second are logged; the rest are left out, counted in
+/// `log_lines_suppressed_total{status}`, and summarised once a second in one warning,
+/// `suppressed similar request lines`, with the status and the count. Successful requests
+/// are all logged.
+#[derive(Debug, Default)]
+struct Sampler {
+    /// Per status: the current second's window. A handful of statuses at most.
+    windows: Mutex<Vec<Window>>,
+    suppressed: Family<StatusLabel, Counter>,
+    /// Whether the summarising thread runs.
+    summarising: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Window {
+    status: u16,
+    started: Instant,
+    logged: u32,
+    /// Left out since the last summary.
+    suppressed: u64,
+}
+
+impl Sampler {
+    fn global() -> &'static Self {
+        static SAMPLER: LazyLock<Sampler> = LazyLock::new(Sampler::default);
+        &SAMPLER
+    }
+
+    /// Whether a request line with `status` is logged at `now`.
+    fn admit(&self, status: u16, now: Instant) -> bool {
+        if status < 400 {
+            return true;
+        }
+        let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = match windows.iter().position(|w| w.status == status) {
+            Some(at) => at,
+            None => {
+                windows.push(Window {
+                    status,
+                    started: now,
+                    logged: 0,
+                    suppressed: 0,
+                });
+                windows.len() - 1
+            }
+        };
+        let window = &mut windows[at];
+        if now.saturating_duration_since(window.started) >= Duration::from_secs(1) {
+            window.started = now;
+            window.logged = 0;
+        }
+        if window.logged < SAMPLED_LINES_PER_SECOND {
+            window.logged += 1;
+            return true;
+        }
+        window.suppressed += 1;
+        drop(windows);
+        self.suppressed.get_or_create(&StatusLabel { status }).inc();
+        false
+    }
+
+    /// The lines left out since the last call, per status.
+    fn take_suppressed(&self) -> Vec<(u16, u64)> {
+        let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
+        windows
+            .iter_mut()
+            .filter(|w| w.suppressed > 0)
+            .map(|w| (w.status, std::mem::take(&mut w.suppressed)))
+            .collect()
+    }
+
+    /// Starts the thread that logs one summary a second while lines are left out.
+    fn start_summaries(&'static self) {
+        if self.summarising.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("log-sampling".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    self.summarise();
+                }
+            });
+        if let Err(err) = spawned {
+            eprintln!("warning: cannot start the log sampling thread ({err}); no summaries");
+        }
+    }
+
+    fn summarise(&self) {
+        for (status, suppressed) in self.take_suppressed() {
+            tracing::warn!(
+                target: "log_sampling",
+                status,
+                suppressed,
+                per_second = SAMPLED_LINES_PER_SECOND,
+                "suppressed similar request lines"
+            );
+        }
+    }
+}
+
+impl<S: Subscriber> Layer<S> for &'static Sampler {
+    fn event_enabled(&self, event: &Event<'_>, _ctx: Context<'_, S>) -> bool {
+        if event.metadata().target() != "http" {
+            return true;
+        }
+        let mut status = StatusField(None);
+        event.record(&mut status);
+        match status.0 {
+            Some(status) => self.admit(status, Instant::now()),
+            None => true,
+        }
+    }
+}
+
+/// Finds an event's `status` field.
+struct StatusField(Option<u16>);
+
+impl Visit for StatusField {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if field.name() == "status" {
+            self.0 = u16::try_from(value).ok();
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if field.name() == "status" {
+            self.0 = u16::try_from(value).ok();
+        }
+    }
+
+    fn record_debug(&mut self, _field: &Field, _value: &dyn fmt::Debug) {}
 }
 
 /// One JSON object per event: `{"timestamp":"…Z","level":"INFO",<fields>,"target":"…"}`.
@@ -502,40 +775,143 @@ mod tests {
         }
     }
 
+    /// Waits up to 5 s until `sink` has seen `lines` lines.
+    fn wait_for_lines(sink: &Counting, lines: usize) {
+        let since = Instant::now();
+        while sink.lines().0 < lines {
+            assert!(
+                since.elapsed() < Duration::from_secs(5),
+                "{} of {lines} lines written",
+                sink.lines().0
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn info_lines_go_out_in_batches_and_warnings_at_once() {
         let sink = Counting::default();
-        let batched: &'static Batched = Box::leak(Box::new(Batched::new(Box::new(sink.clone()))));
+        let batched: &'static Batched = Box::leak(Box::new(Batched::new(
+            Box::new(sink.clone()),
+            Counter::default(),
+        )));
         batched.start_flusher();
 
+        let since = Instant::now();
         for i in 0..100 {
             batched.take(format!("info {i}\n").as_bytes(), false);
         }
         batched.take(b"warn\n", true);
-        // The warning is out the moment it was taken, after every line before it.
-        let (lines, writes) = sink.lines();
-        assert_eq!(lines, 101);
+        // The warning goes out without waiting for the flush interval, after every line
+        // before it.
+        wait_for_lines(&sink, 101);
+        assert!(
+            since.elapsed() < FLUSH_INTERVAL,
+            "the warning waited {:?}",
+            since.elapsed()
+        );
+        let (_, writes) = sink.lines();
         assert!(writes <= 3, "101 lines took {writes} writes");
         let text = String::from_utf8(sink.0.lock().expect("lock").0.clone()).expect("UTF-8");
         assert!(text.starts_with("info 0\ninfo 1\n") && text.ends_with("info 99\nwarn\n"));
 
         // Info lines alone go out within the flush interval, in a write or two.
-        let since = std::time::Instant::now();
         for i in 0..100 {
             batched.take(format!("later {i}\n").as_bytes(), false);
         }
-        while sink.lines().0 < 201 {
-            assert!(
-                since.elapsed() < Duration::from_secs(5),
-                "info lines were never written"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_lines(&sink, 201);
         let (_, writes_after) = sink.lines();
         assert!(
             writes_after - writes <= 3,
             "100 lines took {} writes",
             writes_after - writes
+        );
+    }
+
+    /// A sink whose writes block until the test lets them go, as a pipe nobody reads.
+    struct Blocked(std::sync::mpsc::Receiver<()>);
+
+    impl io::Write for Blocked {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let _ = self.0.recv();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_blocked_stdout_drops_and_counts_lines_instead_of_blocking() {
+        let (release, blocked) = std::sync::mpsc::channel();
+        let dropped = Counter::default();
+        let batched: &'static Batched = Box::leak(Box::new(Batched::new(
+            Box::new(Blocked(blocked)),
+            dropped.clone(),
+        )));
+        batched.start_flusher();
+        let line = format!("{}\n", "x".repeat(199));
+        let lines = 3 * MAX_PENDING_BYTES / line.len();
+        let since = Instant::now();
+        for i in 0..lines {
+            // Warnings too: each wakes the flushing thread, which is stuck in a write.
+            batched.take(line.as_bytes(), i % 10 == 0);
+        }
+        let took = since.elapsed();
+        assert!(
+            took < Duration::from_secs(1),
+            "{lines} lines took {took:?} with stdout blocked"
+        );
+        // The first batch is stuck in the write, the buffer holds what fits, the rest is
+        // dropped and counted.
+        let kept = MAX_PENDING_BYTES / line.len();
+        let dropped_lines = dropped.get() as usize;
+        assert!(
+            dropped_lines >= lines - 2 * kept && dropped_lines < lines,
+            "{dropped_lines} of {lines} lines dropped"
+        );
+        // Once stdout takes lines again, the flush waits for them, and not forever.
+        drop(release);
+        batched.flush_within(Duration::from_secs(5));
+        assert!(batched.lock().is_empty());
+    }
+
+    #[test]
+    fn error_request_lines_are_sampled_per_status_and_second() {
+        let sampler = Sampler::default();
+        let start = Instant::now();
+        let logged = |status, at: Duration, n: u32| {
+            (0..n).filter(|_| sampler.admit(status, start + at)).count() as u32
+        };
+        assert_eq!(
+            logged(200, Duration::ZERO, 500),
+            500,
+            "successes are all logged"
+        );
+        assert_eq!(logged(404, Duration::ZERO, 500), SAMPLED_LINES_PER_SECOND);
+        assert_eq!(
+            logged(431, Duration::from_millis(10), 30),
+            SAMPLED_LINES_PER_SECOND
+        );
+        assert_eq!(logged(404, Duration::from_millis(999), 5), 0);
+        // A new second, a new allowance.
+        assert_eq!(
+            logged(404, Duration::from_secs(1), 500),
+            SAMPLED_LINES_PER_SECOND
+        );
+        let mut suppressed = sampler.take_suppressed();
+        suppressed.sort_unstable();
+        assert_eq!(suppressed, [(404, 965), (431, 10)]);
+        assert!(
+            sampler.take_suppressed().is_empty(),
+            "each summary counts anew"
+        );
+        assert_eq!(
+            sampler
+                .suppressed
+                .get_or_create(&StatusLabel { status: 404 })
+                .get(),
+            965
         );
     }
 

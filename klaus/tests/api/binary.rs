@@ -65,6 +65,16 @@ fn invalid_configuration_exits_2_with_one_line_naming_the_variable() {
             "PETRA_URL: 'http://petra.other:8443' uses http",
         ),
         (&[url, ("PETRA_EJECT_AFTER", "0")], "PETRA_EJECT_AFTER"),
+        // Numbers that overflowed a duration once used (a panic, and panic = abort).
+        (
+            &[url, ("MAX_CONNECTION_AGE_SECONDS", "18446744073709551615")],
+            "MAX_CONNECTION_AGE_SECONDS",
+        ),
+        (
+            &[url, ("TLS_RELOAD_INTERVAL_SECONDS", "18446744073709551615")],
+            "TLS_RELOAD_INTERVAL_SECONDS",
+        ),
+        (&[url, ("MAX_CONNECTIONS", "0")], "MAX_CONNECTIONS"),
         (
             &[url, ("PETRA_EJECTION_MS", "forever")],
             "PETRA_EJECTION_MS",

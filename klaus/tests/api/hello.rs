@@ -154,3 +154,49 @@ async fn answers_404_and_405() {
     klaus.stop().await;
     petra.stop().await;
 }
+
+/// The connection cap of Klaus's listener leaves its calls to Petra alone: Klaus's client
+/// connection to Petra is not one of its listener's, and one HTTP/2 connection to a Petra
+/// capped at one carries them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn says_hello_world_with_both_listeners_capped_at_one_connection() {
+    use crate::helpers::{get_owned, petra_args, serve_args};
+    use serving::testing::{loopback, spawn};
+
+    let pki = TestPki::new();
+    let mut args = serve_args();
+    args.tls_cert_file = Some(pki.petra.cert.clone());
+    args.tls_key_file = Some(pki.petra.key.clone());
+    args.tls_client_ca_file = Some(pki.ca_file.clone());
+    args.max_connections = 1;
+    let petra = spawn(petra::service(loopback(), &args).expect("valid Petra configuration")).await;
+    let mut args = serve_args();
+    args.max_connections = 1;
+    let petra_args = petra_args(
+        &petra.https_url(),
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    );
+    let klaus = spawn(klaus::service(loopback(), &args, &petra_args).expect("valid Klaus")).await;
+    // Eight clients at once, each on a connection of its own: they take turns at Klaus's one
+    // connection, and every one gets its answer.
+    let calls: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(get_owned(klaus.http_url())))
+        .collect();
+    for call in calls {
+        let (status, _, body) = call.await.expect("call");
+        assert_eq!((status, body.as_str()), (200, "hello world"));
+    }
+    let text = klaus.metrics().await;
+    assert!(
+        text.contains(r#"petra_calls_total{outcome="ok"} 8"#),
+        "{text}"
+    );
+    assert!(
+        petra
+            .metrics()
+            .await
+            .contains("connections_accepted_total 1\n"),
+        "Klaus's calls shared one connection to Petra"
+    );
+}

@@ -21,6 +21,7 @@ pub(crate) fn args(pki: &TestPki, client_ca: Option<&Path>) -> ServeArgs {
         concurrency_limit: ConcurrencyLimit::Adaptive,
         request_queue_timeout_ms: 500,
         max_connection_age_seconds: 0,
+        max_connections: 3072,
         worker_threads: 1,
         log_format: LogFormat::Text,
     }

@@ -5,4 +5,5 @@ mod binary;
 mod helpers;
 mod hostile;
 mod https;
+mod limits;
 mod reload;
