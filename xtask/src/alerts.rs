@@ -210,7 +210,10 @@ tests:
         let rules = write_rules(&root().join(RULES), &dir.join("rules.yml")).expect("rules");
         assert!(rules.len() >= 10, "{rules:?}");
         let tests = read_tests().expect("tests");
-        assert_eq!(untested(&rules, &tests).expect("checked"), Vec::<String>::new());
+        assert_eq!(
+            untested(&rules, &tests).expect("checked"),
+            Vec::<String>::new()
+        );
         let plain = std::fs::read_to_string(dir.join("rules.yml")).expect("written");
         assert!(plain.contains("groups:"), "{plain}");
     }
