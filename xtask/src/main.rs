@@ -20,7 +20,7 @@ tasks:
   test     the Rust tests only (cargo nextest, or cargo test where nextest is missing)
   images   build petra:dev, klaus:dev and slowlink:dev from Dockerfile.<name>
   e2e      build the images, bring up each compose topology and check it end to end, then the fault
-           and failover scenarios; cargo xtask e2e [one|split|clouds|faults|failover]... runs only those
+           and failover scenarios; cargo xtask e2e [one|split|clouds|faults|failover|monitoring]... runs only those
   k8s      render every kustomize overlay and component, validate and policy-check them
   alerts   check the Prometheus rules and run their promtool unit tests
   bench    load-test Petra and Klaus and check the performance budget
