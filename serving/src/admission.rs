@@ -157,6 +157,13 @@ impl Admission {
     /// Admission control with `settings`, its metrics in `registry`.
     pub fn new(settings: Settings, registry: &mut Registry) -> Arc<Self> {
         let metrics = Metrics::default();
+        // Every reason is exported from the start, at 0, so that a rate over it has data before
+        // the first request is shed (dashboards and alerts see 0, not "no data").
+        for shed in [Shed::OverLimit, Shed::QueueFull, Shed::QueueTimeout] {
+            let _ = metrics.shed.get_or_create(&ShedLabels {
+                reason: shed.reason(),
+            });
+        }
         registry.register(
             "concurrency_limit",
             "Requests the main listener works on at once now (adapted to the queueing delay, below MAX_CONCURRENT_REQUESTS)",

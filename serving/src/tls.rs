@@ -321,6 +321,10 @@ impl ReloadMetrics {
     /// Registers the counter as `name` (`_total` is added).
     pub fn register(registry: &mut Registry, name: &str, help: &str) -> Self {
         let this = Self::default();
+        // Both results from the start, at 0: "no reload failed" reads as 0, not as no data.
+        for result in ["ok", "error"] {
+            let _ = this.reloads.get_or_create(&ResultLabel { result });
+        }
         registry.register(name, help, this.reloads.clone());
         this
     }

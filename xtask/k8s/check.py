@@ -56,6 +56,7 @@ if hasattr(kubernetes_validate.utils, "schema_contents"):
 CERT_COMPONENTS = {"cert-manager"}  # replaces an overlay's `certs` component
 ENTRY_COMPONENTS = {"ingress", "gateway-api"}  # need Klaus in the overlay
 PROVIDER_COMPONENTS = {"aws", "azure", "gke"}  # last in the list, at most one
+ADDON_COMPONENTS = {"prometheus-operator"}  # adds objects of its own; rendered with each overlay
 
 # Strings that mark a cloud provider. None may appear in the base or in a render without a
 # provider component; each provider component must produce its own.
@@ -253,7 +254,7 @@ def discover(k8s: Path, report: Report) -> tuple[list[str], list[str]]:
     for d in sorted((k8s / "components").iterdir()):
         if (d / "kustomization.yaml").is_file():
             components.append(d.name)
-            known = CERT_COMPONENTS | ENTRY_COMPONENTS | PROVIDER_COMPONENTS
+            known = CERT_COMPONENTS | ENTRY_COMPONENTS | PROVIDER_COMPONENTS | ADDON_COMPONENTS
             report.check(d.name in known, f"k8s/components/{d.name}",
                          "unknown component: give it a place in check.py's combinations")
     return overlays, components
@@ -307,6 +308,7 @@ def render_all(args, report: Report, k8s: Path, scratch_k8s: Path, outdir: Path)
             for entry in entries:
                 for provider in providers:
                     plan.append((overlay, cert + entry + provider))
+        plan.extend((overlay, [c]) for c in sorted(ADDON_COMPONENTS & set(components)))
     for overlay, comps in plan:
         name = overlay + "".join(f"+{c}" for c in comps)
         jobs.append((name, f"overlays/{overlay}", comps, variant_dir(scratch_k8s, overlay, comps)))

@@ -45,6 +45,8 @@ const CERT_COMPONENTS: &[&str] = &["cert-manager"];
 const ENTRY_COMPONENTS: &[&str] = &["ingress", "gateway-api"];
 /// Provider components; last in the list, at most one.
 const PROVIDER_COMPONENTS: &[&str] = &["aws", "azure", "gke"];
+/// Components that add objects of their own (monitoring); rendered with each overlay.
+const ADDON_COMPONENTS: &[&str] = &["prometheus-operator"];
 
 /// File names that hold keys or key stores, whatever their content.
 const KEY_FILE_SUFFIXES: &[&str] = &[
@@ -339,13 +341,18 @@ fn render_k8s(sh: &Shell, work: &Path) -> anyhow::Result<PathBuf> {
     }
     let components = dir_names(sh, &scratch.join("components"))?;
     for component in &components {
-        let known = [CERT_COMPONENTS, ENTRY_COMPONENTS, PROVIDER_COMPONENTS]
-            .iter()
-            .any(|set| set.contains(&component.as_str()));
+        let known = [
+            CERT_COMPONENTS,
+            ENTRY_COMPONENTS,
+            PROVIDER_COMPONENTS,
+            ADDON_COMPONENTS,
+        ]
+        .iter()
+        .any(|set| set.contains(&component.as_str()));
         if !known {
             bail!(
                 "k8s/components/{component} is new: give it a place in xtask/src/audit.rs \
-                 (CERT_, ENTRY_ or PROVIDER_COMPONENTS)"
+                 (CERT_, ENTRY_, PROVIDER_ or ADDON_COMPONENTS)"
             );
         }
     }

@@ -22,6 +22,7 @@ pub(crate) fn ci() -> anyhow::Result<()> {
     })?;
     step("tests", test)?;
     step("kubernetes manifests", crate::k8s::k8s)?;
+    step("alerting rules", crate::alerts::alerts)?;
     step("images and end-to-end tests", crate::e2e::e2e)?;
     step(
         "audit: dependencies, Dockerfiles, manifests, secrets",

@@ -11,6 +11,8 @@
 mod distance;
 mod failover;
 mod faults;
+mod monitoring;
+mod picture;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -92,7 +94,7 @@ const TOPOLOGIES: [Topology; 3] = [
 ];
 
 /// The parts of `cargo xtask e2e` that can be run alone: each topology's name, then the scenarios.
-const PARTS: [&str; 5] = ["one", "split", "clouds", "faults", "failover"];
+const PARTS: [&str; 6] = ["one", "split", "clouds", "faults", "failover", "monitoring"];
 
 /// Builds both images, runs every check against each topology in turn, then the fault scenarios
 /// and the failover.
@@ -124,6 +126,12 @@ pub(crate) fn e2e_parts(only: &[String]) -> anyhow::Result<()> {
         step(
             "e2e docker-compose.yml faults: rolling restart, partition, overload",
             || faults::run(&sh, &compose, &oha),
+        )?;
+    }
+    if wanted("monitoring") {
+        step(
+            "e2e docker-compose.yml monitoring: Prometheus with the shipped rules and the dashboard's queries",
+            || monitoring::run(&sh, &compose, &oha),
         )?;
     }
     if wanted("failover") {

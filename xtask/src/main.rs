@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: the project's automation, one module per task; CI runs `cargo xtask ci`.
 
+mod alerts;
 mod audit;
 mod bench;
 mod ci;
@@ -19,8 +20,9 @@ tasks:
   test     the Rust tests only (cargo nextest, or cargo test where nextest is missing)
   images   build petra:dev, klaus:dev and slowlink:dev from Dockerfile.<name>
   e2e      build the images, bring up each compose topology and check it end to end, then the fault
-           and failover scenarios; cargo xtask e2e [one|split|clouds|faults|failover]... runs only those
+           and failover scenarios; cargo xtask e2e [one|split|clouds|faults|failover|monitoring]... runs only those
   k8s      render every kustomize overlay and component, validate and policy-check them
+  alerts   check the Prometheus rules and run their promtool unit tests
   bench    load-test Petra and Klaus and check the performance budget
   certs    write a private CA and the service certificates: cargo xtask certs --out DIR
   audit    cargo-deny, hadolint, checkov, and no private key in the repository or the images
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
         "images" => images::images(),
         "e2e" => e2e::e2e_parts(&rest),
         "k8s" => k8s::k8s(),
+        "alerts" => alerts::alerts(),
         "bench" => bench::bench(&rest),
         "audit" => audit::audit(&rest),
         "fuzz" => fuzz::fuzz(&rest),

@@ -126,6 +126,14 @@ impl PetraMetrics {
             this.priority_in_use.clone(),
         );
         this.priority_in_use.set(-1);
+        // Every outcome and retry result from the start, at 0, so that their rates have data
+        // before the first failure (dashboards and alerts see 0, not "no data").
+        for outcome in OUTCOMES {
+            let _ = this.calls.get_or_create(&OutcomeLabel { outcome });
+        }
+        for result in ["attempted", "skipped"] {
+            let _ = this.retries.get_or_create(&RetryLabel { result });
+        }
         this
     }
 
