@@ -443,7 +443,7 @@ fn next_limit(limit: usize, window: Window, ceiling: usize) -> usize {
 }
 
 /// The CPU time of the process so far (all its threads).
-fn process_cpu() -> Duration {
+pub(crate) fn process_cpu() -> Duration {
     let now = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
     Duration::new(
         u64::try_from(now.tv_sec).unwrap_or(0),

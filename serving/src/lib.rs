@@ -16,6 +16,7 @@ pub mod healthcheck;
 pub mod memory;
 pub mod metrics;
 pub mod observe;
+pub mod process;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

@@ -275,6 +275,7 @@ impl Service {
         let conn_metrics = ConnMetrics::register(&mut self.registry);
         let (main_cap, admin_cap) = Cap::register(&self.limits, &mut self.registry);
         crate::telemetry::register(&mut self.registry);
+        crate::process::register(&mut self.registry);
         Ok(Bound {
             name: self.name,
             router: self.router,
