@@ -23,12 +23,11 @@ fn main() {
 fn git_revision() -> Option<String> {
     let head = output(Command::new("git").args(["rev-parse", "--git-path", "HEAD"]))?;
     println!("cargo:rerun-if-changed={}", head.trim());
-    if let Some(branch) = output(Command::new("git").args(["symbolic-ref", "-q", "HEAD"])) {
-        if let Some(path) =
-            output(Command::new("git").args(["rev-parse", "--git-path", branch.trim()]))
-        {
-            println!("cargo:rerun-if-changed={}", path.trim());
-        }
+    let branch = output(Command::new("git").args(["symbolic-ref", "-q", "HEAD"]));
+    if let Some(path) = branch.and_then(|branch| {
+        output(Command::new("git").args(["rev-parse", "--git-path", branch.trim()]))
+    }) {
+        println!("cargo:rerun-if-changed={}", path.trim());
     }
     let revision = output(Command::new("git").args(["rev-parse", "--short=12", "HEAD"]))?;
     Some(revision.trim().to_owned())
