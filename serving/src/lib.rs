@@ -16,6 +16,7 @@ pub mod healthcheck;
 pub mod memory;
 pub mod metrics;
 pub mod observe;
+pub mod propagate;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
