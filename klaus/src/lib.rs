@@ -21,7 +21,7 @@ use serving::{ConfigError, ServeArgs, Service};
 
 pub mod upstream;
 
-pub use upstream::{PetraArgs, PetraClient, PetraError, Resolve, SystemResolver};
+pub use upstream::{ErrorDetail, PetraArgs, PetraClient, PetraError, Resolve, SystemResolver};
 
 /// Klaus's command line; every option is also an environment variable.
 #[derive(Debug, Parser)]
@@ -70,12 +70,16 @@ pub fn router(petra: PetraClient, metrics: HttpMetrics, admission: Arc<Admission
     observe::layer(routes, metrics, admission)
 }
 
-/// Takes the whole request rather than a `HeaderMap`, which axum would clone.
-async fn hello(State(petra): State<PetraClient>, request: Request) -> Result<Response, PetraError> {
+/// Takes the whole request rather than a `HeaderMap`, which axum would clone. A failed call
+/// is answered with a problem whose detail ERROR_DETAIL sets.
+async fn hello(State(petra): State<PetraClient>, request: Request) -> Response {
     let (parts, _) = request.into_parts();
-    let mut text = petra.hello(&parts.headers).await?;
+    let mut text = match petra.hello(&parts.headers).await {
+        Ok(text) => text,
+        Err(err) => return err.response(petra.error_detail()),
+    };
     text.push_str(SUFFIX);
-    Ok((
+    (
         StatusCode::OK,
         [(
             CONTENT_TYPE,
@@ -83,7 +87,7 @@ async fn hello(State(petra): State<PetraClient>, request: Request) -> Result<Res
         )],
         text,
     )
-        .into_response())
+        .into_response()
 }
 
 /// Builds the service from its configuration: the Petra client (checked now, so that a bad

@@ -11,7 +11,7 @@ use http::StatusCode;
 use http::header::CONTENT_TYPE;
 use prometheus_client::registry::Registry;
 
-use crate::observe::{method_not_allowed, not_found, plain};
+use crate::observe::{method_not_allowed, not_found, plain, with_nosniff};
 
 /// Liveness: 200 while the process can serve.
 pub const LIVEZ: &str = "/livez";
@@ -53,6 +53,7 @@ pub fn router(health: Health, registry: Arc<Registry>) -> axum::Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(AdminState { health, registry })
+        .layer(axum::middleware::map_response(with_nosniff))
 }
 
 async fn livez() -> Response {

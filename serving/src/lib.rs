@@ -17,6 +17,7 @@ pub mod memory;
 pub mod metrics;
 pub mod observe;
 pub mod process;
+pub mod propagate;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

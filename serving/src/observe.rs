@@ -1,5 +1,6 @@
-//! The middleware every main listener runs: request ids, the header-size limit, metrics and one
-//! log line per request.
+//! The middleware every main listener runs: request ids and trace context checked
+//! ([`crate::propagate`]), the header-size limit, `X-Content-Type-Options: nosniff`, metrics and
+//! one log line per request.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,20 +13,16 @@ use http::{HeaderMap, HeaderValue, StatusCode, Version};
 
 use crate::admission::Admission;
 use crate::metrics::{HttpMetrics, method_label};
+use crate::propagate;
 
-/// The request id header: taken from the request when it is sane, made up otherwise, and
-/// always returned on the response.
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// The W3C trace context header that Klaus passes on to Petra.
-pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub use crate::propagate::{REQUEST_ID, TRACEPARENT, TRACESTATE};
 
 /// The most request-header bytes (names and values) a request may carry: 8 KiB, as nginx's
 /// default. More is answered with 431.
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 
-/// The longest request id taken from a client; a longer one is replaced.
-const MAX_REQUEST_ID_LEN: usize = 128;
+/// The header that tells a browser not to guess a response's content type.
+pub const CONTENT_TYPE_OPTIONS: HeaderName = HeaderName::from_static("x-content-type-options");
 
 /// Adds request ids, the header limit, admission control (see [`crate::admission`]), metrics
 /// and request logs to a router. Call it after the routes are added, so that the route template
@@ -47,20 +44,16 @@ struct Observe {
 
 async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let request_id = match request.headers().get(&REQUEST_ID) {
-        Some(id) if is_sane_id(id) => id.clone(),
-        _ => {
-            let id = new_request_id();
-            request.headers_mut().insert(REQUEST_ID, id.clone());
-            id
-        }
-    };
+    // Measured before the request id and trace context are checked, which may drop some.
+    let too_large = header_bytes(request.headers()) > MAX_HEADER_BYTES;
+    // Only a request id and trace context that are safe to log and pass on are kept.
+    let request_id = propagate::sanitize(request.headers_mut());
     let method = method_label(request.method());
     // A clone of the matched path shares its string (an `Arc`): nothing is copied per request.
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
 
-    let mut response = if header_bytes(request.headers()) > MAX_HEADER_BYTES {
+    let mut response = if too_large {
         plain(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "request headers too large\n",
@@ -71,9 +64,9 @@ async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: 
             Err(_) => overloaded(request.version()),
         }
     };
-    response
-        .headers_mut()
-        .insert(REQUEST_ID, unique(&request_id));
+    let headers = response.headers_mut();
+    headers.insert(REQUEST_ID, unique(&request_id));
+    nosniff(headers);
 
     let elapsed = started.elapsed().as_secs_f64();
     let status = response.status().as_u16();
@@ -100,6 +93,19 @@ fn overloaded(version: Version) -> Response {
     if version < Version::HTTP_2 {
         headers.insert(CONNECTION, HeaderValue::from_static("close"));
     }
+    response
+}
+
+/// Adds `X-Content-Type-Options: nosniff`, which every response of both listeners carries: a
+/// browser must take the declared content type (plain text, problem JSON, metrics) as it is,
+/// never sniff HTML or script in a body that echoes something a client sent.
+pub fn nosniff(headers: &mut HeaderMap) {
+    headers.insert(CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+}
+
+/// [`nosniff`] as a response mapper, for `axum::middleware::map_response`.
+pub async fn with_nosniff(mut response: Response) -> Response {
+    nosniff(response.headers_mut());
     response
 }
 
@@ -143,31 +149,9 @@ fn header_bytes(headers: &HeaderMap) -> usize {
         .sum()
 }
 
-fn is_sane_id(id: &HeaderValue) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_REQUEST_ID_LEN
-        && id.as_bytes().iter().all(|b| b.is_ascii_graphic())
-}
-
-fn new_request_id() -> HeaderValue {
-    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-    HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn request_ids_are_checked() {
-        assert!(is_sane_id(&HeaderValue::from_static("abc-123")));
-        assert!(!is_sane_id(&HeaderValue::from_static("")));
-        assert!(!is_sane_id(&HeaderValue::from_static("has space")));
-        let long = "x".repeat(MAX_REQUEST_ID_LEN + 1);
-        assert!(!is_sane_id(&HeaderValue::from_str(&long).expect("ascii")));
-        assert_eq!(new_request_id().len(), 36);
-    }
 
     #[test]
     fn unique_values_keep_their_bytes_and_are_never_indexed() {

@@ -936,6 +936,7 @@ def check_contract(report: Report, r: Render, contracts: dict) -> None:
         for var, spec_ in known.items():
             if spec_.get("required"):
                 report.check(var in env_map(c), where, f"env {var} is required by {name}")
+        check_error_detail(report, where, env_value(c, contract, ERROR_DETAIL))
         report.check(addr_port(env_value(c, contract, "LISTEN_ADDR")) == main, where, f"LISTEN_ADDR must use {main}")
         report.check(addr_port(env_value(c, contract, "ADMIN_ADDR")) == admin, where, f"ADMIN_ADDR must use {admin}")
         for probe, path in [("livenessProbe", paths["livez"]), ("startupProbe", paths["livez"]),
@@ -970,6 +971,16 @@ def check_contract(report: Report, r: Render, contracts: dict) -> None:
                     r.overlay.startswith("overlays/"):
                 # A base leaves the Secrets to the overlays.
                 report.check(file in secrets.get(secret, set()), where, f"{var}: Secret {secret} has no key {file}")
+
+
+ERROR_DETAIL = "ERROR_DETAIL"
+
+
+def check_error_detail(report: Report, where: str, value: str | None) -> None:
+    # Klaus's error answers name internal hosts, ports and settings only with ERROR_DETAIL=verbose,
+    # which is for a developer's machine: no deployed service may set it.
+    if value is not None:
+        report.check(value == "public", where, f"{ERROR_DETAIL}={value}: error answers must stay public")
 
 
 def compose_env(service: dict) -> dict[str, str | None]:
@@ -1022,6 +1033,8 @@ def check_compose(report: Report, root: Path, renders: list[Render], contracts: 
             for var, spec_ in known.items():
                 if spec_.get("required") and complete:
                     report.check(var in env, where, f"env {var} is required by {name}")
+            if ERROR_DETAIL in known:
+                check_error_detail(report, where, env.get(ERROR_DETAIL) or known[ERROR_DETAIL].get("default"))
             user = str(service.get("user") or "")
             if user and k8s_uids.get(name) is not None:
                 report.check(user.split(":")[0] == str(k8s_uids[name]), where,
@@ -1111,6 +1124,7 @@ MUTATIONS = [
     ("single-cluster", "containerPorts", lambda r: _ctr(r, "petra")["ports"][0].update(containerPort=8444)),
     ("single-cluster", "LISTEN_ADDR must use", lambda r: _env(r, "klaus", "LISTEN_ADDR", "0.0.0.0:8081")),
     ("single-cluster", "is not read by", lambda r: _env(r, "petra", "LISTEN_PORT", "8443")),
+    ("single-cluster", "error answers must stay public", lambda r: _env(r, "klaus", "ERROR_DETAIL", "verbose")),
     ("single-cluster", "is required by", lambda r: _ctr(r, "klaus").update(
         env=[e for e in _ctr(r, "klaus")["env"] if e["name"] != "PETRA_URL"])),
     ("single-cluster", "livenessProbe path", lambda r: _ctr(r, "klaus")["livenessProbe"]["httpGet"].update(
@@ -1197,6 +1211,7 @@ COMPOSE_MUTATIONS = [
     ("LISTEN_ADDR=0.0.0.0:9443", lambda c: c["services"]["petra"]["environment"].update(LISTEN_ADDR="0.0.0.0:9443")),
     ("is not read by", lambda c: c["services"]["klaus"]["environment"].update(PETRA_ADDR="petra:8443")),
     ("is required by", lambda c: c["services"]["klaus"]["environment"].pop("PETRA_URL")),
+    ("error answers must stay public", lambda c: c["services"]["klaus"]["environment"].update(ERROR_DETAIL="verbose")),
     ("container ports", lambda c: c["services"]["klaus"].update(ports=["8080:8081"])),
     ("is not the one Kubernetes runs", lambda c: c["services"]["petra"].update(image="petra-server:dev")),
     ("Kubernetes runs petra as uid", lambda c: c["services"]["petra"].update(user="1000:1000")),

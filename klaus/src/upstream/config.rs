@@ -50,7 +50,8 @@ pub struct PetraArgs {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub petra_resolve_interval_seconds: u64,
 
-    /// Consecutive failures (connect, TLS, timeout, 5xx) after which an endpoint is ejected.
+    /// Consecutive failures (connect, TLS, timeout, 5xx) after which an endpoint is ejected;
+    /// a 503 (Petra shedding load) is no failure of the endpoint.
     #[arg(long, env = "PETRA_EJECT_AFTER", default_value_t = 3,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub petra_eject_after: u32,
@@ -60,6 +61,23 @@ pub struct PetraArgs {
     #[arg(long, env = "PETRA_EJECTION_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub petra_ejection_ms: u64,
+
+    /// How much Klaus's error answers (502, 503, 504) say about why the call to Petra failed:
+    /// `public` names nothing internal (no host, address, port, setting or TLS state);
+    /// `verbose` names them and the setting to fix, for local use only. The log always has the
+    /// whole cause.
+    #[arg(long, env = "ERROR_DETAIL", value_enum, default_value_t = ErrorDetail::Public)]
+    pub error_detail: ErrorDetail,
+}
+
+/// How much a problem answer's `detail` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ErrorDetail {
+    /// What failed, in words that reveal nothing of the deployment.
+    #[default]
+    Public,
+    /// What failed, where, and which setting to fix: hosts, ports and variable names.
+    Verbose,
 }
 
 impl PetraArgs {
@@ -74,6 +92,7 @@ impl PetraArgs {
             petra_resolve_interval_seconds: 5,
             petra_eject_after: 3,
             petra_ejection_ms: 1000,
+            error_detail: ErrorDetail::Public,
         }
     }
 

@@ -1,12 +1,19 @@
 //! The errors a call to Petra can end in, sorted out of the client's chain of causes, each
-//! answered as an RFC 9457 problem that tells an operator what to fix; and whether another
-//! attempt may take the call.
+//! answered as an RFC 9457 problem whose `code` says what failed; and whether another attempt
+//! may take the call.
+//!
+//! The client gets a detail that names nothing internal (no host, address, port, setting or
+//! TLS state: [`ErrorDetail::Public`]); the log gets the whole cause, and an operator running
+//! Klaus locally may ask for the detail that says what to fix ([`ErrorDetail::Verbose`]).
 
-use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderValue, StatusCode};
+use std::borrow::Cow;
+
+use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use rustls::{AlertDescription, CertificateError};
 
+use super::config::ErrorDetail;
 use super::transport::{BoxError, ConnectTimeout, Gone};
 
 /// The largest body Klaus accepts from Petra.
@@ -82,7 +89,21 @@ impl TlsProblem {
         }
     }
 
-    fn detail(self, target: &str) -> String {
+    /// What went wrong, for any client: no name, address, setting or TLS term.
+    fn public_detail(self) -> &'static str {
+        match self {
+            Self::UnknownCa => "Klaus does not trust Petra's certificate",
+            Self::WrongName => "Petra's certificate is not valid for the name Klaus calls it by",
+            Self::Expired => "Petra's certificate has expired",
+            Self::NotYetValid => "Petra's certificate is not valid yet",
+            Self::ClientCertRequired => "Petra asked for a client certificate and Klaus has none",
+            Self::ClientCertRefused => "Petra refused Klaus's client certificate",
+            Self::Other => "Klaus could not open a secure connection to Petra",
+        }
+    }
+
+    /// What went wrong and what to fix, for an operator: names `target` and the setting.
+    fn verbose_detail(self, target: &str) -> String {
         match self {
             Self::UnknownCa => format!(
                 "Petra's certificate at {target} is not signed by a CA Klaus trusts; put Petra's CA in PETRA_CA_FILE"
@@ -135,8 +156,10 @@ pub enum PetraError {
     /// 502: Petra could not be reached, or the connection broke.
     #[error("{detail}")]
     Unreachable {
-        /// What happened, for the client.
+        /// What happened, for an operator: names hosts and settings.
         detail: String,
+        /// What happened, for any client.
+        public: &'static str,
         /// Whether the request surely did not reach Petra's handler, or the connection died
         /// under it, so that another attempt on a fresh connection may succeed.
         retryable: bool,
@@ -148,7 +171,14 @@ pub enum PetraError {
         #[source]
         source: BoxError,
     },
-    /// 502: Petra answered with a status other than 2xx.
+    /// 503: Petra shed the request (503, as its admission control answers when it is full):
+    /// the client is told to come back after `retry_after` seconds, Petra's own hint.
+    #[error("Petra is overloaded: it answered 503, Retry-After {retry_after} s")]
+    Overloaded {
+        /// Seconds, from Petra's `Retry-After`, within [`RETRY_AFTER_SECONDS`].
+        retry_after: u64,
+    },
+    /// 502: Petra answered with a status other than 2xx (and other than 503).
     #[error("Petra answered with status {0}")]
     Status(StatusCode),
     /// 502: Petra's body was over [`MAX_BODY_BYTES`].
@@ -159,6 +189,23 @@ pub enum PetraError {
     NotText,
 }
 
+/// The range Klaus keeps Petra's `Retry-After` in: at least a second, and no more than 30, so
+/// that neither a missing or odd value nor a large one (from Petra or anything in front of
+/// it) tells clients to hammer or to stay away for long over a queue that empties in
+/// `REQUEST_QUEUE_TIMEOUT_MS`.
+pub const RETRY_AFTER_SECONDS: std::ops::RangeInclusive<u64> = 1..=30;
+
+/// The `Retry-After` Klaus passes on for Petra's 503: Petra's delay in seconds, within
+/// [`RETRY_AFTER_SECONDS`]; the smallest when Petra gave none or a date (Petra sends seconds).
+pub fn retry_after(headers: &HeaderMap) -> u64 {
+    let (min, max) = (*RETRY_AFTER_SECONDS.start(), *RETRY_AFTER_SECONDS.end());
+    headers
+        .get(RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .map_or(min, |seconds| seconds.clamp(min, max))
+}
+
 /// Where a failed attempt may be tried again: it did not reach Petra's handler, as far as
 /// Klaus can tell (a reset or an early end of the connection could in principle come after
 /// Petra handled the request; for `GET /` a second answer does no harm).
@@ -167,8 +214,8 @@ pub enum Retry {
     /// On another endpoint, or on a fresh connection to the same one: the connection was
     /// refused, reset or closed under the request, or Petra refused the stream unprocessed.
     Anywhere,
-    /// On another endpoint only: connecting timed out, or the TLS handshake failed. The same
-    /// endpoint would most likely do the same again.
+    /// On another endpoint only: connecting timed out, the TLS handshake failed, or Petra shed
+    /// the request. The same endpoint would most likely do the same again.
     Elsewhere,
 }
 
@@ -179,10 +226,14 @@ impl PetraError {
             Self::Unreachable {
                 retryable: true, ..
             } => Some(Retry::Anywhere),
+            // A shed request was not worked on: another replica may have room. The retry
+            // budget keeps these retries from adding more than a tenth to a Petra that is
+            // full everywhere.
             Self::Timeout {
                 connecting: true, ..
             }
-            | Self::Tls { .. } => Some(Retry::Elsewhere),
+            | Self::Tls { .. }
+            | Self::Overloaded { .. } => Some(Retry::Elsewhere),
             _ => None,
         }
     }
@@ -200,12 +251,14 @@ impl PetraError {
     }
 
     /// Whether the failure counts against the endpoint in outlier detection: it could not be
-    /// reached, failed the handshake, was too slow, or answered 5xx.
+    /// reached, failed the handshake, was too slow, or answered 5xx. A shed request does not:
+    /// a replica that is merely full is healthy, and ejecting it would pour its share onto the
+    /// others, which are likely just as full (a cascade).
     pub fn counts_against_endpoint(&self) -> bool {
         match self {
             Self::Timeout { .. } | Self::Tls { .. } | Self::Unreachable { .. } => true,
             Self::Status(status) => status.is_server_error(),
-            Self::TooLarge | Self::NotText => false,
+            Self::Overloaded { .. } | Self::TooLarge | Self::NotText => false,
         }
     }
 
@@ -215,6 +268,7 @@ impl PetraError {
             Self::Timeout { .. } => "timeout",
             Self::Tls { .. } => "tls_error",
             Self::Unreachable { .. } => "unreachable",
+            Self::Overloaded { .. } => "overloaded",
             Self::Status(_) => "bad_status",
             Self::TooLarge | Self::NotText => "bad_body",
         }
@@ -224,6 +278,7 @@ impl PetraError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -234,24 +289,76 @@ impl PetraError {
             Self::Timeout { .. } => "petra_timeout",
             Self::Tls { problem, .. } => problem.code(),
             Self::Unreachable { .. } => "petra_unreachable",
+            Self::Overloaded { .. } => "petra_overloaded",
             Self::Status(_) => "petra_bad_status",
             Self::TooLarge => "petra_body_too_large",
             Self::NotText => "petra_body_not_text",
         }
     }
 
-    /// The problem's detail: what went wrong, in words an operator can act on, with no
-    /// internals.
-    pub fn detail(&self) -> String {
+    /// The problem's detail. [`ErrorDetail::Public`]: what failed, naming no host, address,
+    /// port, setting or TLS state. [`ErrorDetail::Verbose`]: what failed and what to fix, in
+    /// words an operator can act on.
+    pub fn detail(&self, level: ErrorDetail) -> Cow<'static, str> {
+        match level {
+            ErrorDetail::Public => Cow::Borrowed(self.public_detail()),
+            ErrorDetail::Verbose => Cow::Owned(self.verbose_detail()),
+        }
+    }
+
+    fn public_detail(&self) -> &'static str {
+        match self {
+            Self::Timeout { .. } => "Petra did not answer in time",
+            Self::Tls { problem, .. } => problem.public_detail(),
+            Self::Unreachable { public, .. } => public,
+            Self::Overloaded { .. } => {
+                "Petra is overloaded; try again after the delay in Retry-After"
+            }
+            Self::Status(_) => "Petra answered with an error",
+            Self::TooLarge => "Petra's answer is too large",
+            Self::NotText => "Petra's answer is not text",
+        }
+    }
+
+    fn verbose_detail(&self) -> String {
         match self {
             Self::Timeout { timeout_ms, .. } => {
                 format!("Petra did not answer within {timeout_ms} ms (PETRA_TIMEOUT_MS)")
             }
             Self::Tls {
                 problem, target, ..
-            } => problem.detail(target),
+            } => problem.verbose_detail(target),
             other => other.to_string(),
         }
+    }
+
+    /// The answer to the client: an RFC 9457 problem with the detail `level` allows, and for
+    /// a shed request Petra's `Retry-After`. The whole cause goes to the log at warn.
+    pub fn response(self, level: ErrorDetail) -> Response {
+        let status = self.status();
+        tracing::warn!(code = self.code(), status = status.as_u16(), error = %Chain(&self), "call to Petra failed");
+        let body = serde_json::json!({
+            "type": "about:blank",
+            "title": status.canonical_reason().unwrap_or("Bad Gateway"),
+            "status": status.as_u16(),
+            "detail": self.detail(level),
+            "code": self.code(),
+        });
+        let mut response = (
+            status,
+            [(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/problem+json"),
+            )],
+            body.to_string(),
+        )
+            .into_response();
+        if let Self::Overloaded { retry_after } = self {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(retry_after));
+        }
+        response
     }
 }
 
@@ -312,6 +419,12 @@ fn find<'a, E: std::error::Error + 'static>(
     None
 }
 
+/// The public details of [`PetraError::Unreachable`].
+pub(crate) const UNREACHABLE: &str = "Petra could not be reached";
+const REFUSED: &str = "Petra refused the connection";
+const CLOSED: &str = "the connection to Petra closed before Petra answered";
+const FAILED: &str = "the call to Petra failed before Petra answered";
+
 /// Sorts a client error into a [`PetraError`] by looking through its chain of causes.
 pub(crate) fn classify(err: BoxError, target: String, timeout_ms: u64) -> PetraError {
     if find::<Gone>(&*err).is_some() {
@@ -319,6 +432,7 @@ pub(crate) fn classify(err: BoxError, target: String, timeout_ms: u64) -> PetraE
             detail: format!(
                 "the Petra endpoint Klaus tried is no longer an address of {target}; Petra may be restarting or scaled down"
             ),
+            public: UNREACHABLE,
             retryable: true,
             unexplained: false,
             source: err,
@@ -377,28 +491,38 @@ pub(crate) fn classify(err: BoxError, target: String, timeout_ms: u64) -> PetraE
                     | ErrorKind::UnexpectedEof
             )
         );
-    let detail = match io_kind {
-        Some(ErrorKind::ConnectionRefused) => {
+    let (public, detail) = match io_kind {
+        Some(ErrorKind::ConnectionRefused) => (
+            REFUSED,
             format!(
                 "Petra refused the connection at {target}; is Petra running, and is PETRA_URL right?"
-            )
-        }
+            ),
+        ),
         Some(
             ErrorKind::ConnectionReset
             | ErrorKind::ConnectionAborted
             | ErrorKind::BrokenPipe
             | ErrorKind::UnexpectedEof,
-        ) => {
-            format!("the connection to Petra at {target} was closed before Petra answered")
-        }
-        _ if connect => format!("Klaus could not connect to Petra at {target}"),
-        _ if closed => {
-            format!("the connection to Petra at {target} was closed before Petra answered")
-        }
-        _ => format!("the call to Petra at {target} failed before Petra answered"),
+        ) => (
+            CLOSED,
+            format!("the connection to Petra at {target} was closed before Petra answered"),
+        ),
+        _ if connect => (
+            UNREACHABLE,
+            format!("Klaus could not connect to Petra at {target}"),
+        ),
+        _ if closed => (
+            CLOSED,
+            format!("the connection to Petra at {target} was closed before Petra answered"),
+        ),
+        _ => (
+            FAILED,
+            format!("the call to Petra at {target} failed before Petra answered"),
+        ),
     };
     PetraError::Unreachable {
         detail,
+        public,
         retryable,
         unexplained: unexplained && io_kind.is_none(),
         source: err,
@@ -471,25 +595,12 @@ impl std::fmt::Display for Chain<'_> {
     }
 }
 
+/// The public answer ([`PetraError::response`] with [`ErrorDetail::Public`]).
 impl IntoResponse for PetraError {
     fn into_response(self) -> Response {
-        let status = self.status();
-        tracing::warn!(code = self.code(), status = status.as_u16(), error = %Chain(&self), "call to Petra failed");
-        let body = serde_json::json!({
-            "type": "about:blank",
-            "title": status.canonical_reason().unwrap_or("Bad Gateway"),
-            "status": status.as_u16(),
-            "detail": self.detail(),
-            "code": self.code(),
-        });
-        (
-            status,
-            [(
-                CONTENT_TYPE,
-                HeaderValue::from_static("application/problem+json"),
-            )],
-            body.to_string(),
-        )
-            .into_response()
+        self.response(ErrorDetail::Public)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -13,11 +13,12 @@ use prometheus_client::registry::Registry;
 use serving::tls::ReloadMetrics;
 
 /// Every outcome an attempt or a call can have.
-pub(crate) const OUTCOMES: [&str; 6] = [
+pub(crate) const OUTCOMES: [&str; 7] = [
     "ok",
     "timeout",
     "tls_error",
     "unreachable",
+    "overloaded",
     "bad_status",
     "bad_body",
 ];

@@ -24,16 +24,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::header::USER_AGENT;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Request};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use serving::ConfigError;
-use serving::observe::{self, REQUEST_ID, TRACEPARENT};
+use serving::observe::{self, REQUEST_ID, TRACEPARENT, TRACESTATE};
 use tokio_util::sync::CancellationToken;
 
-pub use config::{PetraArgs, Target, parse_url, parse_urls};
+pub use config::{ErrorDetail, PetraArgs, Target, parse_url, parse_urls};
 pub use discover::{Resolution, Resolve, SystemResolver};
-pub use error::{MAX_BODY_BYTES, PetraError, Retry, TlsProblem, body_text};
+pub use error::{MAX_BODY_BYTES, PetraError, RETRY_AFTER_SECONDS, Retry, TlsProblem, body_text};
 pub use metrics::PetraMetrics;
 
 use balance::{Endpoints, NoEndpoint};
@@ -41,10 +41,9 @@ use endpoint::{Endpoint, OutlierSettings};
 use error::Chain;
 use tls::{ClientTls, Profile};
 
-/// The W3C trace state header, passed on with `traceparent`.
-const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
-
-/// Headers of the incoming request that Klaus passes on to Petra.
+/// Headers of the incoming request that Klaus passes on to Petra. The middleware has checked
+/// them ([`serving::propagate`]): the request id is one Klaus kept or made, and trace context
+/// that was not valid W3C is gone.
 const FORWARDED: [HeaderName; 3] = [TRACEPARENT, TRACESTATE, REQUEST_ID];
 
 /// The `user-agent` Klaus sends.
@@ -116,6 +115,7 @@ struct Inner {
     budget: RetryBudget,
     timeout: Duration,
     resolve_interval: Duration,
+    error_detail: ErrorDetail,
     metrics: PetraMetrics,
 }
 
@@ -150,6 +150,7 @@ impl PetraClient {
                 budget: RetryBudget::default(),
                 timeout: args.timeout(),
                 resolve_interval: Duration::from_secs(args.petra_resolve_interval_seconds),
+                error_detail: args.error_detail,
                 metrics,
             }),
         })
@@ -170,6 +171,11 @@ impl PetraClient {
                 .tls
                 .spawn_reloader(interval, inner.metrics.tls_reloads.clone(), stop);
         }
+    }
+
+    /// How much Klaus's error answers say (ERROR_DETAIL).
+    pub fn error_detail(&self) -> ErrorDetail {
+        self.inner.error_detail
     }
 
     /// The URLs Klaus calls, in priority order.
@@ -216,7 +222,8 @@ impl PetraClient {
                 break;
             }
             let mut other = inner.endpoints.other(&tried);
-            if other.is_none() {
+            // Not for a replica that shed the request: it is there, only full.
+            if other.is_none() && err.counts_against_endpoint() {
                 // The DNS may know an endpoint Klaus has not resolved yet (a rolling restart
                 // moves faster than the resolve interval): ask, briefly.
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -334,6 +341,11 @@ impl PetraClient {
             }
         };
         let status = response.status();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            return Err(PetraError::Overloaded {
+                retry_after: error::retry_after(response.headers()),
+            });
+        }
         if !status.is_success() {
             return Err(PetraError::Status(status));
         }
@@ -395,6 +407,7 @@ impl PetraClient {
         };
         PetraError::Unreachable {
             detail,
+            public: error::UNREACHABLE,
             retryable: false,
             unexplained: false,
             source: "no endpoint".into(),

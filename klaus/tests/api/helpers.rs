@@ -58,10 +58,20 @@ pub(crate) async fn spawn_petra_at(pki: &TestPki, addr: std::net::SocketAddr) ->
 /// A fake Petra serving `router` over HTTPS with `cert`, requiring client certificates from
 /// `pki`'s CA.
 pub(crate) async fn spawn_fake_petra(pki: &TestPki, cert: &Files, router: Router) -> Running {
+    spawn_fake_petra_at(pki, cert, router, loopback()).await
+}
+
+/// [`spawn_fake_petra`] listening on `addr`.
+pub(crate) async fn spawn_fake_petra_at(
+    pki: &TestPki,
+    cert: &Files,
+    router: Router,
+    addr: std::net::SocketAddr,
+) -> Running {
     spawn(Service {
         name: "fake-petra",
         router,
-        listen_addr: loopback(),
+        listen_addr: addr,
         admin_addr: loopback(),
         tls: Some(serving::tls::ServerFiles {
             cert: cert.cert.clone(),

@@ -2,6 +2,7 @@
 //! certificates made on the spot, and the built binary for configuration errors and shutdown.
 
 mod binary;
+mod clients;
 mod distance;
 mod errors;
 mod faults;

@@ -119,7 +119,12 @@ async fn served(petra: &Running) -> f64 {
 }
 
 /// Klaus's attempts on `addr` that ended in `outcome`.
-async fn attempts(klaus: &Running, priority: usize, addr: SocketAddr, outcome: &str) -> f64 {
+pub(crate) async fn attempts(
+    klaus: &Running,
+    priority: usize,
+    addr: SocketAddr,
+    outcome: &str,
+) -> f64 {
     value(
         &klaus.metrics().await,
         &format!(
@@ -413,6 +418,7 @@ async fn a_name_without_addresses_is_a_clear_502_until_it_resolves() {
             // Not the interval: a call that found no address asks for a new resolution.
             args.petra_resolve_interval_seconds = 3600;
             args.petra_timeout_ms = 5000;
+            args.error_detail = klaus::ErrorDetail::Verbose;
         },
     )
     .await;

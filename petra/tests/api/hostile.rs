@@ -271,3 +271,45 @@ async fn a_handshake_that_never_finishes_is_cut_off() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn hostile_request_ids_are_replaced_and_every_answer_says_nosniff() {
+    let pki = TestPki::new();
+    let petra = crate::helpers::spawn_petra(&pki).await;
+    let client = client(&pki.ca_file, Some(&pki.klaus));
+    let long = "a".repeat(129);
+    for id in [
+        "<script>alert(1)</script>",
+        "\"quoted\"",
+        long.as_str(),
+        "ünïcode",
+    ] {
+        let value = reqwest::header::HeaderValue::from_bytes(id.as_bytes()).expect("header value");
+        let response = client
+            .get(petra.https_url())
+            .header("x-request-id", value)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status().as_u16(), 200);
+        let answered = response.headers()["x-request-id"].as_bytes();
+        assert!(
+            answered != id.as_bytes() && serving::propagate::is_valid_request_id(answered),
+            "{id:?} answered with {answered:?}"
+        );
+        assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+    }
+    let not_found = client
+        .get(format!("{}/nope", petra.https_url()))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(not_found.headers()["x-content-type-options"], "nosniff");
+    let livez = serving::testing::plain_client()
+        .get(format!("{}/livez", petra.admin_url()))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(livez.headers()["x-content-type-options"], "nosniff");
+    petra.stop().await;
+}
