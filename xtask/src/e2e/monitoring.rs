@@ -264,11 +264,17 @@ impl Prometheus {
             .collect())
     }
 
-    /// The dashboard's panels with their series over `[start, end]`.
+    /// The dashboard's time-series panels with their series over `[start, end]`.
     fn panels(&self, start: f64, end: f64) -> anyhow::Result<Vec<super::picture::Panel>> {
         let dashboard = read_dashboard()?;
         let mut panels = Vec::new();
-        for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        let timeseries = |panel: &&Value| panel["type"] == "timeseries";
+        for panel in dashboard["panels"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(timeseries)
+        {
             let title = panel["title"].as_str().unwrap_or("?").to_owned();
             let mut lines = Vec::new();
             for target in panel["targets"].as_array().into_iter().flatten() {

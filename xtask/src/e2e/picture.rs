@@ -61,6 +61,7 @@ fn draw(
         "s" => (1000.0, "ms"),
         "percentunit" => (100.0, "%"),
         "reqps" => (1.0, "/s"),
+        "bytes" => (1.0 / 1_048_576.0, "MiB"),
         _ => (1.0, ""),
     };
     let mut chart = ChartBuilder::on(area)
