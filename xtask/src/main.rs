@@ -7,6 +7,7 @@ mod e2e;
 mod fuzz;
 mod images;
 mod k8s;
+mod testssl;
 mod util;
 
 use std::process::ExitCode;
@@ -23,7 +24,9 @@ tasks:
   k8s      render every kustomize overlay and component, validate and policy-check them
   bench    load-test Petra and Klaus and check the performance budget
   certs    write a private CA and the service certificates: cargo xtask certs --out DIR
-  audit    cargo-deny, hadolint, checkov, and no private key in the repository or the images
+  audit    cargo-deny, hadolint, checkov, testssl.sh on Petra, and no private key in the repository or
+           the images
+  testssl  testssl.sh against a Petra on loopback (also part of audit)
   fuzz     run the cargo-fuzz targets (libFuzzer, nightly): cargo xtask fuzz [--seconds N] [TARGET...]
 ";
 
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         "k8s" => k8s::k8s(),
         "bench" => bench::bench(&rest),
         "audit" => audit::audit(&rest),
+        "testssl" => testssl::run(),
         "fuzz" => fuzz::fuzz(&rest),
         "" | "help" | "-h" | "--help" => {
             print!("{USAGE}");
