@@ -5,8 +5,12 @@
 //! ```text
 //! OUT/ca.crt  OUT/ca.key
 //! OUT/petra/{tls.crt,tls.key,ca.crt}   server certificate: petra, petra.NS.svc, ... + --san
-//! OUT/klaus/{tls.crt,tls.key,ca.crt}   client certificate for mutual TLS
+//! OUT/klaus/{tls.crt,tls.key,ca.crt}   client certificate for mutual TLS: klaus + KLAUS_ID
 //! ```
+//!
+//! Every file is written through a temporary file of its own (created exclusively, never through
+//! a symlink, with its final mode from the start), synced, renamed over the old one, and the
+//! folder synced, so that a crash or a planted file never leaves a key readable or half written.
 
 use std::fs;
 use std::io::Write;
@@ -14,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -57,7 +61,8 @@ impl Ca {
         params
             .distinguished_name
             .push(DnType::CommonName, common_name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Path length 0: this CA issues leaf certificates only, never another CA.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,
@@ -87,8 +92,9 @@ impl Ca {
         }
     }
 
-    /// Issues a leaf certificate for `names` (DNS names or IP addresses; the first is also the
-    /// common name), valid from `not_before` to `not_after`.
+    /// Issues a leaf certificate for `names` (DNS names, IP addresses, or URIs such as a
+    /// SPIFFE ID, told apart by their `://`; the first name is also the common name), valid from
+    /// `not_before` to `not_after`.
     pub fn issue(
         &self,
         names: &[String],
@@ -97,17 +103,23 @@ impl Ca {
         not_after: OffsetDateTime,
     ) -> Result<Pem, rcgen::Error> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(names.to_vec())?;
+        let (uris, hosts): (Vec<&String>, Vec<&String>) =
+            names.iter().partition(|name| name.contains("://"));
+        let mut params = CertificateParams::new(hosts.into_iter().cloned().collect::<Vec<_>>())?;
+        for uri in uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.as_str().try_into()?));
+        }
         if let Some(first) = names.first() {
             params
                 .distinguished_name
                 .push(DnType::CommonName, first.as_str());
         }
         params.is_ca = IsCa::NoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        // The keys are ECDSA, which signs and never encrypts: RFC 5480 allows no
+        // keyEncipherment for it.
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![match usage {
             Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
             Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
@@ -154,6 +166,13 @@ pub fn petra_names(namespace: &str, extra: &[String]) -> Vec<String> {
         }
     }
     names
+}
+
+/// The SPIFFE-style identity Klaus's client certificate carries as a URI SAN, the form Linkerd
+/// and Istio use: `spiffe://petra-klaus/ns/NAMESPACE/sa/klaus`. Petra's
+/// TLS_CLIENT_ALLOWED_NAMES lists it.
+pub fn klaus_id(namespace: &str) -> String {
+    format!("spiffe://petra-klaus/ns/{namespace}/sa/klaus")
 }
 
 /// Options of the certificate tool.
@@ -229,7 +248,11 @@ pub fn write(args: &CertsArgs) -> Result<Report, String> {
             petra_names(&args.namespace, &args.sans),
             Usage::Server,
         ),
-        ("klaus", vec!["klaus".to_owned()], Usage::Client),
+        (
+            "klaus",
+            vec!["klaus".to_owned(), klaus_id(&args.namespace)],
+            Usage::Client,
+        ),
     ];
     for (name, names, usage) in leaves {
         let dir = out.join(name);
@@ -261,20 +284,209 @@ fn read(path: &Path) -> Result<String, String> {
     fs::read_to_string(path).map_err(|err| format!("cannot read {}: {err}", path.display()))
 }
 
-/// Writes a file atomically (a temporary file renamed over it) with the given mode.
+/// Writes a file atomically with the given mode: a temporary file of its own in the same folder,
+/// created exclusively (`O_EXCL`, so neither a leftover file nor a symlink planted under its name
+/// is ever opened), synced, renamed over `path`, and then the folder synced so that the rename
+/// itself survives a crash.
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let result = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .and_then(|mut file| {
-            file.write_all(contents.as_bytes())?;
-            file.sync_all()
-        })
+    let fail = |err: std::io::Error| format!("cannot write {}: {err}", path.display());
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let (tmp, mut file) = create_temporary(dir, path, mode).map_err(fail)?;
+    let written = file
+        .write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
         .and_then(|()| fs::rename(&tmp, path));
-    result.map_err(|err| format!("cannot write {}: {err}", path.display()))
+    if let Err(err) = written {
+        // Best effort: the temporary file holds nothing the old file did not.
+        let _ = fs::remove_file(&tmp);
+        return Err(fail(err));
+    }
+    fs::File::open(dir)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|err| format!("cannot sync {}: {err}", dir.display()))
+}
+
+/// Creates a new, empty temporary file next to `path`, named `.NAME.RANDOM.tmp`, with `mode`.
+fn create_temporary(dir: &Path, path: &Path, mode: u32) -> std::io::Result<(PathBuf, fs::File)> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |name| name.to_string_lossy());
+    let mut attempts = 0;
+    loop {
+        let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+        let opened = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp);
+        match opened {
+            Ok(file) => {
+                // The umask may have taken bits away; set exactly `mode`, on the open file.
+                file.set_permissions(fs::Permissions::from_mode(mode))?;
+                return Ok((tmp, file));
+            }
+            // A name taken by chance (or by someone guessing): draw another.
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists && attempts < 16 => {
+                attempts += 1;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    use x509_parser::pem::parse_x509_pem;
+
+    use super::*;
+
+    fn args(out: &Path) -> CertsArgs {
+        CertsArgs {
+            out: out.to_owned(),
+            namespace: "petra-klaus".to_owned(),
+            sans: Vec::new(),
+            days: 1,
+            force: false,
+            new_ca: false,
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+    }
+
+    /// Calls `check` with the parsed certificate in the PEM file at `path`.
+    fn with_cert(path: &Path, check: impl FnOnce(&x509_parser::certificate::X509Certificate<'_>)) {
+        let pem = fs::read(path).expect("read certificate");
+        let (_, pem) = parse_x509_pem(&pem).expect("PEM");
+        let cert = pem.parse_x509().expect("X.509");
+        check(&cert);
+    }
+
+    #[test]
+    fn leftover_or_planted_temporary_files_never_shape_the_new_key() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let out = dir.path().join("certs");
+        let petra = out.join("petra");
+        fs::create_dir_all(&petra).expect("create");
+        // A world-readable leftover under the name the tool once used for its temporary file,
+        // and a symlink under the same name in Klaus's folder pointing at a file outside.
+        let leftover = petra.join("tls.tmp");
+        fs::write(&leftover, "old").expect("write leftover");
+        fs::set_permissions(&leftover, fs::Permissions::from_mode(0o666)).expect("chmod");
+        let klaus = out.join("klaus");
+        fs::create_dir_all(&klaus).expect("create");
+        let outside = dir.path().join("outside");
+        fs::write(&outside, "").expect("write target");
+        symlink(&outside, klaus.join("tls.tmp")).expect("symlink");
+
+        write(&args(&out)).expect("certificates written");
+
+        for key in [
+            out.join("ca.key"),
+            petra.join("tls.key"),
+            klaus.join("tls.key"),
+        ] {
+            assert_eq!(mode(&key), 0o600, "{}", key.display());
+            let text = fs::read_to_string(&key).expect("read key");
+            assert!(text.contains("PRIVATE KEY"), "{}", key.display());
+        }
+        assert_eq!(mode(&petra.join("tls.crt")), 0o644);
+        assert_eq!(
+            fs::read_to_string(&outside).expect("read target"),
+            "",
+            "a key was written through the symlink"
+        );
+        // Nothing of the tool's own is left behind.
+        for folder in [&out, &petra, &klaus] {
+            for entry in fs::read_dir(folder).expect("list") {
+                let name = entry.expect("entry").file_name();
+                let name = name.to_string_lossy();
+                assert!(
+                    !name.starts_with('.'),
+                    "temporary file {name} left in {}",
+                    folder.display()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_temporary_name_already_taken_is_never_opened() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let target = dir.path().join("tls.key");
+        let (tmp, _file) = create_temporary(dir.path(), &target, 0o600).expect("created");
+        // Creating it again must fail rather than open what is there.
+        let again = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp);
+        assert!(again.is_err());
+        assert_eq!(mode(&tmp), 0o600);
+    }
+
+    #[test]
+    fn leaves_sign_only_and_the_ca_issues_no_other_ca() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let out = dir.path().join("certs");
+        write(&args(&out)).expect("certificates written");
+        with_cert(&out.join("ca.crt"), |ca| {
+            let constraints = ca
+                .basic_constraints()
+                .expect("one extension")
+                .expect("basic constraints")
+                .value;
+            assert!(constraints.ca);
+            assert_eq!(constraints.path_len_constraint, Some(0));
+        });
+        for leaf in ["petra", "klaus"] {
+            with_cert(&out.join(leaf).join("tls.crt"), |cert| {
+                let usage = cert
+                    .key_usage()
+                    .expect("one extension")
+                    .expect("key usage")
+                    .value;
+                assert!(usage.digital_signature(), "{leaf}");
+                assert!(!usage.key_encipherment(), "{leaf} has keyEncipherment");
+                assert!(!usage.key_cert_sign(), "{leaf}");
+            });
+        }
+    }
+
+    #[test]
+    fn klaus_carries_its_spiffe_id_as_a_uri() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let out = dir.path().join("certs");
+        let mut args = args(&out);
+        args.namespace = "shop".to_owned();
+        write(&args).expect("certificates written");
+        with_cert(&out.join("klaus").join("tls.crt"), |cert| {
+            let names: Vec<String> = cert
+                .extensions()
+                .iter()
+                .filter_map(|ext| match ext.parsed_extension() {
+                    ParsedExtension::SubjectAlternativeName(san) => Some(san),
+                    _ => None,
+                })
+                .flat_map(|san| san.general_names.iter())
+                .map(|name| match name {
+                    GeneralName::URI(uri) => format!("uri:{uri}"),
+                    GeneralName::DNSName(dns) => format!("dns:{dns}"),
+                    other => format!("{other:?}"),
+                })
+                .collect();
+            assert_eq!(
+                names,
+                ["dns:klaus", "uri:spiffe://petra-klaus/ns/shop/sa/klaus"]
+            );
+        });
+    }
 }

@@ -43,6 +43,23 @@ pub struct ServeArgs {
     #[arg(long, env = "TLS_CLIENT_CA_FILE", value_name = "TLS_CLIENT_CA_FILE")]
     pub tls_client_ca_file: Option<PathBuf>,
 
+    /// Comma-separated client identities the main listener accepts from TLS_CLIENT_CA_FILE: URIs
+    /// (such as `spiffe://petra-klaus/ns/petra-klaus/sa/klaus`) matched exactly against the
+    /// certificate's URI SANs, DNS names against its DNS SANs. Any other certificate is refused
+    /// with the `access_denied` alert. Unset, every certificate from the CA is accepted (with a
+    /// warning at startup). It stays in force when the TLS files are reloaded.
+    #[arg(
+        long,
+        env = "TLS_CLIENT_ALLOWED_NAMES",
+        value_name = "TLS_CLIENT_ALLOWED_NAMES"
+    )]
+    pub tls_client_allowed_names: Option<String>,
+
+    /// The oldest TLS version the main listener accepts: `1.3` (the default) or `1.2`, for an
+    /// old client. Under TLS 1.2 the client certificate crosses the network in clear.
+    #[arg(long, env = "TLS_MIN_VERSION", value_enum, default_value_t = crate::tls::MinVersion::Tls13)]
+    pub tls_min_version: crate::tls::MinVersion,
+
     /// How often the TLS files are checked for changes; a changed set is loaded without a
     /// restart (0 turns reloading off; at most a day).
     #[arg(long, env = "TLS_RELOAD_INTERVAL_SECONDS", default_value_t = 10,
@@ -184,12 +201,31 @@ impl ServeArgs {
                 cert: cert.clone(),
                 key: key.clone(),
                 client_ca: self.tls_client_ca_file.clone(),
+                allowed_clients: self.allowed_clients()?,
+                min_version: self.tls_min_version,
                 reload_interval: match self.tls_reload_interval_seconds {
                     0 => None,
                     secs => Some(Duration::from_secs(secs)),
                 },
             })),
         }
+    }
+}
+
+impl ServeArgs {
+    /// TLS_CLIENT_ALLOWED_NAMES, parsed; set without TLS_CLIENT_CA_FILE it is an error, since
+    /// without client certificates there is nothing to match it against.
+    fn allowed_clients(&self) -> Result<Option<crate::tls::AllowedNames>, ConfigError> {
+        let Some(raw) = &self.tls_client_allowed_names else {
+            return Ok(None);
+        };
+        if self.tls_client_ca_file.is_none() {
+            return Err(ConfigError::new(
+                crate::tls::AllowedNames::VAR,
+                "is set but TLS_CLIENT_CA_FILE is not; client identities need client certificates",
+            ));
+        }
+        crate::tls::AllowedNames::parse(raw).map(Some)
     }
 }
 

@@ -24,7 +24,7 @@ pub struct Files {
 }
 
 /// A private CA in a temporary folder, with Petra's server certificate (for `localhost` and
-/// `127.0.0.1`) and Klaus's client certificate already issued.
+/// `127.0.0.1`) and Klaus's client certificate ([`klaus_names`]) already issued.
 #[derive(Debug)]
 pub struct TestPki {
     /// The folder; removed on drop.
@@ -50,7 +50,7 @@ impl TestPki {
         let klaus = write_pem(
             dir.path(),
             "klaus",
-            &ca.issue_for_days(&["klaus".to_owned()], Usage::Client, 1)
+            &ca.issue_for_days(&klaus_names(), Usage::Client, 1)
                 .expect("client cert"),
         );
         Self {
@@ -89,6 +89,12 @@ impl Default for TestPki {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The names of Klaus's client certificate, as `petra certs` issues it: `klaus` and its SPIFFE
+/// ID in the `petra-klaus` namespace.
+pub fn klaus_names() -> Vec<String> {
+    vec!["klaus".to_owned(), crate::certs::klaus_id("petra-klaus")]
 }
 
 /// A server certificate for `localhost` and `127.0.0.1`, valid for a day.

@@ -1,6 +1,7 @@
-//! TLS for the main listener: PEM files loaded and checked before binding, TLS 1.2 and 1.3 only,
-//! HTTP/2 and HTTP/1.1 by ALPN, optional client-certificate verification, and reloading of
-//! rotated files (as cert-manager or a Secret update writes them) without a restart.
+//! TLS for the main listener: PEM files loaded and checked before binding, TLS 1.3 only unless
+//! TLS_MIN_VERSION allows 1.2, HTTP/2 and HTTP/1.1 by ALPN, optional client-certificate
+//! verification with an allow-list of client identities, and reloading of rotated files (as
+//! cert-manager or a Secret update writes them) without a restart.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -16,7 +17,8 @@ use prometheus_client::registry::Registry;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DistinguishedName, RootCertStore, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConfigError;
@@ -27,9 +29,32 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The protocol versions offered: TLS 1.3 and 1.2, nothing older.
-pub const PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] =
-    &[&rustls::version::TLS13, &rustls::version::TLS12];
+/// The oldest TLS version a listener (TLS_MIN_VERSION) or Klaus's client
+/// (PETRA_TLS_MIN_VERSION) accepts. TLS 1.3 by default: under TLS 1.2 the client certificate,
+/// and with it the client's identity, crosses the network in clear.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MinVersion {
+    /// TLS 1.2 and 1.3, for an old peer that cannot speak 1.3.
+    #[value(name = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[default]
+    #[value(name = "1.3")]
+    Tls13,
+}
+
+impl MinVersion {
+    /// The protocol versions offered, newest first; never older than TLS 1.2.
+    pub fn versions(self) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        const TLS12_AND_13: &[&rustls::SupportedProtocolVersion] =
+            &[&rustls::version::TLS13, &rustls::version::TLS12];
+        const TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+        match self {
+            Self::Tls12 => TLS12_AND_13,
+            Self::Tls13 => TLS13_ONLY,
+        }
+    }
+}
 
 /// The files a TLS listener is made from.
 #[derive(Debug, Clone)]
@@ -41,6 +66,11 @@ pub struct ServerFiles {
     /// CA certificates for client certificates, PEM (TLS_CLIENT_CA_FILE); `None` for no
     /// client authentication.
     pub client_ca: Option<PathBuf>,
+    /// The client identities accepted (TLS_CLIENT_ALLOWED_NAMES); `None` accepts any
+    /// certificate that chains to `client_ca`.
+    pub allowed_clients: Option<AllowedNames>,
+    /// The oldest TLS version accepted (TLS_MIN_VERSION).
+    pub min_version: MinVersion,
     /// How often to look for changed files; `None` never reloads.
     pub reload_interval: Option<Duration>,
 }
@@ -195,9 +225,10 @@ impl Identity {
 }
 
 /// Builds the server configuration from the files, checking everything an operator could get
-/// wrong before the listener binds.
+/// wrong before the listener binds. Refused client certificates are counted nowhere; a listener
+/// uses [`ReloadingConfig`], which counts them.
 pub fn server_config(files: &ServerFiles) -> Result<ServerConfig, ConfigError> {
-    server_config_from(files, &watched(files).read()?)
+    server_config_from(files, &watched(files).read()?, &ClientRefusals::default())
 }
 
 /// The files of a listener, in the order [`server_config_from`] reads them.
@@ -211,7 +242,11 @@ fn watched(files: &ServerFiles) -> WatchedFiles {
     watched
 }
 
-fn server_config_from(files: &ServerFiles, set: &FileSet) -> Result<ServerConfig, ConfigError> {
+fn server_config_from(
+    files: &ServerFiles,
+    set: &FileSet,
+    refusals: &ClientRefusals,
+) -> Result<ServerConfig, ConfigError> {
     let identity = Identity::parse(
         "TLS_CERT_FILE",
         &files.cert,
@@ -221,16 +256,20 @@ fn server_config_from(files: &ServerFiles, set: &FileSet) -> Result<ServerConfig
         set.get(1),
     )?;
     let builder = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(PROTOCOL_VERSIONS)
+        .with_protocol_versions(files.min_version.versions())
         .map_err(|err| ConfigError::new("TLS_CERT_FILE", format!("TLS setup failed: {err}")))?;
     let builder = match &files.client_ca {
         Some(path) => {
             let var = "TLS_CLIENT_CA_FILE";
             let roots = roots_from(var, path, parse_certs(var, path, set.get(2))?)?;
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            let chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                 .build()
                 .map_err(|err| ConfigError::new(var, format!("{}: {err}", path.display())))?;
-            builder.with_client_cert_verifier(verifier)
+            builder.with_client_cert_verifier(Arc::new(ClientVerifier {
+                chain,
+                allowed: files.allowed_clients.clone(),
+                refusals: refusals.clone(),
+            }))
         }
         None => builder.with_no_client_auth(),
     };
@@ -244,6 +283,257 @@ fn server_config_from(files: &ServerFiles, set: &FileSet) -> Result<ServerConfig
         })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// The client identities a listener accepts (TLS_CLIENT_ALLOWED_NAMES): URIs, such as the
+/// SPIFFE ID `spiffe://petra-klaus/ns/petra-klaus/sa/klaus`, are compared exactly with the
+/// certificate's URI SANs; other names with its DNS SANs, ignoring ASCII case. The common name
+/// is never looked at, as in every client of the Web PKI since RFC 6125.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedNames {
+    uris: Vec<String>,
+    dns: Vec<String>,
+}
+
+impl AllowedNames {
+    /// The variable the list comes from.
+    pub const VAR: &'static str = "TLS_CLIENT_ALLOWED_NAMES";
+
+    /// Parses a comma-separated list; an empty list or a name that is neither a URI nor a DNS
+    /// name is an error.
+    pub fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let mut names = Self {
+            uris: Vec::new(),
+            dns: Vec::new(),
+        };
+        for name in raw
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+        {
+            if name.contains("://") {
+                if !name.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(ConfigError::new(
+                        Self::VAR,
+                        format!("{name:?} is not a URI (visible ASCII, no spaces)"),
+                    ));
+                }
+                names.uris.push(name.to_owned());
+            } else if rustls::pki_types::DnsName::try_from(name).is_ok() && !name.contains('*') {
+                names.dns.push(name.to_ascii_lowercase());
+            } else {
+                return Err(ConfigError::new(
+                    Self::VAR,
+                    format!(
+                        "{name:?} is neither a URI (such as spiffe://petra-klaus/ns/petra-klaus/sa/klaus) nor a DNS name (wildcards are not accepted)"
+                    ),
+                ));
+            }
+        }
+        if names.uris.is_empty() && names.dns.is_empty() {
+            return Err(ConfigError::new(
+                Self::VAR,
+                "is set but lists no name; list the client identities to accept (comma-separated), or unset it to accept every certificate from TLS_CLIENT_CA_FILE",
+            ));
+        }
+        Ok(names)
+    }
+
+    /// Whether one of `presented` is allowed.
+    fn allows(&self, presented: &[SubjectName]) -> bool {
+        presented.iter().any(|name| match name {
+            SubjectName::Uri(uri) => self.uris.iter().any(|allowed| allowed == uri),
+            SubjectName::Dns(dns) => self
+                .dns
+                .iter()
+                .any(|allowed| allowed.eq_ignore_ascii_case(dns)),
+        })
+    }
+}
+
+/// A name a certificate carries in its subject alternative names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SubjectName {
+    Uri(String),
+    Dns(String),
+}
+
+impl std::fmt::Display for SubjectName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Uri(uri) => write!(f, "URI:{uri}"),
+            Self::Dns(dns) => write!(f, "DNS:{dns}"),
+        }
+    }
+}
+
+/// The URI and DNS names of a certificate's subject alternative names.
+fn subject_names(cert: &CertificateDer<'_>) -> Result<Vec<SubjectName>, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|err| err.to_string())?;
+    let Some(san) = parsed
+        .subject_alternative_name()
+        .map_err(|err| err.to_string())?
+    else {
+        return Ok(Vec::new());
+    };
+    Ok(san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(SubjectName::Uri((*uri).to_owned())),
+            GeneralName::DNSName(dns) => Some(SubjectName::Dns((*dns).to_owned())),
+            _ => None,
+        })
+        .collect())
+}
+
+/// `tls_client_certificates_refused_total{reason}`: client certificates the main listener
+/// refused, by reason.
+#[derive(Debug, Clone, Default)]
+struct ClientRefusals {
+    refused: Family<ReasonLabel, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+impl ClientRefusals {
+    fn register(registry: &mut Registry) -> Self {
+        let this = Self::default();
+        registry.register(
+            "tls_client_certificates_refused",
+            "Client certificates refused in the TLS handshake, by reason: name_not_allowed (valid, but not in TLS_CLIENT_ALLOWED_NAMES), unknown_ca, expired, not_valid_yet, bad_signature, wrong_purpose, invalid",
+            this.refused.clone(),
+        );
+        this
+    }
+
+    fn count(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabel { reason }).inc();
+    }
+}
+
+/// The reason label for a refusal by the chain checks.
+fn chain_reason(err: &rustls::Error) -> &'static str {
+    match err {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            CertificateError::UnknownIssuer => "unknown_ca",
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not_valid_yet"
+            }
+            CertificateError::BadSignature => "bad_signature",
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                "wrong_purpose"
+            }
+            _ => "invalid",
+        },
+        _ => "invalid",
+    }
+}
+
+/// Checks client certificates: the chain and dates by webpki against TLS_CLIENT_CA_FILE, then
+/// the identity against TLS_CLIENT_ALLOWED_NAMES. An identity not on the list is refused with the
+/// `access_denied` alert (rustls's alert for [`CertificateError::ApplicationVerificationFailure`]),
+/// counted as `name_not_allowed` and logged with the names the certificate carries; those need a
+/// certificate from the CA, so they cannot be used to flood the log. Chain failures, which any
+/// peer can cause, are counted and logged at debug level only.
+#[derive(Debug)]
+struct ClientVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    allowed: Option<AllowedNames>,
+    refusals: ClientRefusals,
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.chain.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.chain.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .chain
+            .verify_client_cert(end_entity, intermediates, now)
+            .inspect_err(|err| {
+                let reason = chain_reason(err);
+                self.refusals.count(reason);
+                tracing::debug!(reason, error = %err, "client certificate refused");
+            })?;
+        let Some(allowed) = &self.allowed else {
+            return Ok(verified);
+        };
+        let presented = match subject_names(end_entity) {
+            Ok(names) => names,
+            Err(err) => {
+                self.refusals.count("invalid");
+                tracing::warn!(reason = "invalid", error = %err, "client certificate refused: its names cannot be read");
+                return Err(rustls::Error::InvalidCertificate(
+                    CertificateError::BadEncoding,
+                ));
+            }
+        };
+        if allowed.allows(&presented) {
+            return Ok(verified);
+        }
+        self.refusals.count("name_not_allowed");
+        let presented = presented
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        tracing::warn!(
+            reason = "name_not_allowed",
+            presented = %presented,
+            "client certificate refused: none of its names is in TLS_CLIENT_ALLOWED_NAMES"
+        );
+        Err(rustls::Error::InvalidCertificate(
+            CertificateError::ApplicationVerificationFailure,
+        ))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.chain.requires_raw_public_keys()
+    }
 }
 
 /// PEM files that are read together, so that a reload sees one consistent set, each named by
@@ -393,6 +683,7 @@ pub struct ReloadingConfig {
     /// The fingerprint of the files `current` was built from.
     loaded: u64,
     reloads: ReloadMetrics,
+    refusals: ClientRefusals,
 }
 
 impl ReloadingConfig {
@@ -400,17 +691,24 @@ impl ReloadingConfig {
     /// `tls_reloads_total{result="ok|error"}`, which counts changed file sets.
     pub fn load(files: ServerFiles, registry: &mut Registry) -> Result<Arc<Self>, ConfigError> {
         let set = watched(&files).read()?;
-        let config = server_config_from(&files, &set)?;
+        let refusals = ClientRefusals::register(registry);
+        let config = server_config_from(&files, &set, &refusals)?;
         let reloads = ReloadMetrics::register(
             registry,
             "tls_reloads",
             "Changed TLS files seen, by whether they were loaded (ok) or kept out (error)",
         );
+        if files.client_ca.is_some() && files.allowed_clients.is_none() {
+            tracing::warn!(
+                "TLS_CLIENT_ALLOWED_NAMES is not set: any client certificate from TLS_CLIENT_CA_FILE is accepted; list the client identities (e.g. spiffe://petra-klaus/ns/NAMESPACE/sa/klaus) to accept only those"
+            );
+        }
         Ok(Arc::new(Self {
             current: ArcSwap::from_pointee(config),
             files,
             loaded: set.fingerprint(),
             reloads,
+            refusals,
         }))
     }
 
@@ -435,7 +733,7 @@ impl ReloadingConfig {
             self.reloads.clone(),
             stop,
             move |set| {
-                let config = server_config_from(&this.files, set)?;
+                let config = server_config_from(&this.files, set, &this.refusals)?;
                 this.current.store(Arc::new(config));
                 Ok(())
             },

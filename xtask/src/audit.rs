@@ -11,6 +11,7 @@
 //! 4. No private key in the repository (tracked and untracked, not ignored files) and none in any
 //!    layer of the images petra:dev, klaus:dev and slowlink:dev (built by `cargo xtask images`). The layer
 //!    check proves itself on each run against a throwaway image that holds a fake key.
+//! 5. testssl.sh against a Petra on loopback (`testssl.rs`): TLS 1.3 only, no finding above LOW.
 //!
 //! cargo-deny is installed into `target/tools` (or `$XTASK_TOOLS_ROOT`), hadolint and checkov
 //! into the venv `target/audit-venv` (pinned in `xtask/audit/requirements.txt`); both are kept
@@ -100,6 +101,13 @@ pub(crate) fn audit(args: &[String]) -> anyhow::Result<()> {
         }
         Err(err) => record("python venv", Err(err)),
     }
+    record(
+        "testssl.sh",
+        step(
+            "testssl.sh against Petra (TLS 1.3 only, nothing above LOW)",
+            || crate::testssl::testssl(&sh, &work),
+        ),
+    );
     record(
         "repository keys",
         step("no private key in the repository", || repo_keys(&sh)),

@@ -605,6 +605,11 @@ fn petra_env(name: &'static str, certs: &Path, log: &str) -> anyhow::Result<(Ser
             ("TLS_CERT_FILE", file("petra/tls.crt")),
             ("TLS_KEY_FILE", file("petra/tls.key")),
             ("TLS_CLIENT_CA_FILE", file("petra/ca.crt")),
+            // As the manifests run it: Klaus's identity only.
+            (
+                "TLS_CLIENT_ALLOWED_NAMES",
+                "spiffe://petra-klaus/ns/petra-klaus/sa/klaus".to_owned(),
+            ),
             ("RUST_LOG", log.to_owned()),
         ],
         admin: loopback(ports[1]),

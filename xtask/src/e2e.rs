@@ -426,7 +426,7 @@ fn refused_without_client_cert(
     };
     let name = &container.name;
     let network = format!("{}_{}", project.name, topology.klaus_network);
-    let volume = format!("{}_certs:/certs:ro", project.name);
+    let volume = format!("{}_klaus-certs:/certs/klaus:ro", project.name);
     let petra_url = format!("PETRA_URL={}", topology.petra_url);
     cmd!(
         sh,
@@ -470,7 +470,7 @@ fn curl_petra_directly(sh: &Shell, project: &Project<'_>, port: u16) -> anyhow::
             name: format!("{}-certs-copy", project.name),
         };
         let name = &holder.name;
-        let volume = format!("{}_certs:/certs:ro", project.name);
+        let volume = format!("{}_klaus-certs:/certs/klaus:ro", project.name);
         cmd!(sh, "docker create --name {name} -v {volume} petra:dev")
             .quiet()
             .ignore_stdout()

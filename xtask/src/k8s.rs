@@ -1,4 +1,5 @@
-//! `cargo xtask k8s`: render every kustomize overlay and component combination, validate and check them.
+//! `cargo xtask k8s`: render every kustomize overlay and component combination, validate and check them;
+//! and check that no compose file lets a running service see the CA's key (`xtask/compose/check.py`).
 //!
 //! The Rust side prepares the tools: `kubectl` (for `kubectl kustomize`), a Python venv under
 //! `target/` with the pinned packages of `xtask/k8s/requirements.txt`, and one build of both services
@@ -35,6 +36,12 @@ pub(crate) fn k8s() -> anyhow::Result<()> {
     step("kubectl", || ensure_kubectl(&sh))?;
     let python = step("python venv (kubernetes-validate, PyYAML)", || {
         ensure_venv(&sh)
+    })?;
+    step("compose files: ca.key only in the certs job", || {
+        let root = root();
+        cmd!(sh, "{python} xtask/compose/check.py --root {root}")
+            .run()
+            .context("a compose file lets a running service see a key it must not (see FAIL lines above)")
     })?;
     let bins = step("build petra and klaus", || build_services(&sh))?;
     let contracts = step("service contracts", || write_contracts(&sh, &bins, &out))?;

@@ -8,6 +8,7 @@ mod e2e;
 mod fuzz;
 mod images;
 mod k8s;
+mod testssl;
 mod util;
 
 use std::process::ExitCode;
@@ -25,7 +26,9 @@ tasks:
   alerts   check the Prometheus rules and run their promtool unit tests
   bench    load-test Petra and Klaus and check the performance budget
   certs    write a private CA and the service certificates: cargo xtask certs --out DIR
-  audit    cargo-deny, hadolint, checkov, and no private key in the repository or the images
+  audit    cargo-deny, hadolint, checkov, testssl.sh on Petra, and no private key in the repository or
+           the images
+  testssl  testssl.sh against a Petra on loopback (also part of audit)
   fuzz     run the cargo-fuzz targets (libFuzzer, nightly): cargo xtask fuzz [--seconds N] [TARGET...]
 ";
 
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         "alerts" => alerts::alerts(),
         "bench" => bench::bench(&rest),
         "audit" => audit::audit(&rest),
+        "testssl" => testssl::run(),
         "fuzz" => fuzz::fuzz(&rest),
         "" | "help" | "-h" | "--help" => {
             print!("{USAGE}");

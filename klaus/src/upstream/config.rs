@@ -23,11 +23,25 @@ pub struct PetraArgs {
     #[arg(long, env = "PETRA_URL", required = true)]
     pub petra_url: Option<String>,
 
-    /// PEM file with extra CA certificates trusted for Petra's certificate, on top of the
-    /// system roots; re-read every TLS_RELOAD_INTERVAL_SECONDS. Verification cannot be
-    /// turned off.
+    /// PEM file with the CA certificates Petra's certificate must chain to; when set, they are
+    /// the only ones trusted (not the system's public roots, unless
+    /// PETRA_TRUST_SYSTEM_ROOTS=true); unset, the system's roots are. Re-read every
+    /// TLS_RELOAD_INTERVAL_SECONDS. Verification cannot be turned off.
     #[arg(long, env = "PETRA_CA_FILE")]
     pub petra_ca_file: Option<PathBuf>,
+
+    /// Also trust the system's public roots for Petra's certificate when PETRA_CA_FILE is set,
+    /// for a Petra that moves from a private CA to a public one. Off by default: with it, any
+    /// public CA that misissues a certificate for Petra's name lets someone pose as Petra.
+    #[arg(long, env = "PETRA_TRUST_SYSTEM_ROOTS", default_value_t = false,
+          action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub petra_trust_system_roots: bool,
+
+    /// The oldest TLS version Klaus speaks to Petra: `1.3` (the default) or `1.2`, for an old
+    /// Petra. Under TLS 1.2 Klaus's client certificate crosses the network in clear.
+    #[arg(long, env = "PETRA_TLS_MIN_VERSION", value_enum,
+          default_value_t = serving::tls::MinVersion::Tls13)]
+    pub petra_tls_min_version: serving::tls::MinVersion,
 
     /// PEM certificate chain Klaus presents to Petra (mutual TLS); re-read every
     /// TLS_RELOAD_INTERVAL_SECONDS.
@@ -86,6 +100,8 @@ impl PetraArgs {
         Self {
             petra_url: Some(url.to_owned()),
             petra_ca_file: None,
+            petra_trust_system_roots: false,
+            petra_tls_min_version: serving::tls::MinVersion::Tls13,
             petra_client_cert_file: None,
             petra_client_key_file: None,
             petra_timeout_ms: 2000,

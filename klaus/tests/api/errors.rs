@@ -220,6 +220,30 @@ async fn petra_refusing_klaus_gives_502_for_no_or_a_foreign_client_certificate()
 }
 
 #[tokio::test]
+async fn petra_refusing_klaus_identity_gives_502_client_cert_refused() {
+    let pki = TestPki::new();
+    let mut args = crate::helpers::serve_args();
+    args.tls_cert_file = Some(pki.petra.cert.clone());
+    args.tls_key_file = Some(pki.petra.key.clone());
+    args.tls_client_ca_file = Some(pki.ca_file.clone());
+    // Klaus's certificate is valid and from the CA, but not the identity Petra accepts.
+    args.tls_client_allowed_names = Some("spiffe://petra-klaus/ns/other/sa/klaus".to_owned());
+    let petra = serving::testing::spawn(
+        petra::service(serving::testing::loopback(), &args).expect("valid Petra configuration"),
+    )
+    .await;
+    let klaus = spawn_klaus(&petra_args(
+        &petra.https_url(),
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    ))
+    .await;
+    expect_problem(&klaus.http_url(), 502, "petra_tls_client_cert_refused").await;
+    klaus.stop().await;
+    petra.stop().await;
+}
+
+#[tokio::test]
 async fn bad_answers_from_petra_give_502() {
     let pki = TestPki::new();
     let fake = Router::new()

@@ -28,6 +28,8 @@ async fn spawn_flaky_petra(pki: &TestPki, first: FirstConnection) -> std::net::S
         cert: pki.petra.cert.clone(),
         key: pki.petra.key.clone(),
         client_ca: Some(pki.ca_file.clone()),
+        allowed_clients: None,
+        min_version: serving::tls::MinVersion::Tls13,
         reload_interval: None,
     };
     let config = Arc::new(serving::tls::server_config(&files).expect("TLS config"));

@@ -14,6 +14,8 @@ pub(crate) fn args(pki: &TestPki, client_ca: Option<&Path>) -> ServeArgs {
         tls_cert_file: Some(pki.petra.cert.clone()),
         tls_key_file: Some(pki.petra.key.clone()),
         tls_client_ca_file: client_ca.map(Path::to_path_buf),
+        tls_client_allowed_names: None,
+        tls_min_version: serving::tls::MinVersion::Tls13,
         tls_reload_interval_seconds: 0,
         shutdown_delay_seconds: 0,
         shutdown_timeout_seconds: 5,

@@ -5,6 +5,7 @@ use rustls::version::{TLS12, TLS13};
 use std::time::Duration;
 
 use serving::ServeArgs;
+use serving::certs::Usage;
 use serving::testing::{TestPki, client, client_builder, handshake, plain_client, wait_until};
 
 use crate::helpers::{args, spawn_petra, spawn_with};
@@ -45,9 +46,36 @@ async fn says_hello_over_mutual_tls_on_http1_and_http2() {
 }
 
 #[tokio::test]
-async fn speaks_tls_1_2_and_1_3_with_alpn() {
+async fn speaks_only_tls_1_3_unless_tls_min_version_allows_1_2() {
     let pki = TestPki::new();
     let petra = spawn_petra(&pki).await;
+    let shake = handshake(
+        petra.main_addr,
+        &pki.ca_file,
+        Some(&pki.klaus),
+        &[&TLS13],
+        &[b"h2", b"http/1.1"],
+    )
+    .await
+    .expect("handshake");
+    assert_eq!(shake.version, Some(TLS13.version));
+    assert_eq!(shake.alpn.as_deref(), Some(&b"h2"[..]));
+    // A client that speaks only TLS 1.2, where its certificate would cross in clear.
+    let err = handshake(
+        petra.main_addr,
+        &pki.ca_file,
+        Some(&pki.klaus),
+        &[&TLS12],
+        &[b"h2", b"http/1.1"],
+    )
+    .await
+    .expect_err("a TLS 1.2-only client must be refused by default");
+    assert!(err.contains("ProtocolVersion"), "{err}");
+    petra.stop().await;
+
+    let mut old = args(&pki, Some(&pki.ca_file));
+    old.tls_min_version = serving::tls::MinVersion::Tls12;
+    let petra = spawn_with(old).await;
     for version in [&TLS12, &TLS13] {
         let shake = handshake(
             petra.main_addr,
@@ -57,11 +85,82 @@ async fn speaks_tls_1_2_and_1_3_with_alpn() {
             &[b"h2", b"http/1.1"],
         )
         .await
-        .expect("handshake");
+        .expect("handshake with TLS_MIN_VERSION=1.2");
         assert_eq!(shake.version, Some(version.version));
-        assert_eq!(shake.alpn.as_deref(), Some(&b"h2"[..]));
     }
     petra.stop().await;
+}
+
+#[tokio::test]
+async fn accepts_only_the_client_identities_in_tls_client_allowed_names() {
+    let pki = TestPki::new();
+    let mut settings = args(&pki, Some(&pki.ca_file));
+    settings.tls_client_allowed_names = Some(format!(
+        " {} , Old-Klaus.example ",
+        serving::certs::klaus_id("petra-klaus")
+    ));
+    let petra = spawn_with(settings).await;
+    let day = time::Duration::days(1);
+    let now = time::OffsetDateTime::now_utc();
+    // From the same CA, valid in every other way, but someone else.
+    let intruder = pki.issue(
+        "intruder",
+        &[
+            "intruder",
+            "spiffe://petra-klaus/ns/petra-klaus/sa/intruder",
+        ],
+        Usage::Client,
+        now - day,
+        now + day,
+    );
+    // A name only in the common name does not count; a DNS SAN does, in any case.
+    let by_dns = pki.issue(
+        "by-dns",
+        &["old-klaus.example"],
+        Usage::Client,
+        now - day,
+        now + day,
+    );
+    for (what, identity, allowed) in [
+        ("Klaus's SPIFFE ID", &pki.klaus, true),
+        ("an allowed DNS name", &by_dns, true),
+        ("another identity from the same CA", &intruder, false),
+    ] {
+        let result = handshake(
+            petra.main_addr,
+            &pki.ca_file,
+            Some(identity),
+            &[&TLS13],
+            &[b"http/1.1"],
+        )
+        .await;
+        match (allowed, result) {
+            (true, Ok(_)) => {}
+            (false, Err(err)) => assert!(err.contains("AccessDenied"), "{what}: {err}"),
+            (_, result) => panic!("{what}: {result:?}"),
+        }
+    }
+    let metrics = petra.metrics().await;
+    assert!(
+        metrics.contains("tls_client_certificates_refused_total{reason=\"name_not_allowed\"} 1\n"),
+        "{metrics}"
+    );
+    petra.stop().await;
+}
+
+#[tokio::test]
+async fn tls_client_allowed_names_needs_client_certificates_and_a_name() {
+    let pki = TestPki::new();
+    let mut settings = args(&pki, None);
+    settings.tls_client_allowed_names = Some("klaus".to_owned());
+    let err = petra::service(serving::testing::loopback(), &settings).expect_err("no CA");
+    assert_eq!(err.var, "TLS_CLIENT_ALLOWED_NAMES");
+    for bad in [" , ", "*.example", "klaus name"] {
+        let mut settings = args(&pki, Some(&pki.ca_file));
+        settings.tls_client_allowed_names = Some(bad.to_owned());
+        let err = petra::service(serving::testing::loopback(), &settings).expect_err(bad);
+        assert_eq!(err.var, "TLS_CLIENT_ALLOWED_NAMES", "{bad}: {err}");
+    }
 }
 
 #[tokio::test]
@@ -73,7 +172,7 @@ async fn refuses_clients_without_a_certificate_or_with_one_from_another_ca() {
         ("no client certificate", None),
         ("a certificate from another CA", Some(&foreign)),
     ] {
-        for version in [&TLS12, &TLS13] {
+        for version in [&TLS13] {
             let result = handshake(
                 petra.main_addr,
                 &pki.ca_file,
