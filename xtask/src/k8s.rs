@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use xshell::{Shell, cmd};
 
-use crate::util::{root, shell, step};
+use crate::util::{pip_install_hashed, root, shell, step};
 
 /// Kubernetes versions whose official schemas every rendered document must pass (strict mode).
 /// 1.32 is the oldest minor still in the big managed offerings' extended support and the one this
@@ -134,12 +134,7 @@ fn ensure_venv(sh: &Shell) -> anyhow::Result<PathBuf> {
     cmd!(sh, "python3 -m venv {venv}")
         .run()
         .context("python3 -m venv failed (is python3-venv installed?)")?;
-    cmd!(
-        sh,
-        "{python} -m pip install --quiet --disable-pip-version-check --requirement {requirements}"
-    )
-    .run()
-    .context("pip could not install xtask/k8s/requirements.txt")?;
+    pip_install_hashed(sh, &python, &requirements)?;
     sh.write_file(&stamp, wanted)?;
     Ok(python)
 }
