@@ -15,8 +15,8 @@
 //!    check proves itself on each run against a throwaway image that holds a fake key.
 //!
 //! cargo-deny is installed into `target/tools` (or `$XTASK_TOOLS_ROOT`), hadolint and checkov
-//! into the venv `target/audit-venv` (pinned in `xtask/audit/requirements.txt`); both are kept
-//! between runs.
+//! into the venv `target/audit-venv` (pinned with hashes in `xtask/audit/requirements.txt`); both
+//! are kept between runs.
 //! Every check runs even when an earlier one fails; the task fails if any did.
 
 use std::path::{Path, PathBuf};

@@ -1,9 +1,9 @@
 //! `cargo xtask k8s`: render every kustomize overlay and component combination, validate and check them.
 //!
 //! The Rust side prepares the tools: `kubectl` (for `kubectl kustomize`), a Python venv under
-//! `target/` with the pinned packages of `xtask/k8s/requirements.txt`, and one build of both services
-//! for their contracts (`petra contract`, `klaus contract`) and throwaway certificates
-//! (`petra certs`). The checks themselves live in `xtask/k8s/check.py`.
+//! `target/` with the pinned, hashed packages of `xtask/k8s/requirements.txt`, and one build of
+//! both services for their contracts (`petra contract`, `klaus contract`) and throwaway
+//! certificates (`petra certs`). The checks themselves live in `xtask/k8s/check.py`.
 
 use std::path::{Path, PathBuf};
 
