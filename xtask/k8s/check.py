@@ -558,18 +558,23 @@ def resolve_port(workload: dict, port) -> int | None:
     return None
 
 
-# NetworkPolicy reachability. A peer is ("pod", labels) in the same namespace, ("other-ns", labels)
-# for a pod elsewhere in the cluster (an ingress controller, Prometheus), or ("world", address).
+# NetworkPolicy reachability. A peer is ("pod", labels) in the same namespace, ("other-ns", labels,
+# namespace labels) for a pod elsewhere in the cluster (an ingress controller, Prometheus, DNS), or
+# ("world", address). Kubelet probes come from the pod's own node, which NetworkPolicy always allows,
+# so they need no peer here.
 
 
 def peer_matches(peers, peer) -> bool:
     if not peers:
         return True
-    kind, value = peer
+    kind, value = peer[0], peer[1]
     for p in peers:
         if "ipBlock" in p:
             if kind == "world":
-                net = ipaddress.ip_network(p["ipBlock"]["cidr"])
+                try:
+                    net = ipaddress.ip_network(p["ipBlock"]["cidr"])
+                except ValueError:
+                    continue  # not a range: the API server refuses it, and check_policy_rules says so
                 addr = ipaddress.ip_address(value)
                 excepted = any(addr in ipaddress.ip_network(e) for e in p["ipBlock"].get("except") or [])
                 if addr.version == net.version and addr in net and not excepted:
@@ -579,8 +584,8 @@ def peer_matches(peers, peer) -> bool:
         if kind == "pod" and labels_match(pod_sel, value):
             if ns_sel is None or ns_sel == {}:
                 return True
-        if kind == "other-ns" and ns_sel is not None and ns_sel.get("matchLabels") in (None, {}) \
-                and not ns_sel.get("matchExpressions") and labels_match(pod_sel, value):
+        if kind == "other-ns" and ns_sel is not None and labels_match(ns_sel, peer[2]) \
+                and labels_match(pod_sel, value):
             return True
     return False
 
@@ -630,8 +635,75 @@ def egress_allowed(r: Render, source: dict, port: int, dest, protocol: str = "TC
 
 WORLD = ("world", "203.0.113.7")  # an address outside the cluster (TEST-NET-3)
 WORLD6 = ("world", "2001:db8::7")
+ELSEWHERE = ("world", "198.51.100.7")  # another address outside the cluster (TEST-NET-2)
 STRANGER = ("pod", {"app.kubernetes.io/name": "stranger"})  # another pod in the namespace
-PROMETHEUS = ("other-ns", {"app.kubernetes.io/name": "prometheus"})
+# The label a user puts on the namespace of their Prometheus: the one that may reach admin ports.
+MONITORING_LABEL = ("petra-klaus/monitoring", "true")
+PROMETHEUS = ("other-ns", {"app.kubernetes.io/name": "prometheus"},
+              {"kubernetes.io/metadata.name": "monitoring", MONITORING_LABEL[0]: MONITORING_LABEL[1]})
+# The same Prometheus in a namespace nobody labelled: a stand-in for any pod of the cluster.
+UNLABELLED_NS = ("other-ns", {"app.kubernetes.io/name": "prometheus"}, {"kubernetes.io/metadata.name": "apps"})
+KUBE_DNS = ("other-ns", {"k8s-app": "kube-dns"}, {"kubernetes.io/metadata.name": "kube-system"})
+INGRESS_CONTROLLER = ("other-ns", {"app": "ingress-controller"}, {"kubernetes.io/metadata.name": "ingress"})
+
+# Address ranges a user must set before applying: placeholders that are on purpose no CIDR, so the
+# API server refuses the policy until they are replaced. The checks put in an example range (what a
+# user would set) and test reachability with it. Each placeholder names the one file to edit.
+PLACEHOLDER_PREFIX = "SET-"
+EXAMPLE_RANGES = {
+    "SET-PETRA-ADDRESS-RANGE-IN-k8s-overlays-petra-endpoint": "203.0.113.0/24",  # holds WORLD
+    "SET-LOAD-BALANCER-SUBNETS-IN-k8s-components-aws": "10.0.0.0/16",
+}
+PETRA_LB = ("world", "203.0.113.7")  # Petra's load balancer in the example range
+AWS_HEALTH_CHECK = ("world", "10.0.1.7")  # an AWS load balancer in the example subnets
+
+
+def ip_blocks(policy: dict):
+    """(direction, rule, ipBlock) for every ipBlock peer of a NetworkPolicy."""
+    for direction, side in (("ingress", "from"), ("egress", "to")):
+        for rule in dig(policy, "spec", direction, default=[]) or []:
+            for peer in rule.get(side) or []:
+                if "ipBlock" in peer:
+                    yield direction, rule, peer["ipBlock"]
+
+
+def with_example_ranges(r: Render) -> Render:
+    """A copy of the render with each placeholder range replaced by its example range."""
+    out = Render(r.name, r.overlay, r.components, "")
+    out.docs = copy.deepcopy(r.docs)
+    for policy in out.of_kind("NetworkPolicy"):
+        for _, _, block in ip_blocks(policy):
+            block["cidr"] = EXAMPLE_RANGES.get(block["cidr"], block["cidr"])
+    return out
+
+
+def check_policy_rules(report: Report, r: Render, admin_ports: set[int]) -> None:
+    """What each rule may say, whatever it reaches: no admin port open to every source, no egress to
+    every address, DNS only to a selected namespace, address ranges that are ranges or known
+    placeholders."""
+    for policy in r.of_kind("NetworkPolicy"):
+        where = f"{r.name}: NetworkPolicy/{dig(policy, 'metadata', 'name')}"
+        for rule in dig(policy, "spec", "ingress", default=[]) or []:
+            opened = [port for port in admin_ports if port_matches(rule.get("ports"), port, "TCP", None)]
+            report.check(not opened or bool(rule.get("from")), where,
+                         f"an ingress rule admits every source on the admin port {opened}: give it a `from`")
+        for rule in dig(policy, "spec", "egress", default=[]) or []:
+            report.check(bool(rule.get("to")), where, "an egress rule without `to` opens egress to every address")
+            if port_matches(rule.get("ports"), 53, "UDP", None) or port_matches(rule.get("ports"), 53, "TCP", None):
+                report.check(bool(rule.get("to")) and all("namespaceSelector" in peer for peer in rule["to"]),
+                             where, "a DNS egress rule without a namespaceSelector: DNS is the cluster's "
+                                    "(kube-system, k8s-app: kube-dns)")
+        for direction, _, block in ip_blocks(policy):
+            cidr = block.get("cidr", "")
+            if cidr.startswith(PLACEHOLDER_PREFIX):
+                report.check(cidr in EXAMPLE_RANGES, where, f"unknown placeholder {cidr}: list it in EXAMPLE_RANGES")
+                continue
+            try:
+                net = ipaddress.ip_network(cidr)
+            except ValueError:
+                report.fail(where, f"ipBlock {cidr!r} is not an address range")
+                continue
+            report.check(net.prefixlen > 0, where, f"{direction} to every address ({cidr})")
 
 
 def check_network(report: Report, r: Render, contracts: dict) -> None:
@@ -650,16 +722,32 @@ def check_network(report: Report, r: Render, contracts: dict) -> None:
                 if dig(svc, "spec", "type") in ("LoadBalancer", "NodePort"):
                     for p in svc["spec"]["ports"]:
                         exposed.setdefault(name, set()).add(resolve_port(wl, p.get("targetPort", p["port"])))
+    check_policy_rules(report, r, {c["ports"]["admin"] for c in contracts.values()})
+    r = with_example_ranges(r)
+    monitoring = f"{MONITORING_LABEL[0]}={MONITORING_LABEL[1]}"
     for name, wl in deployments.items():
         c = contracts.get(name)
         w = f"{r.name}: pods of {name}"
         if c is None:
             continue
         main, admin = c["ports"]["main"], c["ports"]["admin"]
-        report.check(ingress_allowed(r, wl, admin, WORLD), w, f"admin port {admin} closed to kubelet probes")
-        report.check(ingress_allowed(r, wl, admin, PROMETHEUS), w, f"admin port {admin} closed to Prometheus")
+        report.check(ingress_allowed(r, wl, admin, PROMETHEUS), w,
+                     f"admin port {admin} closed to Prometheus in a namespace labelled {monitoring}")
+        report.check(not ingress_allowed(r, wl, admin, UNLABELLED_NS), w,
+                     f"admin port {admin} open to pods of any namespace, not only those labelled {monitoring}")
+        report.check(not ingress_allowed(r, wl, admin, STRANGER), w,
+                     f"admin port {admin} open to other pods of its namespace")
+        report.check(not ingress_allowed(r, wl, admin, WORLD), w, f"admin port {admin} open to outside addresses")
+        if r.provider == "aws":
+            report.check(ingress_allowed(r, wl, admin, AWS_HEALTH_CHECK), w,
+                         f"admin port {admin} closed to the load balancers' health checks (aws)")
         for proto in ["UDP", "TCP"]:
-            report.check(egress_allowed(r, wl, 53, WORLD, proto), w, f"DNS ({proto} 53) egress blocked")
+            report.check(egress_allowed(r, wl, 53, KUBE_DNS, proto), w,
+                         f"DNS ({proto} 53) egress blocked (to the kube-dns pods in kube-system)")
+            report.check(not egress_allowed(r, wl, 53, WORLD, proto), w,
+                         f"DNS ({proto} 53) egress open to outside addresses, not only the cluster's DNS")
+            report.check(not egress_allowed(r, wl, 53, UNLABELLED_NS, proto), w,
+                         f"DNS ({proto} 53) egress open to pods of any namespace, not only kube-dns")
         report.check(not egress_allowed(r, wl, 5432, WORLD), w, "egress to arbitrary ports is open")
         report.check(not ingress_allowed(r, wl, 5432, STRANGER), w, "ingress to arbitrary ports is open")
         for port in exposed.get(name, set()):
@@ -673,7 +761,7 @@ def check_network(report: Report, r: Render, contracts: dict) -> None:
             report.check(not egress_allowed(r, wl, 443, WORLD), w, "Petra may open outbound connections")
         if name == "klaus":
             report.check(ingress_allowed(r, wl, main, WORLD), w, f"Klaus's port {main} closed to clients")
-            report.check(ingress_allowed(r, wl, main, ("other-ns", {"app": "ingress-controller"})), w,
+            report.check(ingress_allowed(r, wl, main, INGRESS_CONTROLLER), w,
                          f"Klaus's port {main} closed to ingress controllers and gateways")
             check_klaus_to_petra(report, r, wl, deployments.get("petra"), contracts)
 
@@ -745,9 +833,12 @@ def check_klaus_to_petra(report: Report, r: Render, klaus: dict, petra: dict | N
         local = IN_CLUSTER_HOST.fullmatch(host)
         if local is None:
             external = external or host
-            for world in (WORLD, WORLD6):
-                report.check(egress_allowed(r, klaus, port, world), wp,
-                             f"egress to {host}:{port} blocked ({world[1]})")
+            # With the range a user sets for Petra's load balancer: open to it, and to nothing else.
+            report.check(egress_allowed(r, klaus, port, PETRA_LB), wp,
+                         f"egress to {host}:{port} blocked ({PETRA_LB[1]} in the range set for it)")
+            for world in (ELSEWHERE, WORLD6):
+                report.check(not egress_allowed(r, klaus, port, world), wp,
+                             f"egress on {port} open to any address ({world[1]}), not only Petra's range")
             continue
         report.check(external is None, wp, f"{host} is in this cluster but comes after {external}: "
                                             "Klaus's own cluster's Petra must come first")
@@ -1091,6 +1182,15 @@ def _rename_petra_service(r: Render, name: str) -> None:
     _set_url(r, f"https://{name}.{r.namespace}.svc.cluster.local:8443")
 
 
+def _admin_rule(r: Render) -> dict:
+    return _obj(r, "NetworkPolicy", "allow-admin-from-monitoring")["spec"]["ingress"][0]
+
+
+def _petra_block(r: Render) -> dict:
+    """The ipBlock of Klaus's egress to Petra's external address range."""
+    return _obj(r, "NetworkPolicy", "klaus-allow-egress-to-petra-external")["spec"]["egress"][0]["to"][0]["ipBlock"]
+
+
 LOCAL = "https://petra.petra-klaus.svc.cluster.local:8443"  # Klaus's URL of its own cluster's Petra
 
 
@@ -1137,8 +1237,48 @@ MUTATIONS = [
      lambda r: _drop(r, "NetworkPolicy", "klaus-allow-egress-to-petra")),
     ("single-cluster", "open to any pod, not only Klaus",
      lambda r: _obj(r, "NetworkPolicy", "petra-allow-ingress")["spec"]["ingress"][0].pop("from")),
-    ("single-cluster", "admin port 9090 closed", lambda r: _obj(r, "NetworkPolicy", "klaus-allow-ingress")
-     ["spec"]["ingress"][0]["ports"].pop(1)),
+    # The admin port: from the labelled monitoring namespace only; kubelet probes need no rule.
+    ("single-cluster", "admits every source on the admin port",
+     lambda r: _obj(r, "NetworkPolicy", "allow-admin-from-monitoring")["spec"]["ingress"][0].pop("from")),
+    ("single-cluster", "admits every source on the admin port", lambda r: _obj(r, "NetworkPolicy",
+     "klaus-allow-ingress")["spec"]["ingress"][0]["ports"].append({"protocol": "TCP", "port": 9090})),
+    ("single-cluster", "admin port 9090 open to pods of any namespace",
+     lambda r: _admin_rule(r)["from"][0].update(namespaceSelector={})),
+    ("single-cluster", "admin port 9090 open to other pods of its namespace",
+     lambda r: _admin_rule(r)["from"].append({"podSelector": {}})),
+    ("single-cluster", "admin port 9090 open to outside addresses",
+     lambda r: _admin_rule(r)["from"].append({"ipBlock": {"cidr": "203.0.113.0/24"}})),
+    ("single-cluster", "admin port 9090 closed to Prometheus",
+     lambda r: _drop(r, "NetworkPolicy", "allow-admin-from-monitoring")),
+    ("single-cluster+aws", "closed to the load balancers' health checks",
+     lambda r: _drop(r, "NetworkPolicy", "allow-admin-from-load-balancer")),
+    ("single-cluster+aws", "ingress to every address",
+     lambda r: _obj(r, "NetworkPolicy", "allow-admin-from-load-balancer")["spec"]["ingress"][0]["from"][0]
+     ["ipBlock"].update(cidr="0.0.0.0/0")),
+    # DNS: the cluster's DNS pods only, never any address on port 53.
+    ("single-cluster", "DNS egress rule without a namespaceSelector",
+     lambda r: _obj(r, "NetworkPolicy", "allow-dns-egress")["spec"]["egress"][0]["to"][0].pop("namespaceSelector")),
+    ("single-cluster", "DNS (UDP 53) egress open to outside addresses",
+     lambda r: _obj(r, "NetworkPolicy", "allow-dns-egress")["spec"]["egress"][0].pop("to")),
+    ("single-cluster", "DNS (TCP 53) egress open to pods of any namespace",
+     lambda r: _obj(r, "NetworkPolicy", "allow-dns-egress")["spec"]["egress"][0].update(
+         to=[{"namespaceSelector": {}}])),
+    ("single-cluster", "DNS (UDP 53) egress blocked (to the kube-dns",
+     lambda r: _obj(r, "NetworkPolicy", "allow-dns-egress")["spec"]["egress"][0]["to"][0]["podSelector"]
+     ["matchLabels"].update({"k8s-app": "coredns-typo"})),
+    # Petra's external address: the one range set in petra-endpoint, never every address.
+    ("klaus-cluster", "egress to every address", lambda r: _petra_block(r).update(cidr="0.0.0.0/0")),
+    ("klaus-cluster-failover", "egress to every address",
+     lambda r: _obj(r, "NetworkPolicy", "klaus-allow-egress-to-petra-external")["spec"]["egress"][0]["to"].append(
+         {"ipBlock": {"cidr": "::/0"}})),
+    ("klaus-cluster", "egress on 443 open to any address (198.51.100.7)",
+     lambda r: _petra_block(r).update(cidr="192.0.0.0/2")),
+    ("klaus-cluster", "without `to` opens egress to every address",
+     lambda r: _obj(r, "NetworkPolicy", "klaus-allow-egress-to-petra-external")["spec"]["egress"][0].pop("to")),
+    ("klaus-cluster", "is not an address range", lambda r: _petra_block(r).update(cidr="petra.example.com")),
+    ("klaus-cluster", "unknown placeholder", lambda r: _petra_block(r).update(cidr="SET-ME")),
+    ("klaus-cluster", "egress to petra.example.com:443 blocked",
+     lambda r: _petra_block(r).update(cidr="198.51.100.0/24")),
     ("petra-cluster", "closed to outside addresses", lambda r: _drop(r, "NetworkPolicy", "petra-allow-external")),
     ("single-cluster", "names namespace other",
      lambda r: _set_url(r, "https://petra.other.svc.cluster.local:8443")),
@@ -1348,6 +1488,11 @@ def main() -> int:
         check_two_clusters(report, renders, host)
         for r in renders:
             check_policy(report, r, contracts)
+        placeholders = sorted({block["cidr"] for r in renders for p in r.of_kind("NetworkPolicy")
+                               for _, _, block in ip_blocks(p) if block["cidr"] in EXAMPLE_RANGES})
+        for placeholder in placeholders:
+            print(f"NOTE: {placeholder}: an address range users must set before `kubectl apply` (it refuses "
+                  "the placeholder); checked with an example range")
         print(f"policy: {sum(report.passed.values()) - before} checks (restricted pod security, resources, "
               f"probes, images, labels, references, network reachability, provider-neutral, Klaus's Petra URLs, "
               f"two-cluster name)"

@@ -4,6 +4,7 @@
 //! No image can be pulled on our machines, so the Rust builder image that the Dockerfiles start from is made
 //! here when it is missing: a Debian root file system from `debootstrap` plus this machine's Rust toolchain,
 //! imported under the official image's name. It stays in Docker's image store, so later runs skip that part.
+//! After the builds, each image must carry its CycloneDX SBOM and a binary with its crates embedded (`sbom`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -48,7 +49,8 @@ pub(crate) fn images() -> anyhow::Result<()> {
         check_dockerfiles,
     )?;
     step(&format!("builder image {rust_image}"), || {
-        ensure_rust_image(&sh, &rust_image)
+        ensure_rust_image(&sh, &rust_image)?;
+        describe_builder(&sh, &rust_image)
     })?;
     let revision = git_revision(&sh);
     let version = workspace_version()?;
@@ -66,6 +68,10 @@ pub(crate) fn images() -> anyhow::Result<()> {
         })?;
     }
     step("image sizes", || check_sizes(&sh))?;
+    step(
+        "supply chain: each binary's embedded crates (cargo-auditable) and each image's SBOM",
+        || crate::sbom::check_images(&sh, &SERVICES),
+    )?;
     // Clean-up is a courtesy to the disk: when it fails, the images are still good.
     if let Err(err) = step("delete images older builds left behind", || {
         prune_old_builds(&sh)
@@ -325,6 +331,29 @@ fn ensure_rust_image(sh: &Shell, image: &str) -> anyhow::Result<()> {
         "{image} cannot be pulled: making it from debootstrap and this machine's Rust toolchain"
     );
     make_rust_image(sh, image)
+}
+
+/// Prints what the builder image is, since its tag alone does not say: its local image ID, the Rust
+/// toolchain, and the Debian packages whose bits reach the runtime images (glibc, linked statically; the CA
+/// bundle Petra and Klaus carry). A digest pin is not possible here: the official image's digest cannot be
+/// looked up without its registry, and a made image has no digest at all (`docker import` gives none), so
+/// a `FROM ...@sha256:` would refuse it; the image ID differs per machine (debootstrap takes the suite's
+/// packages of the day).
+fn describe_builder(sh: &Shell, image: &str) -> anyhow::Result<()> {
+    const ID: &str = "{{.Id}}";
+    let id = cmd!(sh, "docker image inspect --format {ID} {image}")
+        .quiet()
+        .read()?;
+    let script = "rustc -V; dpkg-query -W -f '${Package} ${Version}\\n' libc6 gcc ca-certificates";
+    let versions = cmd!(sh, "docker run --rm --network none {image} sh -c {script}")
+        .quiet()
+        .read()
+        .context("cannot list the builder image's toolchain and packages")?;
+    println!(
+        "{image}: image {id}; {}",
+        versions.lines().collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
 }
 
 /// Whether the local image store holds this image.

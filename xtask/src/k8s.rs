@@ -2,16 +2,16 @@
 //! and check that no compose file lets a running service see the CA's key (`xtask/compose/check.py`).
 //!
 //! The Rust side prepares the tools: `kubectl` (for `kubectl kustomize`), a Python venv under
-//! `target/` with the pinned packages of `xtask/k8s/requirements.txt`, and one build of both services
-//! for their contracts (`petra contract`, `klaus contract`) and throwaway certificates
-//! (`petra certs`). The checks themselves live in `xtask/k8s/check.py`.
+//! `target/` with the pinned, hashed packages of `xtask/k8s/requirements.txt`, and one build of
+//! both services for their contracts (`petra contract`, `klaus contract`) and throwaway
+//! certificates (`petra certs`). The checks themselves live in `xtask/k8s/check.py`.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use xshell::{Shell, cmd};
 
-use crate::util::{root, shell, step};
+use crate::util::{pip_install_hashed, root, shell, step};
 
 /// Kubernetes versions whose official schemas every rendered document must pass (strict mode).
 /// 1.32 is the oldest minor still in the big managed offerings' extended support and the one this
@@ -141,12 +141,7 @@ fn ensure_venv(sh: &Shell) -> anyhow::Result<PathBuf> {
     cmd!(sh, "python3 -m venv {venv}")
         .run()
         .context("python3 -m venv failed (is python3-venv installed?)")?;
-    cmd!(
-        sh,
-        "{python} -m pip install --quiet --disable-pip-version-check --requirement {requirements}"
-    )
-    .run()
-    .context("pip could not install xtask/k8s/requirements.txt")?;
+    pip_install_hashed(sh, &python, &requirements)?;
     sh.write_file(&stamp, wanted)?;
     Ok(python)
 }

@@ -8,6 +8,7 @@ mod e2e;
 mod fuzz;
 mod images;
 mod k8s;
+mod sbom;
 mod testssl;
 mod util;
 
@@ -19,7 +20,8 @@ usage: cargo xtask <task>
 tasks:
   ci       every check CI runs: fmt, clippy, tests, manifests, images and end-to-end tests
   test     the Rust tests only (cargo nextest, or cargo test where nextest is missing)
-  images   build petra:dev, klaus:dev and slowlink:dev from Dockerfile.<name>
+  images   build petra:dev, klaus:dev and slowlink:dev from Dockerfile.<name>; check their SBOMs and
+           embedded dependency lists against Cargo.lock
   e2e      build the images, bring up each compose topology and check it end to end, then the fault
            and failover scenarios; cargo xtask e2e [one|split|clouds|faults|failover|monitoring]... runs only those
   k8s      render every kustomize overlay and component, validate and policy-check them

@@ -50,6 +50,44 @@ pub(crate) fn tools_root() -> PathBuf {
         .unwrap_or_else(|| root().join("target").join("tools"))
 }
 
+/// Installs a requirements file into a venv's `python` with pip's hash-checking mode: every package,
+/// transitive ones included, must be pinned with `==` and carry the `--hash` of its file, or pip refuses.
+/// Compile the file from its `requirements.in` with `pip-compile --generate-hashes` (its header says how).
+pub(crate) fn pip_install_hashed(
+    sh: &Shell,
+    python: &Path,
+    requirements: &Path,
+) -> anyhow::Result<()> {
+    let text = sh.read_file(requirements)?;
+    if let Some(unhashed) = unhashed_requirements(&text).first() {
+        anyhow::bail!(
+            "{}: `{unhashed}` has no --hash: compile the file again from requirements.in with \
+             `pip-compile --generate-hashes` (see its header)",
+            requirements.display()
+        );
+    }
+    cmd!(
+        sh,
+        "{python} -m pip install --quiet --disable-pip-version-check --require-hashes --requirement {requirements}"
+    )
+    .run()
+    .with_context(|| format!("pip could not install {}", requirements.display()))?;
+    Ok(())
+}
+
+/// The requirements (`name==version` and the lines that continue them) that carry no `--hash=`.
+pub(crate) fn unhashed_requirements(text: &str) -> Vec<String> {
+    // Join continued lines, then drop comments and options such as `--find-links`.
+    let joined = text.replace("\\\n", " ");
+    joined
+        .lines()
+        .map(|line| line.split(" #").next().unwrap_or(line).trim())
+        .filter(|line| !line.is_empty() && !line.starts_with('#') && !line.starts_with('-'))
+        .filter(|line| !line.contains("--hash=sha256:"))
+        .map(|line| line.split_whitespace().next().unwrap_or(line).to_owned())
+        .collect()
+}
+
 /// The HTTP load generator: `oha` from `PATH`, else from [`tools_root`], installed there (the pinned
 /// [`OHA_VERSION`], a few minutes, once) when it is in neither.
 pub(crate) fn find_oha(sh: &Shell) -> anyhow::Result<PathBuf> {
@@ -140,4 +178,27 @@ pub(crate) fn status_kib(pid: u32, key: &str) -> Option<u64> {
         .next()?
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both venvs install with hashes: a requirement without one would be refused by pip only at install
+    /// time, on a fresh machine; this says so at test time.
+    #[test]
+    fn every_python_requirement_is_pinned_with_a_hash() {
+        for file in ["xtask/k8s/requirements.txt", "xtask/audit/requirements.txt"] {
+            let text = std::fs::read_to_string(root().join(file)).expect("must succeed");
+            assert_eq!(unhashed_requirements(&text), Vec::<String>::new(), "{file}");
+            let pinned = text.lines().filter(|l| l.contains("==")).count();
+            assert!(pinned >= 2, "{file} pins {pinned} packages");
+        }
+    }
+
+    #[test]
+    fn a_requirement_without_a_hash_is_found() {
+        let text = "# comment\nfoo==1.0 \\\n    --hash=sha256:abc\n    # via bar\nbar==2.0\n--find-links x\n";
+        assert_eq!(unhashed_requirements(text), vec!["bar==2.0".to_owned()]);
+    }
 }
