@@ -12,6 +12,7 @@ pub mod admission;
 pub mod certs;
 pub mod config;
 pub mod contract;
+pub mod expiry;
 pub mod healthcheck;
 pub mod memory;
 pub mod metrics;

@@ -242,6 +242,23 @@ fn watched(files: &ServerFiles) -> WatchedFiles {
     watched
 }
 
+/// Shows when the listener's certificate (`server`) and the CAs of its client certificates
+/// (`client_ca`) in `set` expire; called once `set` has loaded.
+fn show_expiry(expiry: &crate::expiry::CertificateExpiry, files: &ServerFiles, set: &FileSet) {
+    let leaf = parse_certs("TLS_CERT_FILE", &files.cert, set.get(0))
+        .ok()
+        .and_then(|chain| chain.into_iter().next());
+    let cas = match &files.client_ca {
+        Some(path) => parse_certs("TLS_CLIENT_CA_FILE", path, set.get(2)).unwrap_or_default(),
+        None => Vec::new(),
+    };
+    expiry.show(
+        leaf.iter()
+            .map(|cert| ("server", cert))
+            .chain(cas.iter().map(|cert| ("client_ca", cert))),
+    );
+}
+
 fn server_config_from(
     files: &ServerFiles,
     set: &FileSet,
@@ -684,6 +701,7 @@ pub struct ReloadingConfig {
     loaded: u64,
     reloads: ReloadMetrics,
     refusals: ClientRefusals,
+    expiry: crate::expiry::CertificateExpiry,
 }
 
 impl ReloadingConfig {
@@ -693,6 +711,11 @@ impl ReloadingConfig {
         let set = watched(&files).read()?;
         let refusals = ClientRefusals::register(registry);
         let config = server_config_from(&files, &set, &refusals)?;
+        let expiry = crate::expiry::CertificateExpiry::register(
+            registry,
+            "tls_certificate_not_after_timestamp_seconds",
+        );
+        show_expiry(&expiry, &files, &set);
         let reloads = ReloadMetrics::register(
             registry,
             "tls_reloads",
@@ -709,6 +732,7 @@ impl ReloadingConfig {
             loaded: set.fingerprint(),
             reloads,
             refusals,
+            expiry,
         }))
     }
 
@@ -735,6 +759,7 @@ impl ReloadingConfig {
             move |set| {
                 let config = server_config_from(&this.files, set, &this.refusals)?;
                 this.current.store(Arc::new(config));
+                show_expiry(&this.expiry, &this.files, set);
                 Ok(())
             },
         );

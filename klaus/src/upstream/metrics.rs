@@ -37,6 +37,7 @@ pub struct PetraMetrics {
     pub(crate) ejections: Family<EndpointLabel, Counter>,
     pub(crate) priority_in_use: Gauge,
     pub(crate) tls_reloads: ReloadMetrics,
+    pub(crate) cert_expiry: serving::expiry::CertificateExpiry,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -90,6 +91,10 @@ impl PetraMetrics {
             ejections: Family::default(),
             priority_in_use: Gauge::default(),
             tls_reloads: super::tls::register_reloads(registry),
+            cert_expiry: serving::expiry::CertificateExpiry::register(
+                registry,
+                "petra_tls_certificate_not_after_timestamp_seconds",
+            ),
         };
         registry.register(
             "petra_calls",

@@ -131,7 +131,7 @@ impl PetraClient {
             ConfigError::new("PETRA_URL", "is not set; set it to Petra's https:// URL")
         })?;
         let targets = parse_urls(raw)?;
-        let tls = Arc::new(ClientTls::load(args)?);
+        let tls = Arc::new(ClientTls::load(args)?.with_expiry(metrics.cert_expiry.clone())?);
         let endpoints = Arc::new(Endpoints::new(
             targets,
             Arc::clone(&tls),

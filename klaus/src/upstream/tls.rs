@@ -44,6 +44,8 @@ pub(crate) struct ClientTls {
     loaded: u64,
     /// The system's roots, read once (about 10 ms), when they are trusted; else empty.
     system: Arc<RootCertStore>,
+    /// `petra_tls_certificate_not_after_timestamp_seconds`, once [`ClientTls::with_expiry`] set it.
+    expiry: serving::expiry::CertificateExpiry,
 }
 
 /// Where Klaus's TLS files are, and their positions in the [`FileSet`] read together.
@@ -88,6 +90,28 @@ impl Files {
             identity,
             watched,
         })
+    }
+
+    /// Shows when Klaus's client certificate (`client`) and the CAs of PETRA_CA_FILE
+    /// (`petra_ca`) in `set` expire; called once `set` has loaded.
+    fn show_expiry(&self, expiry: &serving::expiry::CertificateExpiry, set: &FileSet) {
+        let leaf = self.identity.as_ref().and_then(|(cert, _)| {
+            serving::tls::parse_certs("PETRA_CLIENT_CERT_FILE", cert, set.get(0))
+                .ok()?
+                .into_iter()
+                .next()
+        });
+        let ca_index = if self.identity.is_some() { 2 } else { 0 };
+        let cas = match &self.ca {
+            Some(path) => serving::tls::parse_certs("PETRA_CA_FILE", path, set.get(ca_index))
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        expiry.show(
+            leaf.iter()
+                .map(|cert| ("client", cert))
+                .chain(cas.iter().map(|cert| ("petra_ca", cert))),
+        );
     }
 
     /// Builds the configuration for calls to Petra from `set`: PETRA_CA_FILE plus `system`
@@ -169,7 +193,19 @@ impl ClientTls {
             files,
             loaded: set.fingerprint(),
             system: Arc::new(system),
+            expiry: serving::expiry::CertificateExpiry::default(),
         })
+    }
+
+    /// Shows the expiry dates of the files in `expiry` from now on, at every reload too.
+    pub(crate) fn with_expiry(
+        mut self,
+        expiry: serving::expiry::CertificateExpiry,
+    ) -> Result<Self, ConfigError> {
+        let set = self.files.watched.read()?;
+        self.files.show_expiry(&expiry, &set);
+        self.expiry = expiry;
+        Ok(self)
     }
 
     /// The configuration for the next connection of `profile`.
@@ -201,6 +237,7 @@ impl ClientTls {
                 let (pooled, fresh) = profiles(this.files.config(set, &this.system)?);
                 this.pooled.store(Arc::new(pooled));
                 this.fresh.store(Arc::new(fresh));
+                this.files.show_expiry(&this.expiry, set);
                 Ok(())
             },
         );

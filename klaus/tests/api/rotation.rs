@@ -10,6 +10,27 @@ use serving::testing::{Running, TestPki, loopback, server_cert, spawn, wait_unti
 use crate::helpers::{get, petra_args, serve_args};
 use crate::upstream::{Load, failed, value};
 
+/// The expiry gauges of Petra's listener and of Klaus's client side.
+const PETRA_EXPIRY: &str = "tls_certificate_not_after_timestamp_seconds";
+const KLAUS_EXPIRY: &str = "petra_tls_certificate_not_after_timestamp_seconds";
+
+/// The certificates of `role` in the `metric` series of a scrape: subject and days left.
+fn expiring(text: &str, metric: &str, role: &str) -> Vec<(String, f64)> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let prefix = format!("{metric}{{role=\"{role}\",subject=\"");
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&prefix)?;
+            let (subject, value) = rest.rsplit_once("\"} ")?;
+            let not_after: f64 = value.parse().ok()?;
+            Some((subject.to_owned(), (not_after - now) / 86_400.0))
+        })
+        .collect()
+}
+
 /// Writes `contents` to `path` as a Secret volume update does: whole, by a rename.
 fn put(path: &Path, contents: &str) {
     let fresh = path.with_extension("new");
@@ -124,6 +145,15 @@ async fn the_three_step_ca_replacement_fails_no_call() {
     let before = seen(&petra, &klaus).await;
     files.trust(&[old, &new]);
     picked_up("both trust both CAs", &petra, &klaus, &before).await;
+    // Each CA's expiry date is exported on both sides from the reload that brought it.
+    assert_eq!(
+        expiring(&petra.metrics().await, PETRA_EXPIRY, "client_ca").len(),
+        2
+    );
+    assert_eq!(
+        expiring(&klaus.metrics().await, KLAUS_EXPIRY, "petra_ca").len(),
+        2
+    );
     // 2. Certificates from the new CA.
     let before = seen(&petra, &klaus).await;
     files.certificates_from(&new);
@@ -155,6 +185,23 @@ async fn the_three_step_ca_replacement_fails_no_call() {
         .send()
         .await;
     assert!(refused.is_err(), "the old client certificate still works");
+    // The old CA's date went with it, on both sides; each service's own certificate is the new
+    // CA's, valid for a day.
+    for (text, metric, ca_role, own_role) in [
+        (petra.metrics().await, PETRA_EXPIRY, "client_ca", "server"),
+        (klaus.metrics().await, KLAUS_EXPIRY, "petra_ca", "client"),
+    ] {
+        let cas = expiring(&text, metric, ca_role);
+        assert!(
+            matches!(cas.as_slice(), [(subject, days)] if subject.contains("new test CA") && *days > 3000.0),
+            "{metric} {ca_role}: {cas:?}"
+        );
+        let own = expiring(&text, metric, own_role);
+        assert!(
+            matches!(own.as_slice(), [(_, days)] if (0.9..1.1).contains(days)),
+            "{metric} {own_role}: {own:?}"
+        );
+    }
     let accepted = seen(&petra, &klaus).await.accepted;
     wait_until(
         "Klaus on yet another new connection",
