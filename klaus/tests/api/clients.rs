@@ -3,7 +3,7 @@
 //! 503 with `Retry-After`, and `X-Content-Type-Options: nosniff` on every answer.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -13,7 +13,8 @@ use klaus::ErrorDetail;
 use serving::testing::{TestPki, plain_client};
 
 use crate::helpers::{
-    get as http_get, petra_args, spawn_fake_petra, spawn_fake_petra_at, spawn_klaus,
+    get as http_get, petra_args, recording_petra, spawn_fake_petra, spawn_fake_petra_at,
+    spawn_klaus,
 };
 use crate::upstream::{Dns, attempts, ip, klaus_with, server_cert, shared_port, value};
 
@@ -206,19 +207,7 @@ async fn call_with_id(url: &str, id: &[u8], extra: &[(&str, &str)]) -> String {
 #[tokio::test]
 async fn hostile_request_ids_and_trace_context_are_replaced_before_petra_sees_them() {
     let pki = TestPki::new();
-    let seen: Arc<Mutex<Vec<HeaderMap>>> = Arc::default();
-    let record = Arc::clone(&seen);
-    let fake = Router::new().route(
-        "/",
-        get(move |headers: HeaderMap| {
-            let record = Arc::clone(&record);
-            async move {
-                record.lock().expect("lock").push(headers);
-                "hello"
-            }
-        }),
-    );
-    let petra = spawn_fake_petra(&pki, &pki.petra, fake).await;
+    let (petra, seen) = recording_petra(&pki).await;
     let klaus = crate::helpers::spawn_klaus_for(&pki, &petra).await;
     let url = klaus.http_url();
     let long = vec![b'a'; 129];

@@ -1,13 +1,9 @@
 //! The happy path: `hello world` end to end over mutual TLS, with trace context passed on.
 
-use std::sync::{Arc, Mutex};
-
-use axum::Router;
 use axum::http::HeaderMap;
-use axum::routing::get;
 use serving::testing::{TestPki, client_builder};
 
-use crate::helpers::{get as http_get, spawn_fake_petra, spawn_klaus_for, spawn_petra};
+use crate::helpers::{get as http_get, recording_petra, spawn_klaus_for, spawn_petra};
 
 #[tokio::test]
 async fn says_hello_world_through_petra_over_mutual_tls() {
@@ -72,19 +68,7 @@ async fn multiplexes_concurrent_calls_on_one_http2_connection_to_petra() {
 #[tokio::test]
 async fn passes_on_traceparent_and_request_id() {
     let pki = TestPki::new();
-    let seen: Arc<Mutex<Vec<HeaderMap>>> = Arc::default();
-    let record = Arc::clone(&seen);
-    let fake = Router::new().route(
-        "/",
-        get(move |headers: HeaderMap| {
-            let record = Arc::clone(&record);
-            async move {
-                record.lock().expect("lock").push(headers);
-                "hello"
-            }
-        }),
-    );
-    let petra = spawn_fake_petra(&pki, &pki.petra, fake).await;
+    let (petra, seen) = recording_petra(&pki).await;
     let klaus = spawn_klaus_for(&pki, &petra).await;
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let response = serving::testing::plain_client()

@@ -59,6 +59,29 @@ pub(crate) async fn spawn_petra_at(pki: &TestPki, addr: std::net::SocketAddr) ->
 
 /// A fake Petra serving `router` over HTTPS with `cert`, requiring client certificates from
 /// `pki`'s CA.
+/// A Petra stand-in that answers `hello` and keeps the headers of every request it gets.
+pub(crate) async fn recording_petra(
+    pki: &TestPki,
+) -> (
+    Running,
+    std::sync::Arc<std::sync::Mutex<Vec<axum::http::HeaderMap>>>,
+) {
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<axum::http::HeaderMap>>> =
+        std::sync::Arc::default();
+    let record = std::sync::Arc::clone(&seen);
+    let fake = Router::new().route(
+        "/",
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            let record = std::sync::Arc::clone(&record);
+            async move {
+                record.lock().expect("lock").push(headers);
+                "hello"
+            }
+        }),
+    );
+    (spawn_fake_petra(pki, &pki.petra, fake).await, seen)
+}
+
 pub(crate) async fn spawn_fake_petra(pki: &TestPki, cert: &Files, router: Router) -> Running {
     spawn_fake_petra_at(pki, cert, router, loopback()).await
 }
