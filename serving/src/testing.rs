@@ -279,20 +279,26 @@ pub struct Binary {
 }
 
 impl Binary {
-    /// Starts `exe` with JSON logs, both listeners on free loopback ports and `env`, and waits
-    /// for its `serving` log line.
-    pub fn start(exe: &str, env: &[(&str, &str)]) -> Self {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(exe)
+    /// The command [`Binary::start`] runs: `exe` with only `env`, JSON logs on a piped stdout and
+    /// both listeners on free loopback ports. For a test that must read stdout itself.
+    pub fn command(exe: &str, env: &[(&str, &str)]) -> std::process::Command {
+        let mut command = std::process::Command::new(exe);
+        command
             .env_clear()
             .env("LISTEN_ADDR", "127.0.0.1:0")
             .env("ADMIN_ADDR", "127.0.0.1:0")
             .env("LOG_FORMAT", "json")
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .expect("start the binary");
+            .stderr(std::process::Stdio::inherit());
+        command
+    }
+
+    /// Starts `exe` with JSON logs, both listeners on free loopback ports and `env`, and waits
+    /// for its `serving` log line.
+    pub fn start(exe: &str, env: &[(&str, &str)]) -> Self {
+        use std::io::BufRead;
+        let mut child = Self::command(exe, env).spawn().expect("start the binary");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

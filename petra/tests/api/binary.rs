@@ -479,14 +479,7 @@ fn start_with_stdout_unread(
     std::net::SocketAddr,
 ) {
     use std::io::BufRead;
-    let mut child = std::process::Command::new(EXE)
-        .env_clear()
-        .env("LISTEN_ADDR", "127.0.0.1:0")
-        .env("ADMIN_ADDR", "127.0.0.1:0")
-        .env("LOG_FORMAT", "json")
-        .envs(env.iter().copied())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
+    let mut child = serving::testing::Binary::command(EXE, env)
         .spawn()
         .expect("start petra");
     let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
