@@ -279,11 +279,7 @@ fn rss_kib(pid: u32) -> u64 {
 async fn memory_a_burst_of_connections_freed_goes_back_to_the_system() {
     const CONNECTIONS: usize = 800;
     let pki = TestPki::new();
-    let env = [
-        ("TLS_CERT_FILE", pki.petra.cert.to_str().expect("path")),
-        ("TLS_KEY_FILE", pki.petra.key.to_str().expect("path")),
-        ("TLS_CLIENT_CA_FILE", pki.ca_file.to_str().expect("path")),
-    ];
+    let env = tls_env(&pki);
     let petra = Binary::start(EXE, &env);
     let pid = petra.child.id();
     let url = format!("https://localhost:{}", petra.main_addr.port());
@@ -520,11 +516,7 @@ fn counter(text: &str, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stdout_nobody_reads_does_not_stop_serving() {
     let pki = TestPki::new();
-    let env = [
-        ("TLS_CERT_FILE", pki.petra.cert.to_str().expect("path")),
-        ("TLS_KEY_FILE", pki.petra.key.to_str().expect("path")),
-        ("TLS_CLIENT_CA_FILE", pki.ca_file.to_str().expect("path")),
-    ];
+    let env = tls_env(&pki);
     let (mut child, _unread, main_addr, admin_addr) = start_with_stdout_unread(&env);
     let url = format!("https://localhost:{}/", main_addr.port());
     let metrics_url = format!("http://{admin_addr}/metrics");
@@ -589,11 +581,7 @@ async fn a_stdout_nobody_reads_does_not_stop_serving() {
 async fn a_flood_of_404s_logs_a_bounded_number_of_lines_and_a_summary() {
     const FLOOD: usize = 600;
     let pki = TestPki::new();
-    let env = [
-        ("TLS_CERT_FILE", pki.petra.cert.to_str().expect("path")),
-        ("TLS_KEY_FILE", pki.petra.key.to_str().expect("path")),
-        ("TLS_CLIENT_CA_FILE", pki.ca_file.to_str().expect("path")),
-    ];
+    let env = tls_env(&pki);
     let petra = Binary::start(EXE, &env);
     let url = format!("https://localhost:{}/nowhere", petra.main_addr.port());
     let client = client(&pki.ca_file, Some(&pki.klaus));
@@ -631,4 +619,13 @@ async fn a_flood_of_404s_logs_a_bounded_number_of_lines_and_a_summary() {
         "{logged} of {FLOOD} 404s logged in {took:?}"
     );
     println!("{FLOOD} 404s in {took:?}: {logged} logged, {summarised} summarised");
+}
+
+/// Petra's TLS files from `pki` as its environment: mutual TLS, as the manifests run it.
+fn tls_env(pki: &TestPki) -> [(&'static str, &str); 3] {
+    [
+        ("TLS_CERT_FILE", pki.petra.cert.to_str().expect("path")),
+        ("TLS_KEY_FILE", pki.petra.key.to_str().expect("path")),
+        ("TLS_CLIENT_CA_FILE", pki.ca_file.to_str().expect("path")),
+    ]
 }
