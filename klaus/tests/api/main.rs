@@ -10,4 +10,5 @@ mod hello;
 mod helpers;
 mod resilience;
 mod rotation;
+mod traces;
 mod upstream;
