@@ -50,6 +50,10 @@ usage: cargo xtask bench [--quick] [--only petra|klaus|placement] [--duration SE
                    and the current pair in interleaved rounds, and check that the current
                    pair's median CPU per request is at most 1.10x the baseline's
   --rounds N       rounds of the A/B comparison, each pair once per round (default 3)
+
+OTEL_* variables in the bench's environment are passed to every Petra and Klaus it starts
+(nothing else is): with --baseline on an older revision, that measures the cost of exporting
+traces (start a receiver first, such as `tracesink --quiet`).
 ";
 
 /// The concurrency levels every keep-alive case runs at.
@@ -665,6 +669,9 @@ fn spawn_service(
     command
         .env_clear()
         .envs(env.vars.iter().map(|(k, v)| (k, v)))
+        // Traces: OTEL_* set for the bench reach every Petra and Klaus it starts, so that the
+        // cost of exporting can be measured against a baseline (BENCHMARKS.md says how).
+        .envs(std::env::vars().filter(|(key, _)| key.starts_with("OTEL_")))
         .env("LOG_FORMAT", "json")
         .env("SHUTDOWN_DELAY_SECONDS", "0")
         .env("SHUTDOWN_TIMEOUT_SECONDS", "1")

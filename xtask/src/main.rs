@@ -20,7 +20,7 @@ usage: cargo xtask <task>
 tasks:
   ci       every check CI runs: fmt, clippy, tests, manifests, images and end-to-end tests
   test     the Rust tests only (cargo nextest, or cargo test where nextest is missing)
-  images   build petra:dev, klaus:dev and slowlink:dev from Dockerfile.<name>; check their SBOMs and
+  images   build petra:dev, klaus:dev, slowlink:dev and tracesink:dev from Dockerfile.<name>; check their SBOMs and
            embedded dependency lists against Cargo.lock
   e2e      build the images, bring up each compose topology and check it end to end, then the fault
            and failover scenarios; cargo xtask e2e [one|split|clouds|faults|failover|monitoring]... runs only those
