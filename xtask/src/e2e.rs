@@ -3,7 +3,8 @@
 //! and the failover between two clouds ([`failover`]) on the two-cloud one.
 //!
 //! The split topology has a link between Klaus and Petra, and runs its checks at three distances
-//! ([`distance`]).
+//! ([`distance`]). [`monitoring`] runs a host Prometheus against docker-compose.yml, and
+//! [`observability`] the override that adds Prometheus and tracesink in compose.
 //!
 //! Each topology runs under a project name of its own and is always torn down (`down -v --remove-orphans`),
 //! also when a check fails. Every wait polls a condition under a deadline; none is a fixed sleep.
@@ -12,6 +13,7 @@ mod distance;
 mod failover;
 mod faults;
 mod monitoring;
+mod observability;
 mod picture;
 
 use std::io::{Read, Write};
@@ -94,7 +96,15 @@ const TOPOLOGIES: [Topology; 3] = [
 ];
 
 /// The parts of `cargo xtask e2e` that can be run alone: each topology's name, then the scenarios.
-const PARTS: [&str; 6] = ["one", "split", "clouds", "faults", "failover", "monitoring"];
+const PARTS: [&str; 7] = [
+    "one",
+    "split",
+    "clouds",
+    "faults",
+    "failover",
+    "monitoring",
+    "observability",
+];
 
 /// Builds both images, runs every check against each topology in turn, then the fault scenarios
 /// and the failover.
@@ -132,6 +142,12 @@ pub(crate) fn e2e_parts(only: &[String]) -> anyhow::Result<()> {
         step(
             "e2e docker-compose.yml monitoring: Prometheus with the shipped rules and the dashboard's queries",
             || monitoring::run(&sh, &compose, &oha),
+        )?;
+    }
+    if wanted("observability") {
+        step(
+            "e2e docker-compose.yml with docker-compose.observability.yml: traces in tracesink, Prometheus with the rules",
+            || observability::run(&sh, &compose),
         )?;
     }
     if wanted("failover") {

@@ -23,7 +23,7 @@ tasks:
   images   build petra:dev, klaus:dev, slowlink:dev and tracesink:dev from Dockerfile.<name>; check their SBOMs and
            embedded dependency lists against Cargo.lock
   e2e      build the images, bring up each compose topology and check it end to end, then the fault
-           and failover scenarios; cargo xtask e2e [one|split|clouds|faults|failover|monitoring]... runs only those
+           and failover scenarios; cargo xtask e2e [one|split|clouds|faults|failover|monitoring|observability]... runs only those
   k8s      render every kustomize overlay and component, validate and policy-check them
   alerts   check the Prometheus rules and run their promtool unit tests
   bench    load-test Petra and Klaus and check the performance budget
