@@ -247,3 +247,28 @@ async fn a_collector_that_does_not_answer_costs_a_counter_and_a_warning_never_a_
     // Serving went on throughout.
     hello_world(&klaus, None).await;
 }
+
+#[tokio::test]
+async fn without_an_exporter_both_log_lines_of_a_call_still_share_its_trace_id() {
+    let pki = TestPki::new();
+    let (petra, klaus) = start_pair(&pki, &[]);
+    hello_world(&klaus, None).await;
+    let klaus_line = request_line(&klaus);
+    let petra_line = request_line(&petra);
+    let trace_id = klaus_line["trace_id"].as_str().expect("trace_id");
+    assert_eq!(trace_id.len(), 32, "{klaus_line}");
+    assert_ne!(trace_id, "00000000000000000000000000000000");
+    assert_eq!(petra_line["trace_id"], trace_id, "{petra_line}");
+    assert_ne!(petra_line["span_id"], klaus_line["span_id"]);
+    // A caller's trace is kept.
+    let caller = "00-6bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    hello_world(&klaus, Some(caller)).await;
+    assert_eq!(
+        request_line(&klaus)["trace_id"],
+        "6bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    assert_eq!(
+        request_line(&petra)["trace_id"],
+        "6bf92f3577b34da6a3ce929d0e0e4736"
+    );
+}
