@@ -57,6 +57,8 @@ CERT_COMPONENTS = {"cert-manager"}  # replaces an overlay's `certs` component
 ENTRY_COMPONENTS = {"ingress", "gateway-api"}  # need Klaus in the overlay
 PROVIDER_COMPONENTS = {"aws", "azure", "gke"}  # last in the list, at most one
 ADDON_COMPONENTS = {"prometheus-operator"}  # adds objects of its own; rendered with each overlay
+# Part of the overlays that list them already (the two-cluster topology's external name); never added on top.
+INCLUDED_COMPONENTS = {"petra-endpoint"}
 
 # Strings that mark a cloud provider. None may appear in the base or in a render without a
 # provider component; each provider component must produce its own.
@@ -223,12 +225,12 @@ class Render:
 
 def endpoint_host(k8s: Path) -> str:
     """Petra's external name, from the one place it is set."""
-    doc = load_yaml(k8s / "overlays" / "petra-endpoint" / "kustomization.yaml")
+    doc = load_yaml(k8s / "components" / "petra-endpoint" / "kustomization.yaml")
     for gen in doc.get("configMapGenerator") or []:
         for literal in gen.get("literals") or []:
             if literal.startswith("host="):
                 return literal.split("=", 1)[1]
-    raise SystemExit("k8s/overlays/petra-endpoint: no `host=` literal")
+    raise SystemExit("k8s/components/petra-endpoint: no `host=` literal")
 
 
 def make_certs(args, report: Report, scratch: Path, host: str) -> Path:
@@ -254,7 +256,7 @@ def discover(k8s: Path, report: Report) -> tuple[list[str], list[str]]:
     for d in sorted((k8s / "components").iterdir()):
         if (d / "kustomization.yaml").is_file():
             components.append(d.name)
-            known = CERT_COMPONENTS | ENTRY_COMPONENTS | PROVIDER_COMPONENTS | ADDON_COMPONENTS
+            known = CERT_COMPONENTS | ENTRY_COMPONENTS | PROVIDER_COMPONENTS | ADDON_COMPONENTS | INCLUDED_COMPONENTS
             report.check(d.name in known, f"k8s/components/{d.name}",
                          "unknown component: give it a place in check.py's combinations")
     return overlays, components
@@ -651,7 +653,7 @@ INGRESS_CONTROLLER = ("other-ns", {"app": "ingress-controller"}, {"kubernetes.io
 # user would set) and test reachability with it. Each placeholder names the one file to edit.
 PLACEHOLDER_PREFIX = "SET-"
 EXAMPLE_RANGES = {
-    "SET-PETRA-ADDRESS-RANGE-IN-k8s-overlays-petra-endpoint": "203.0.113.0/24",  # holds WORLD
+    "SET-PETRA-ADDRESS-RANGE-IN-k8s-components-petra-endpoint": "203.0.113.0/24",  # holds WORLD
     "SET-LOAD-BALANCER-SUBNETS-IN-k8s-components-aws": "10.0.0.0/16",
 }
 PETRA_LB = ("world", "203.0.113.7")  # Petra's load balancer in the example range

@@ -50,6 +50,8 @@ const ENTRY_COMPONENTS: &[&str] = &["ingress", "gateway-api"];
 const PROVIDER_COMPONENTS: &[&str] = &["aws", "azure", "gke"];
 /// Components that add objects of their own (monitoring); rendered with each overlay.
 const ADDON_COMPONENTS: &[&str] = &["prometheus-operator"];
+/// Components the overlays that need them list already (Petra's external name); never added.
+const INCLUDED_COMPONENTS: &[&str] = &["petra-endpoint"];
 
 /// File names that hold keys or key stores, whatever their content.
 const KEY_FILE_SUFFIXES: &[&str] = &[
@@ -398,6 +400,7 @@ fn render_k8s(sh: &Shell, work: &Path) -> anyhow::Result<PathBuf> {
             ENTRY_COMPONENTS,
             PROVIDER_COMPONENTS,
             ADDON_COMPONENTS,
+            INCLUDED_COMPONENTS,
         ]
         .iter()
         .any(|set| set.contains(&component.as_str()));
@@ -409,7 +412,12 @@ fn render_k8s(sh: &Shell, work: &Path) -> anyhow::Result<PathBuf> {
         }
     }
     let mut variants: Vec<Vec<&str>> = vec![vec![]];
-    variants.extend(components.iter().map(|c| vec![c.as_str()]));
+    variants.extend(
+        components
+            .iter()
+            .filter(|c| !INCLUDED_COMPONENTS.contains(&c.as_str()))
+            .map(|c| vec![c.as_str()]),
+    );
     for entry in ENTRY_COMPONENTS
         .iter()
         .filter(|c| components.iter().any(|k| k == *c))
