@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from . import compose_secrets
 from .contract import check_compose, check_contract
 from .objects import dig, env_map, pod_spec
 from .petra_url import check_two_clusters
@@ -215,10 +216,12 @@ MUTATIONS = [
 # A compose file as the compose topology might write it, broken once per entry.
 COMPOSE_SAMPLE = {
     "services": {
-        "certs": {"image": "petra:dev", "command": ["certs", "--out", "/certs"]},
+        "certs": {"image": "petra:dev", "command": ["certs", "--out", "/certs"],
+                  "volumes": ["ca:/certs", "petra-certs:/certs/petra", "klaus-certs:/certs/klaus"]},
         "petra": {"image": "petra:dev", "user": "65532:65532", "environment": {"LISTEN_ADDR": "0.0.0.0:8443"},
-                  "expose": ["8443"]},
-        "klaus": {"image": "klaus:dev", "environment": {"PETRA_URL": "https://petra:8443"}, "ports": ["8080:8080"]},
+                  "expose": ["8443"], "volumes": ["petra-certs:/certs/petra:ro"]},
+        "klaus": {"image": "klaus:dev", "environment": {"PETRA_URL": "https://petra:8443"}, "ports": ["8080:8080"],
+                  "volumes": ["klaus-certs:/certs/klaus:ro"]},
     }
 }
 COMPOSE_MUTATIONS = [
@@ -229,6 +232,12 @@ COMPOSE_MUTATIONS = [
     ("container ports", lambda c: c["services"]["klaus"].update(ports=["8080:8081"])),
     ("is not the one Kubernetes runs", lambda c: c["services"]["petra"].update(image="petra-server:dev")),
     ("Kubernetes runs petra as uid", lambda c: c["services"]["petra"].update(user="1000:1000")),
+]
+# The same sample against compose_secrets: no service but the certs job sees the CA's key, each its own folder.
+KEY_MOUNT_MUTATIONS = [
+    ("which holds the CA's private key", lambda c: c["services"]["klaus"]["volumes"].append("ca:/ca:ro")),
+    ("each service mounts only its own", lambda c: c["services"]["klaus"]["volumes"].append(
+        "petra-certs:/certs/petra:ro")),
 ]
 
 
@@ -287,4 +296,17 @@ def self_test(report: Report, renders: list[Render], contracts: dict, versions: 
         hit = any(expected in f for f in probe.failures if f not in clean.failures)
         caught += hit
         report.check(hit, "self-test compose", f"breaking it for {expected!r} was not caught: {probe.failures}")
+
+    compose_file = folder / "docker-compose.yml"
+    compose_file.write_text(yaml.safe_dump(COMPOSE_SAMPLE))
+    clean_problems = compose_secrets.check(compose_file, set())
+    report.check(not clean_problems, "self-test compose keys", f"the sample compose file fails: {clean_problems}")
+    for expected, mutate in KEY_MOUNT_MUTATIONS:
+        sample = copy.deepcopy(COMPOSE_SAMPLE)
+        mutate(sample)
+        compose_file.write_text(yaml.safe_dump(sample))
+        problems = compose_secrets.check(compose_file, set())
+        hit = any(expected in p for p in problems)
+        caught += hit
+        report.check(hit, "self-test compose keys", f"breaking it for {expected!r} was not caught: {problems}")
     return caught
