@@ -96,7 +96,7 @@ def run_checks(args: argparse.Namespace) -> int:
               f"{', '.join(sorted(contracts))} contract and {n} docker-compose file(s){took()}")
 
         report.step = "self-test"
-        caught = self_test(report, renders, contracts, versions, schemas, host, scratch)
+        caught = self_test(report, root, renders, contracts, versions, schemas, host, scratch)
         print(f"self-test: {caught} deliberate breakages, each caught by the check meant for it{took()}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

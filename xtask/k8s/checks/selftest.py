@@ -1,10 +1,15 @@
 """Self-test: every check must be able to fail. Each entry breaks one thing in a copy of a real
-render (or a sample compose file) and names the failure the check meant for it must report."""
+render (or a sample compose file, or a copy of the k8s/ tree) and names the failure the check meant
+for it must report. Not broken here: the checks that report a tool's own failure (the certs tool
+wrote no file, `kubectl kustomize` failed, a contract names another service), which fail the run
+whenever they fire."""
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -14,7 +19,8 @@ from .contract import check_compose, check_contract
 from .objects import dig, env_map, pod_spec
 from .petra_url import check_two_clusters
 from .policy import check_policy
-from .render import Render
+from .provider import check_sources
+from .render import Render, discover
 from .report import Report
 from .schema import check_schemas
 from .workloads import check_images
@@ -49,6 +55,10 @@ def _rename_petra_service(r: Render, name: str) -> None:
     """Petra's Service under another name, and Klaus's URL following it."""
     _obj(r, "Service", "petra")["metadata"]["name"] = name
     _set_url(r, f"https://{name}.{r.namespace}.svc.cluster.local:8443")
+
+
+def _pod_annotations(r: Render, name: str) -> dict:
+    return _obj(r, "Deployment", name)["spec"]["template"]["metadata"]["annotations"]
 
 
 def _admin_rule(r: Render) -> dict:
@@ -211,6 +221,83 @@ MUTATIONS = [
      lambda r: _drop(r, "NetworkPolicy", "klaus-allow-egress-to-petra")),
     ("klaus-cluster-failover+cert-manager", "Certificate petra has no SAN",
      lambda r: _obj(r, "Certificate", "petra")["spec"]["dnsNames"].remove("petra.petra-klaus.svc.cluster.local")),
+    # The contract: names, ports, probes, annotations, the TLS files' mounts.
+    ("single-cluster", "no container named petra", lambda r: _ctr(r, "petra").update(name="server")),
+    ("single-cluster", "no contract for this service", lambda r: r.docs.append(
+        copy.deepcopy(_obj(r, "Deployment", "klaus")) | {"metadata": {"name": "klaus-canary"}})),
+    ("single-cluster", "port `admin` must be 9090", lambda r: _ctr(r, "petra")["ports"][1].update(name="metrics")),
+    ("single-cluster", "ADMIN_ADDR must use", lambda r: _env(r, "klaus", "ADMIN_ADDR", "0.0.0.0:9091")),
+    ("single-cluster", "the admin port is plain HTTP",
+     lambda r: _ctr(r, "klaus")["readinessProbe"]["httpGet"].update(scheme="HTTPS")),
+    ("single-cluster", "prometheus.io/port", lambda r: _pod_annotations(r, "petra").update(
+        {"prometheus.io/port": "9091"})),
+    ("single-cluster", "prometheus.io/path", lambda r: _pod_annotations(r, "klaus").update(
+        {"prometheus.io/path": "/stats"})),
+    ("single-cluster", "nothing is mounted at /etc/petra/tls",
+     lambda r: _ctr(r, "petra")["volumeMounts"][0].update(mountPath="/etc/tls")),
+    ("single-cluster", "is not a Secret volume", lambda r: pod_spec(_obj(r, "Deployment", "klaus"))["volumes"].__setitem__(
+        0, {"name": "tls", "emptyDir": {}})),
+    # Objects and the references between them.
+    ("single-cluster", "ServiceAccount petra is not in the render", lambda r: _drop(r, "ServiceAccount", "petra")),
+    ("single-cluster", "pod template needs app.kubernetes.io/name",
+     lambda r: _obj(r, "Deployment", "klaus")["spec"]["template"]["metadata"]["labels"].update(
+         {"app.kubernetes.io/name": "klaus-server"})),
+    ("single-cluster", "topologySpreadConstraints: none over kubernetes.io/hostname",
+     lambda r: pod_spec(_obj(r, "Deployment", "petra"))["topologySpreadConstraints"].pop(0)),
+    ("single-cluster", "does not select its own pods",
+     lambda r: pod_spec(_obj(r, "Deployment", "klaus"))["topologySpreadConstraints"][0]["labelSelector"].update(
+         matchLabels={"app.kubernetes.io/name": "petra"})),
+    ("single-cluster", "HPA must be autoscaling/v2",
+     lambda r: _obj(r, "HorizontalPodAutoscaler", "petra").update(apiVersion="autoscaling/v1")),
+    ("single-cluster", "scale target Deployment/klaus-typo missing",
+     lambda r: _obj(r, "HorizontalPodAutoscaler", "klaus")["spec"]["scaleTargetRef"].update(name="klaus-typo")),
+    ("single-cluster", "no Service selects these pods", lambda r: _drop(r, "Service", "klaus")),
+    ("single-cluster", "selects no pods",
+     lambda r: _obj(r, "Service", "klaus")["spec"]["selector"].update({"app.kubernetes.io/name": "klaus-typo"})),
+    ("single-cluster", "does not select Petra's pods",
+     lambda r: _obj(r, "Service", "petra")["spec"]["selector"].update({"app.kubernetes.io/name": "petra-typo"})),
+    ("single-cluster", "label app.kubernetes.io/name missing",
+     lambda r: _obj(r, "Service", "petra")["metadata"]["labels"].pop("app.kubernetes.io/name")),
+    ("single-cluster", "keys must be", lambda r: _obj(r, "Secret", "klaus-tls")["data"].pop("ca.crt")),
+    ("single-cluster", "has no key PETRA_URL_TYPO", lambda r: dig(env_map(_ctr(r, "klaus"))["PETRA_URL"], "valueFrom",
+                                                                  "configMapKeyRef").update(key="PETRA_URL_TYPO")),
+    ("single-cluster", "should be REGISTRY/petra:TAG", lambda r: _ctr(r, "petra").update(image="petra-server:0.1.0")),
+    ("single-cluster+ingress", "backend port", lambda r: _obj(r, "Ingress", "klaus")["spec"]["rules"][0]["http"]
+     ["paths"][0]["backend"]["service"].update(port={"number": 9999})),
+    ("single-cluster+gateway-api", "backend Service klaus-typo missing", lambda r: _obj(r, "HTTPRoute", "klaus")
+     ["spec"]["rules"][0]["backendRefs"][0].update(name="klaus-typo")),
+    ("single-cluster+cert-manager", "Issuer petra-klaus-ca-typo missing", lambda r: [
+        c["spec"]["issuerRef"].update(name="petra-klaus-ca-typo") for c in r.of_kind("Certificate")]),
+    ("single-cluster+cert-manager", "CA Secret petra-klaus-ca-typo is made by nothing",
+     lambda r: [i["spec"]["ca"].update(secretName="petra-klaus-ca-typo") for i in r.of_kind("Issuer")
+                if "ca" in i["spec"]]),
+    # Reachability that the rules above leave open.
+    ("single-cluster", "egress to arbitrary ports is open", lambda r: _obj(r, "NetworkPolicy",
+     "klaus-allow-egress-to-petra")["spec"]["egress"].append({"to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}]})),
+    ("single-cluster", "ingress to arbitrary ports is open", lambda r: _obj(r, "NetworkPolicy",
+     "petra-allow-ingress")["spec"]["ingress"].append({"from": [{"podSelector": {}}]})),
+    ("single-cluster", "Petra may open outbound connections", lambda r: r.docs.append({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "petra-egress", "labels": {"app.kubernetes.io/part-of": "petra-klaus"}},
+        "spec": {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "petra"}}, "policyTypes": ["Egress"],
+                 "egress": [{"to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}], "ports": [{"port": 443}]}]}})),
+    ("single-cluster", "Klaus's port 8080 closed to clients", lambda r: _drop(r, "NetworkPolicy", "klaus-allow-ingress")),
+    ("single-cluster", "closed to ingress controllers and gateways", lambda r: _obj(r, "NetworkPolicy",
+     "klaus-allow-ingress")["spec"]["ingress"][0].update(**{"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]})),
+    ("single-cluster", "Service petra has no port 8443",
+     lambda r: _obj(r, "Service", "petra")["spec"]["ports"][0].update(port=8444)),
+    ("single-cluster", "Petra does not accept Klaus", lambda r: _drop(r, "NetworkPolicy", "petra-allow-ingress")),
+    # The two-cluster topology's name and objects.
+    ("petra-cluster", "needs a LoadBalancer Service petra-public",
+     lambda r: _obj(r, "Service", "petra-public")["spec"].update(type="ClusterIP")),
+    ("petra-cluster", "DNS name is", lambda r: _obj(r, "Service", "petra-public")["metadata"]["annotations"].update(
+        {"external-dns.alpha.kubernetes.io/hostname": "petra.example.org"})),
+    ("petra-cluster", "must listen on 443", lambda r: _obj(r, "Service", "petra-public")["spec"]["ports"][0].update(
+        port=8443)),
+    ("petra-cluster+cert-manager", "Certificate petra lacks SAN petra.example.com",
+     lambda r: _obj(r, "Certificate", "petra")["spec"]["dnsNames"].remove("petra.example.com")),
+    ("klaus-cluster", "leaked into Klaus's cluster", lambda r: r.docs.append(
+        copy.deepcopy(_obj(r, "Deployment", "klaus")) | {"metadata": {"name": "petra"}})),
 ]
 
 # A compose file as the compose topology might write it, broken once per entry.
@@ -233,6 +320,16 @@ COMPOSE_MUTATIONS = [
     ("is not the one Kubernetes runs", lambda c: c["services"]["petra"].update(image="petra-server:dev")),
     ("Kubernetes runs petra as uid", lambda c: c["services"]["petra"].update(user="1000:1000")),
 ]
+# A copy of the k8s/ source tree (in a git repository of its own), broken once per entry.
+SOURCE_MUTATIONS = [
+    ("provider-specific text 'EKS' in the base",
+     lambda k8s: (k8s / "base" / "petra" / "notes.yaml").write_text("# tuned for EKS\n")),
+    ("a key or certificate would be committed",
+     lambda k8s: (k8s / "overlays" / "single-cluster" / "tls.crt").write_text("not a certificate\n")),
+    ("a Secret in the source tree",
+     lambda k8s: (k8s / "overlays" / "single-cluster" / "secret.yaml").write_text("kind: Secret\n")),
+    ("not gitignored", lambda k8s: (k8s / ".gitignore").write_text("")),
+]
 # The same sample against compose_secrets: no service but the certs job sees the CA's key, each its own folder.
 KEY_MOUNT_MUTATIONS = [
     ("which holds the CA's private key", lambda c: c["services"]["klaus"]["volumes"].append("ca:/ca:ro")),
@@ -241,8 +338,8 @@ KEY_MOUNT_MUTATIONS = [
 ]
 
 
-def self_test(report: Report, renders: list[Render], contracts: dict, versions: list[str], schemas: Path,
-              host: str, scratch: Path) -> int:
+def self_test(report: Report, root: Path, renders: list[Render], contracts: dict, versions: list[str],
+              schemas: Path, host: str, scratch: Path) -> int:
     by_name = {r.name: r for r in renders}
     caught = 0
 
@@ -309,4 +406,29 @@ def self_test(report: Report, renders: list[Render], contracts: dict, versions: 
         hit = any(expected in p for p in problems)
         caught += hit
         report.check(hit, "self-test compose keys", f"breaking it for {expected!r} was not caught: {problems}")
+
+    for n, (expected, mutate) in enumerate([("", lambda k8s: None)] + SOURCE_MUTATIONS):
+        copy_root = scratch / f"source-self-test-{n}"
+        shutil.copytree(root / "k8s", copy_root / "k8s", ignore=shutil.ignore_patterns("*.crt", "*.key", "*.pem"))
+        shutil.copy(root / ".gitignore", copy_root / ".gitignore")
+        subprocess.run(["git", "init", "--quiet", str(copy_root)], check=True)
+        mutate(copy_root / "k8s")
+        probe = Report()
+        check_sources(probe, copy_root, copy_root / "k8s")
+        if not expected:
+            report.check(not probe.failures, "self-test sources", f"the copy of k8s/ fails: {probe.failures[:3]}")
+            continue
+        hit = any(expected in f for f in probe.failures)
+        caught += hit
+        report.check(hit, "self-test sources", f"breaking it for {expected!r} was not caught: {probe.failures[:3]}")
+
+    # A component nobody gave a place in the combinations, in the unbroken copy of k8s/.
+    newcomer = scratch / "source-self-test-0" / "k8s" / "components" / "newcomer"
+    newcomer.mkdir()
+    (newcomer / "kustomization.yaml").write_text("kind: Component\n")
+    probe = Report()
+    discover(newcomer.parent.parent, probe)
+    hit = any("unknown component" in f for f in probe.failures)
+    caught += hit
+    report.check(hit, "self-test components", f"a new component was not caught: {probe.failures[:3]}")
     return caught
