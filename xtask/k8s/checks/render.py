@@ -28,6 +28,9 @@ INCLUDED_COMPONENTS = {"petra-endpoint"}
 
 
 class Render:
+    """One build: its name (the overlay and its components joined by `+`), the overlay or base it
+    started from, the components added, and the documents kubectl kustomize wrote."""
+
     def __init__(self, name: str, overlay: str, components: list[str], text: str) -> None:
         self.name = name
         self.overlay = overlay
@@ -193,7 +196,8 @@ def write(renders: list[Render], outdir: Path, distinct: bool = False) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         docs = [d.strip() for d in r.text.split("\n---\n") if d.strip()]
         if distinct:
-            docs = [d for d in docs if not (d in seen or seen.add(d))]
+            docs = [d for d in docs if d not in seen]
+            seen.update(docs)
         if docs:
             (folder / f"{r.name}.yaml").write_text("\n---\n".join(docs) + "\n")
             written += len(docs)
