@@ -11,6 +11,7 @@ mod k8s;
 mod sbom;
 mod testssl;
 mod util;
+mod venv;
 
 use std::process::ExitCode;
 
