@@ -29,7 +29,8 @@ use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
-    BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter,
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanData,
+    SpanExporter,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -42,8 +43,8 @@ use crate::propagate::TRACEPARENT;
 pub use opentelemetry::trace::SpanRef;
 
 /// The standard OpenTelemetry variables this service reads. Only the trace signal is
-/// exported, over OTLP/HTTP; `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT` and
-/// `OTEL_BSP_*` are read by the SDK as it documents them.
+/// exported, over OTLP/HTTP; `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT` and the
+/// other `OTEL_BSP_*` are read by the SDK as it documents them.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TraceArgs {
     /// Base URL of an OTLP/HTTP collector (`/v1/traces` is appended), such as
@@ -88,6 +89,12 @@ pub struct TraceArgs {
     /// The ratio for the `traceidratio` samplers, from 0 to 1 (default 1).
     #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", value_name = "RATIO")]
     pub otel_traces_sampler_arg: Option<String>,
+
+    /// The longest a finished span waits in the queue before it is sent, in milliseconds
+    /// (default 5000; 1 to 60000).
+    #[arg(long, env = "OTEL_BSP_SCHEDULE_DELAY", value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub otel_bsp_schedule_delay: Option<u64>,
 
     /// `true` turns the export off, whatever else is set.
     #[arg(long, env = "OTEL_SDK_DISABLED", value_name = "BOOL")]
@@ -373,8 +380,15 @@ impl Tracer {
             inner: exporter,
             url: settings.url.clone(),
         };
+        let mut batch = BatchConfigBuilder::default();
+        if let Some(ms) = args.otel_bsp_schedule_delay {
+            batch = batch.with_scheduled_delay(Duration::from_millis(ms));
+        }
+        let processor = BatchSpanProcessor::builder(exporter)
+            .with_batch_config(batch.build())
+            .build();
         let provider = SdkTracerProvider::builder()
-            .with_span_processor(BatchSpanProcessor::builder(exporter).build())
+            .with_span_processor(processor)
             .with_sampler(settings.sampler.sampler())
             .with_resource(resource.build())
             .build();
@@ -764,6 +778,7 @@ mod tests {
             otel_resource_attributes: get("attributes"),
             otel_traces_sampler: get("sampler"),
             otel_traces_sampler_arg: get("arg"),
+            otel_bsp_schedule_delay: None,
             otel_sdk_disabled: get("disabled"),
         }
     }
