@@ -9,9 +9,8 @@ use std::fmt::Write as _;
 
 use serving::testing::{Binary, TestPki, plain_client};
 
-use crate::faults::petra_exe;
+use crate::traces::{path, start_pair};
 
-const KLAUS: &str = env!("CARGO_BIN_EXE_klaus");
 const DOC: &str = "docs/METRICS.md";
 
 /// One metric family as the table shows it.
@@ -130,33 +129,17 @@ async fn metrics(binary: &Binary) -> String {
         .expect("body")
 }
 
-fn path(p: &std::path::Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 #[tokio::test]
 async fn docs_metrics_md_lists_every_metric_the_binaries_export() {
     let pki = TestPki::new();
     // A collector that does not exist: the export metrics are registered all the same.
     let otel = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")];
-    let mut petra_env = vec![
-        ("TLS_CERT_FILE", path(&pki.petra.cert)),
-        ("TLS_KEY_FILE", path(&pki.petra.key)),
-        ("TLS_CLIENT_CA_FILE", path(&pki.ca_file)),
-    ];
-    petra_env.extend_from_slice(&otel);
-    let petra = Binary::start(&petra_exe(), &petra_env);
-    let url = format!("https://localhost:{}", petra.main_addr.port());
-    let mut klaus_env = vec![
-        ("PETRA_URL", url.as_str()),
-        ("PETRA_CA_FILE", path(&pki.ca_file)),
-        ("PETRA_CLIENT_CERT_FILE", path(&pki.klaus.cert)),
-        ("PETRA_CLIENT_KEY_FILE", path(&pki.klaus.key)),
+    // Klaus with a TLS front too, so that its server certificate's expiry is exported.
+    let front = [
         ("TLS_CERT_FILE", path(&pki.petra.cert)),
         ("TLS_KEY_FILE", path(&pki.petra.key)),
     ];
-    klaus_env.extend_from_slice(&otel);
-    let klaus = Binary::start(KLAUS, &klaus_env);
+    let (petra, klaus) = start_pair(&pki, &otel, &front);
     // One call, so that the families whose labels appear with the first sample have one.
     let client = serving::testing::client(&pki.ca_file, None);
     let response = client

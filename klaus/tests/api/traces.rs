@@ -25,19 +25,24 @@ async fn sink() -> (Arc<Store>, String) {
     (store, url)
 }
 
-fn path(p: &std::path::Path) -> &str {
+pub(crate) fn path(p: &std::path::Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// Petra and Klaus binaries exporting to `otel` (extra variables for both in `otel`).
-fn start_pair(pki: &TestPki, otel: &[(&str, &str)]) -> (Binary, Binary) {
+/// Petra and Klaus binaries (Klaus calling that Petra), with `both` added to the environment of
+/// each and `klaus_only` to Klaus's.
+pub(crate) fn start_pair(
+    pki: &TestPki,
+    both: &[(&str, &str)],
+    klaus_only: &[(&str, &str)],
+) -> (Binary, Binary) {
     let mut petra_env = vec![
         ("TLS_CERT_FILE", path(&pki.petra.cert)),
         ("TLS_KEY_FILE", path(&pki.petra.key)),
         ("TLS_CLIENT_CA_FILE", path(&pki.ca_file)),
         ("SHUTDOWN_DELAY_SECONDS", "0"),
     ];
-    petra_env.extend_from_slice(otel);
+    petra_env.extend_from_slice(both);
     let petra = Binary::start(&petra_exe(), &petra_env);
     let url = format!("https://localhost:{}", petra.main_addr.port());
     let mut klaus_env = vec![
@@ -47,9 +52,21 @@ fn start_pair(pki: &TestPki, otel: &[(&str, &str)]) -> (Binary, Binary) {
         ("PETRA_CLIENT_KEY_FILE", path(&pki.klaus.key)),
         ("SHUTDOWN_DELAY_SECONDS", "0"),
     ];
-    klaus_env.extend_from_slice(otel);
+    klaus_env.extend_from_slice(both);
+    klaus_env.extend_from_slice(klaus_only);
     let klaus = Binary::start(KLAUS, &klaus_env);
     (petra, klaus)
+}
+
+/// A receiver, and Petra and Klaus exporting to it, each batch within 100 ms rather than 5 s.
+async fn exporting_pair(pki: &TestPki) -> (Arc<Store>, Binary, Binary) {
+    let (store, endpoint) = sink().await;
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let (petra, klaus) = start_pair(pki, &otel, &[]);
+    (store, petra, klaus)
 }
 
 /// The next request log line of `binary` (within 10 s), parsed.
@@ -101,13 +118,7 @@ fn one<'a>(spans: &'a [Span], service: &str, name: &str) -> &'a Span {
 #[tokio::test]
 async fn klaus_and_petra_spans_share_one_trace_through_a_real_otlp_export() {
     let pki = TestPki::new();
-    let (store, endpoint) = sink().await;
-    let otel = [
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-        // Send each batch within 100 ms rather than 5 s.
-        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-    ];
-    let (petra, klaus) = start_pair(&pki, &otel);
+    let (store, petra, klaus) = exporting_pair(&pki).await;
 
     // A request with no trace context starts a trace in Klaus.
     hello_world(&klaus, None).await;
@@ -167,12 +178,7 @@ async fn klaus_and_petra_spans_share_one_trace_through_a_real_otlp_export() {
 #[tokio::test]
 async fn an_unsampled_caller_is_not_recorded_yet_its_trace_id_reaches_both_logs() {
     let pki = TestPki::new();
-    let (store, endpoint) = sink().await;
-    let otel = [
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-    ];
-    let (petra, klaus) = start_pair(&pki, &otel);
+    let (store, petra, klaus) = exporting_pair(&pki).await;
     // The default sampler follows the caller: flags 00 means not recorded.
     let caller = "00-5bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
     hello_world(&klaus, Some(caller)).await;
@@ -211,7 +217,7 @@ async fn a_collector_that_does_not_answer_costs_a_counter_and_a_warning_never_a_
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_BSP_SCHEDULE_DELAY", "50"),
     ];
-    let (_petra, klaus) = start_pair(&pki, &otel);
+    let (_petra, klaus) = start_pair(&pki, &otel, &[]);
     for _ in 0..20 {
         hello_world(&klaus, None).await;
     }
@@ -251,7 +257,7 @@ async fn a_collector_that_does_not_answer_costs_a_counter_and_a_warning_never_a_
 #[tokio::test]
 async fn without_an_exporter_both_log_lines_of_a_call_still_share_its_trace_id() {
     let pki = TestPki::new();
-    let (petra, klaus) = start_pair(&pki, &[]);
+    let (petra, klaus) = start_pair(&pki, &[], &[]);
     hello_world(&klaus, None).await;
     let klaus_line = request_line(&klaus);
     let petra_line = request_line(&petra);
