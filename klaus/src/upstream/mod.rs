@@ -224,6 +224,7 @@ impl PetraClient {
             .await;
         if result.is_ok() {
             inner.budget.deposit();
+            record_attempts(call, 1, first.target.priority);
             return result;
         }
         let mut tried = vec![first];
@@ -271,6 +272,8 @@ impl PetraClient {
         if result.is_ok() {
             inner.budget.deposit();
         }
+        let last = tried.last().map_or(0, |endpoint| endpoint.target.priority);
+        record_attempts(call, tried.len(), last);
         result
     }
 
@@ -462,6 +465,15 @@ impl PetraClient {
             source: "no endpoint".into(),
         }
     }
+}
+
+/// Puts on the call's span how many attempts it made and the priority of the last one (above 0
+/// is failover to a later URL of PETRA_URL).
+fn record_attempts(call: &Span, attempts: usize, priority: usize) {
+    call.record(|span| {
+        span.set_attribute(KeyValue::new("petra.attempts", attempts as i64));
+        span.set_attribute(KeyValue::new("petra.priority", priority as i64));
+    });
 }
 
 /// `GET {url}/` with Klaus's user agent, `span` as the parent of Petra's span, and the

@@ -29,6 +29,31 @@ pub(crate) fn path(p: &std::path::Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// A Petra binary with `extra` in its environment.
+fn start_petra(pki: &TestPki, extra: &[(&str, &str)]) -> Binary {
+    let mut env = vec![
+        ("TLS_CERT_FILE", path(&pki.petra.cert)),
+        ("TLS_KEY_FILE", path(&pki.petra.key)),
+        ("TLS_CLIENT_CA_FILE", path(&pki.ca_file)),
+        ("SHUTDOWN_DELAY_SECONDS", "0"),
+    ];
+    env.extend_from_slice(extra);
+    Binary::start(&petra_exe(), &env)
+}
+
+/// A Klaus binary calling `petra_url`, with `extra` in its environment.
+fn start_klaus(pki: &TestPki, petra_url: &str, extra: &[(&str, &str)]) -> Binary {
+    let mut env = vec![
+        ("PETRA_URL", petra_url),
+        ("PETRA_CA_FILE", path(&pki.ca_file)),
+        ("PETRA_CLIENT_CERT_FILE", path(&pki.klaus.cert)),
+        ("PETRA_CLIENT_KEY_FILE", path(&pki.klaus.key)),
+        ("SHUTDOWN_DELAY_SECONDS", "0"),
+    ];
+    env.extend_from_slice(extra);
+    Binary::start(KLAUS, &env)
+}
+
 /// Petra and Klaus binaries (Klaus calling that Petra), with `both` added to the environment of
 /// each and `klaus_only` to Klaus's.
 pub(crate) fn start_pair(
@@ -36,25 +61,9 @@ pub(crate) fn start_pair(
     both: &[(&str, &str)],
     klaus_only: &[(&str, &str)],
 ) -> (Binary, Binary) {
-    let mut petra_env = vec![
-        ("TLS_CERT_FILE", path(&pki.petra.cert)),
-        ("TLS_KEY_FILE", path(&pki.petra.key)),
-        ("TLS_CLIENT_CA_FILE", path(&pki.ca_file)),
-        ("SHUTDOWN_DELAY_SECONDS", "0"),
-    ];
-    petra_env.extend_from_slice(both);
-    let petra = Binary::start(&petra_exe(), &petra_env);
+    let petra = start_petra(pki, both);
     let url = format!("https://localhost:{}", petra.main_addr.port());
-    let mut klaus_env = vec![
-        ("PETRA_URL", url.as_str()),
-        ("PETRA_CA_FILE", path(&pki.ca_file)),
-        ("PETRA_CLIENT_CERT_FILE", path(&pki.klaus.cert)),
-        ("PETRA_CLIENT_KEY_FILE", path(&pki.klaus.key)),
-        ("SHUTDOWN_DELAY_SECONDS", "0"),
-    ];
-    klaus_env.extend_from_slice(both);
-    klaus_env.extend_from_slice(klaus_only);
-    let klaus = Binary::start(KLAUS, &klaus_env);
+    let klaus = start_klaus(pki, &url, &[both, klaus_only].concat());
     (petra, klaus)
 }
 
@@ -156,6 +165,8 @@ async fn klaus_and_petra_spans_share_one_trace_through_a_real_otlp_export() {
     );
     assert_eq!(attempt.attributes["petra.priority"], "0");
     assert_eq!(call.attributes["petra.outcome"], "ok");
+    assert_eq!(call.attributes["petra.attempts"], "1");
+    assert_eq!(call.attributes["petra.priority"], "0");
     assert_eq!(server.attributes["http.response.status_code"], "200");
     assert_eq!(petra_server.attributes["http.response.status_code"], "200");
     assert_eq!(server.attributes["http.route"], "/");
@@ -276,5 +287,54 @@ async fn without_an_exporter_both_log_lines_of_a_call_still_share_its_trace_id()
     assert_eq!(
         request_line(&petra)["trace_id"],
         "6bf92f3577b34da6a3ce929d0e0e4736"
+    );
+}
+
+#[tokio::test]
+async fn a_failover_shows_in_the_trace_as_a_second_attempt_on_the_later_url() {
+    let pki = TestPki::new();
+    let (store, endpoint) = sink().await;
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let petra = start_petra(&pki, &otel);
+    // The first URL's port has nothing listening: the attempt there is refused, the call goes
+    // on to the second URL.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let urls = format!(
+        "https://localhost:{closed},https://localhost:{}",
+        petra.main_addr.port()
+    );
+    let klaus = start_klaus(&pki, &urls, &otel);
+    hello_world(&klaus, None).await;
+    let trace_id = request_line(&klaus)["trace_id"]
+        .as_str()
+        .expect("trace_id")
+        .to_owned();
+    let spans = spans_of(&store, &trace_id, 5).await;
+    let call = one(&spans, "klaus", "call Petra");
+    assert_eq!(call.attributes["petra.attempts"], "2", "{call:#?}");
+    assert_eq!(call.attributes["petra.priority"], "1", "{call:#?}");
+    let mut attempts: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.service == "klaus" && s.name == "GET")
+        .collect();
+    attempts.sort_by_key(|s| s.start_unix_nano);
+    assert_eq!(attempts.len(), 2, "{spans:#?}");
+    assert_eq!(attempts[0].attributes["petra.priority"], "0");
+    assert_eq!(attempts[0].status, "error");
+    assert_eq!(attempts[0].attributes["error.type"], "unreachable");
+    assert_eq!(attempts[1].attributes["petra.priority"], "1");
+    assert_eq!(attempts[1].attributes["http.request.resend_count"], "1");
+    assert_eq!(attempts[1].status, "unset");
+    // Petra's request is the child of the attempt that reached it.
+    assert_eq!(
+        one(&spans, "petra", "GET /").parent_span_id,
+        attempts[1].span_id
     );
 }
