@@ -20,11 +20,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use super::{
-    Binaries, Case, Check, Group, Machine, Measured, Mode, Options, Proc, Stack, Target, Tools,
-    free_ports, klaus_env, loopback, machine_busy_ticks, measure, petra_env, plot, raw_path,
-    target, wait_for_quiet,
-};
+use super::cases::{Case, Mode, Target, target};
+use super::machine::{Machine, Tools};
+use super::measure::{Measured, machine_busy_ticks, measure, raw_path, wait_for_quiet};
+use super::options::Options;
+use super::process::{Proc, free_ports, loopback};
+use super::report::{Check, budget_table};
+use super::services::{klaus_env, petra_env};
+use super::stack::{Group, Stack};
+use super::{Binaries, plot};
+use crate::procfs::thread_demand_ns;
 use crate::util::{root, step};
 
 /// Client connections of the distance cases: enough for a 50 ms link to carry the co-located
@@ -447,24 +452,6 @@ fn measure_point(
     Ok(point)
 }
 
-/// For each thread of `pid`, the nanoseconds it spent on a core plus those it spent runnable and
-/// waiting for one (`/proc/PID/task/TID/schedstat`); empty when the kernel keeps no schedstat.
-fn thread_demand_ns(pid: u32) -> BTreeMap<u32, u64> {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return BTreeMap::new();
-    };
-    tasks
-        .filter_map(|task| {
-            let task = task.ok()?;
-            let tid = task.file_name().to_str()?.parse().ok()?;
-            let stat = fs::read_to_string(task.path().join("schedstat")).ok()?;
-            let mut fields = stat.split_whitespace().map(|f| f.parse::<u64>().ok());
-            let (on_core, waiting) = (fields.next()??, fields.next()??);
-            Some((tid, on_core + waiting))
-        })
-        .collect()
-}
-
 impl Placement {
     fn at(&self, rtt_ms: u64) -> Option<&Point> {
         self.distances
@@ -566,7 +553,7 @@ impl Placement {
         let checks = self.checks();
         let mut md = String::new();
         self.markdown(&mut md);
-        super::budget_table(&mut md, &checks);
+        budget_table(&mut md, &checks);
         fs::write(out.join("placement.md"), md.trim_start())
             .context("writing target/bench/placement.md")?;
         let mut json = self.json();

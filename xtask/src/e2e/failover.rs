@@ -17,11 +17,10 @@ use anyhow::{Context, ensure};
 use serde_json::Value;
 use xshell::{Shell, cmd};
 
-use super::faults::{
-    ADMIN_PORT, HEALTHY_DEADLINE, Klaus, Oha, container_ip, load_args, scrape, short, state,
-    sum_samples,
-};
+use super::containers::{ADMIN_PORT, HEALTHY_DEADLINE, Klaus, container_ip, short, state};
 use super::{KLAUS_PORT, Project, ensure_port_free, pass, wait_for};
+use crate::oha::{Oha, load_args};
+use crate::prometheus::{scrape, sum_samples};
 
 /// The compose file the scenario runs on.
 const FILE: &str = "docker-compose.clouds.yml";
