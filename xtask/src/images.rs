@@ -6,6 +6,7 @@
 //! imported under the official image's name. It stays in Docker's image store, so later runs skip that part.
 //! After the builds, each image must carry its CycloneDX SBOM and a binary with its crates embedded (`sbom`).
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -53,8 +54,11 @@ pub(crate) fn images() -> anyhow::Result<()> {
         describe_builder(&sh, &rust_image)
     })?;
     let revision = git_revision(&sh);
-    let version = workspace_version()?;
+    let versions = package_versions(&sh)?;
     for service in SERVICES {
+        let version = versions
+            .get(service)
+            .with_context(|| format!("cargo metadata has no package {service}"))?;
         step(&format!("docker build {service}:dev"), || {
             let dockerfile = format!("Dockerfile.{service}");
             let tag = format!("{service}:dev");
@@ -270,16 +274,37 @@ fn toolchain_channel() -> anyhow::Result<String> {
         .with_context(|| format!("no [toolchain] channel in {}", path.display()))
 }
 
-/// The workspace's version, from `[workspace.package]` in the root `Cargo.toml`.
-fn workspace_version() -> anyhow::Result<String> {
-    let path = root().join("Cargo.toml");
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    toml_string(&text, "workspace.package", "version")
-        .with_context(|| format!("no [workspace.package] version in {}", path.display()))
+/// The version of each of the workspace's packages, by name, as `cargo metadata` reads them (the
+/// services take theirs from `[workspace.package]`).
+fn package_versions(sh: &Shell) -> anyhow::Result<BTreeMap<String, String>> {
+    let json = cmd!(sh, "cargo metadata --format-version 1 --no-deps --locked")
+        .quiet()
+        .read()
+        .context("cargo metadata failed")?;
+    package_versions_of(&json)
 }
 
-/// The value of a `key = "value"` line in a `[section]` of a simple TOML file (enough for our own manifests,
-/// which keeps a TOML parser out of xtask's dependencies).
+fn package_versions_of(json: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let metadata: serde_json::Value =
+        serde_json::from_str(json).context("cargo metadata's output is not JSON")?;
+    metadata["packages"]
+        .as_array()
+        .context("cargo metadata lists no packages")?
+        .iter()
+        .map(|package| {
+            let field = |key: &str| {
+                package[key]
+                    .as_str()
+                    .map(str::to_owned)
+                    .with_context(|| format!("a package in cargo metadata has no {key}"))
+            };
+            Ok((field("name")?, field("version")?))
+        })
+        .collect()
+}
+
+/// The value of a `key = "value"` line in a `[section]` of a simple TOML file (enough for
+/// rust-toolchain.toml, which keeps a TOML parser out of xtask's dependencies).
 fn toml_string(text: &str, section: &str, key: &str) -> Option<String> {
     let header = format!("[{section}]");
     let mut in_section = false;
@@ -618,4 +643,31 @@ fn check_sizes(sh: &Shell) -> anyhow::Result<()> {
         over.join(", ")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_service_has_a_version_in_cargo_metadata() {
+        let sh = crate::util::shell().expect("a shell");
+        let versions = package_versions(&sh).expect("cargo metadata");
+        for service in SERVICES {
+            let version = versions.get(service).expect("a workspace package");
+            assert!(
+                version.split('.').count() == 3,
+                "{service} has version {version:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn package_versions_are_read_by_name() {
+        let json =
+            r#"{"packages": [{"name": "petra", "version": "1.2.3"}], "workspace_members": []}"#;
+        let versions = package_versions_of(json).expect("valid metadata");
+        assert_eq!(versions.get("petra").map(String::as_str), Some("1.2.3"));
+        assert!(package_versions_of(r#"{"packages": [{"name": "x"}]}"#).is_err());
+    }
 }
