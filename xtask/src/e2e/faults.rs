@@ -7,9 +7,8 @@
 //! so that docker-proxy is not in the path; Klaus's metrics are read from its admin port at the
 //! same address. Every wait polls a condition under a deadline; the only fixed durations are the
 //! load runs themselves.
-
 //!
-//! Each scenario is a module: [`rolling`], [`partition`], [`overload`].
+//! Each scenario is a module of its own: [`rolling`], [`partition`], [`overload`].
 
 mod overload;
 pub(super) mod partition;
