@@ -131,20 +131,39 @@ impl Drop for Load {
     }
 }
 
-/// What an oha run reports: answers by status, errors by message, length, p99 and slowest latency.
+/// What an oha run reports: answers by status, errors by message, length, latency percentiles
+/// (of every answer, and of the 2xx answers alone) and the slowest latency.
 #[derive(Debug)]
 pub(crate) struct Report {
-    statuses: BTreeMap<u16, u64>,
+    pub(crate) statuses: BTreeMap<u16, u64>,
     pub(crate) errors: BTreeMap<String, u64>,
     pub(crate) seconds: f64,
     pub(crate) p99_ms: f64,
     /// The p99 latency of the 2xx answers alone.
     pub(crate) p99_ok_ms: Option<f64>,
     pub(crate) slowest_ms: f64,
+    /// `latencyPercentiles` and `latencyPercentilesSuccessful`, by key (`p50`, `p99.9`), in ms.
+    percentiles_ms: BTreeMap<String, f64>,
+    ok_percentiles_ms: BTreeMap<String, f64>,
 }
 
 impl Report {
+    /// Reads oha's JSON output (`--output-format json`).
+    pub(crate) fn parse_text(text: &str) -> anyhow::Result<Self> {
+        Self::parse(&serde_json::from_str(text).context("parsing oha's JSON output")?)
+    }
+
     pub(crate) fn parse(json: &Value) -> anyhow::Result<Self> {
+        let percentiles = |key: &str| -> BTreeMap<String, f64> {
+            json[key]
+                .as_object()
+                .map(|map| {
+                    map.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_f64()? * 1e3)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
         let counts = |key: &str| -> BTreeMap<String, u64> {
             json[key]
                 .as_object()
@@ -173,7 +192,33 @@ impl Report {
                 .as_f64()
                 .map(|seconds| seconds * 1e3),
             slowest_ms: json["summary"]["slowest"].as_f64().unwrap_or(f64::NAN) * 1e3,
+            percentiles_ms: percentiles("latencyPercentiles"),
+            ok_percentiles_ms: percentiles("latencyPercentilesSuccessful"),
         })
+    }
+
+    /// A latency percentile of every answer (`p50`, `p99`, `p99.9`) in ms; NaN when oha gave none.
+    pub(crate) fn percentile_ms(&self, key: &str) -> f64 {
+        self.percentiles_ms.get(key).copied().unwrap_or(f64::NAN)
+    }
+
+    /// A latency percentile of the 2xx answers alone, in ms; NaN when oha gave none.
+    pub(crate) fn ok_percentile_ms(&self, key: &str) -> f64 {
+        self.ok_percentiles_ms.get(key).copied().unwrap_or(f64::NAN)
+    }
+
+    /// Every answer, whatever its status.
+    pub(crate) fn responses(&self) -> u64 {
+        self.statuses.values().sum()
+    }
+
+    /// The answers outside 2xx.
+    pub(crate) fn non_2xx(&self) -> u64 {
+        self.statuses
+            .iter()
+            .filter(|(status, _)| !(200..300).contains(*status))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     pub(crate) fn count(&self, status: u16) -> u64 {
@@ -226,6 +271,9 @@ mod tests {
         assert_eq!(report.failures(), 100);
         assert_eq!(report.p99_ms, 900.0);
         assert_eq!(report.p99_ok_ms, Some(250.0));
+        assert_eq!(report.ok_percentile_ms("p99"), 250.0);
+        assert!(report.percentile_ms("p50").is_nan());
+        assert_eq!((report.responses(), report.non_2xx()), (1000, 100));
     }
 
     #[test]

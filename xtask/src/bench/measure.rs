@@ -10,12 +10,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde_json::Value;
 
 use super::cases::{Case, Mode};
 use super::machine::{Machine, Tools};
 use super::options::Options;
 use super::stack::{Group, Stack};
+use crate::oha;
 use crate::procfs::{self, own_ticks, stat_fields};
 
 /// What one case measured.
@@ -142,29 +142,8 @@ pub(super) fn measure(
     let file = raw_path(out, case);
     fs::write(&file, &raw).with_context(|| format!("writing {}", file.display()))?;
 
-    let oha: Value = serde_json::from_str(&raw).context("parsing oha's JSON output")?;
-    let seconds = oha["summary"]["total"]
-        .as_f64()
-        .context("oha: no summary.total")?;
-    let mut responses = 0;
-    let mut non_2xx = 0;
-    if let Some(codes) = oha["statusCodeDistribution"].as_object() {
-        for (code, count) in codes {
-            let count = count.as_u64().unwrap_or(0);
-            responses += count;
-            if !code.starts_with('2') {
-                non_2xx += count;
-            }
-        }
-    }
-    let mut error_kinds = BTreeMap::new();
-    if let Some(errors) = oha["errorDistribution"].as_object() {
-        for (kind, count) in errors {
-            error_kinds.insert(kind.clone(), count.as_u64().unwrap_or(0));
-        }
-    }
-    let errors = error_kinds.values().sum();
-    let percentile = |key: &str| oha["latencyPercentiles"][key].as_f64().unwrap_or(f64::NAN) * 1e3;
+    let report = oha::Report::parse_text(&raw)?;
+    let (seconds, responses) = (report.seconds, report.responses());
     let clk_tck = clk_tck as f64;
     let mut cpu_seconds = BTreeMap::new();
     let mut total_ticks = 0;
@@ -183,12 +162,12 @@ pub(super) fn measure(
         responses,
         seconds,
         rps: responses as f64 / seconds,
-        p50_ms: percentile("p50"),
-        p99_ms: percentile("p99"),
-        p999_ms: percentile("p99.9"),
-        errors,
-        non_2xx,
-        error_kinds,
+        p50_ms: report.percentile_ms("p50"),
+        p99_ms: report.percentile_ms("p99"),
+        p999_ms: report.percentile_ms("p99.9"),
+        errors: report.errors.values().sum(),
+        non_2xx: report.non_2xx(),
+        error_kinds: report.errors,
         cpu_us_per_request,
         cpu_seconds,
         peak_rss_mb,

@@ -28,6 +28,7 @@ use super::options::Options;
 use super::process::{Proc, free_ports, loopback};
 use super::services::{klaus_env, petra_env};
 use super::stack::{Group, Stack};
+use crate::oha;
 use crate::procfs::thread_demand_ns;
 use crate::util::{root, step};
 
@@ -404,34 +405,23 @@ fn measure_point(
         .max()
         .unwrap_or(0);
     let raw = raw_path(out, case);
-    let oha: Value = serde_json::from_str(
+    let report = oha::Report::parse_text(
         &fs::read_to_string(&raw).with_context(|| format!("reading {}", raw.display()))?,
-    )
-    .context("parsing oha's JSON output")?;
-    let count = |code: &str| oha["statusCodeDistribution"][code].as_u64().unwrap_or(0);
-    let ok = count("200");
-    let other_statuses = oha["statusCodeDistribution"]
-        .as_object()
-        .map(|codes| {
-            codes
-                .iter()
-                .filter(|(code, _)| code.as_str() != "200")
-                .map(|(code, n)| (code.clone(), n.as_u64().unwrap_or(0)))
-                .collect()
-        })
-        .unwrap_or_default();
-    let ok_ms = |key: &str| {
-        oha["latencyPercentilesSuccessful"][key]
-            .as_f64()
-            .unwrap_or(f64::NAN)
-            * 1e3
-    };
+    )?;
+    let ok = report.count(200);
+    let other_statuses = report
+        .statuses
+        .iter()
+        .filter(|(status, _)| **status != 200)
+        .map(|(status, n)| (status.to_string(), *n))
+        .collect();
+    let ok_ms = |key: &str| report.ok_percentile_ms(key);
     let klaus_cpu = measured.cpu_seconds.get(KLAUS).copied().unwrap_or(0.0);
     let point = Point {
         ok_rps: ok as f64 / measured.seconds,
         ok_p50_ms: ok_ms("p50"),
         ok_p99_ms: ok_ms("p99"),
-        status_503: count("503"),
+        status_503: report.count(503),
         not_ok: measured.responses.saturating_sub(ok) + measured.errors,
         other_statuses,
         klaus_cpu_pct: klaus_cpu / measured.seconds * 100.0,
