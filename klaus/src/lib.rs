@@ -17,6 +17,7 @@ use prometheus_client::registry::Registry;
 use serving::admission::Admission;
 use serving::metrics::HttpMetrics;
 use serving::observe;
+use serving::trace::{Span, Tracer};
 use serving::{ConfigError, ServeArgs, Service};
 
 pub mod upstream;
@@ -61,20 +62,30 @@ pub enum Command {
 pub const SUFFIX: &str = " world";
 
 /// Klaus's routes, with request ids, admission control, metrics and logs.
-pub fn router(petra: PetraClient, metrics: HttpMetrics, admission: Arc<Admission>) -> Router {
+pub fn router(
+    petra: PetraClient,
+    metrics: HttpMetrics,
+    admission: Arc<Admission>,
+    tracer: Tracer,
+) -> Router {
     let routes = Router::new()
         .route("/", get(hello))
         .fallback(observe::not_found)
         .method_not_allowed_fallback(observe::method_not_allowed)
         .with_state(petra);
-    observe::layer(routes, metrics, admission)
+    observe::layer(routes, metrics, admission, tracer)
 }
 
 /// Takes the whole request rather than a `HeaderMap`, which axum would clone. A failed call
 /// is answered with a problem whose detail ERROR_DETAIL sets.
 async fn hello(State(petra): State<PetraClient>, request: Request) -> Response {
     let (parts, _) = request.into_parts();
-    let mut text = match petra.hello(&parts.headers).await {
+    // The middleware put the request's span there; a router built without it gets ids only.
+    let span = match parts.extensions.get::<Span>() {
+        Some(span) => span.clone(),
+        None => Tracer::ids_only().server(&parts.headers, || "GET /".into(), Vec::new),
+    };
+    let mut text = match petra.hello(&parts.headers, &span).await {
         Ok(text) => text,
         Err(err) => return err.response(petra.error_detail()),
     };
@@ -117,7 +128,8 @@ pub fn service_with(
         upstream::PetraMetrics::register(&mut registry),
     )?;
     let admission = Admission::new(serve.admission(), &mut registry);
-    let routes = router(client.clone(), metrics, Arc::clone(&admission));
+    let tracer = serve.tracer("klaus", &mut registry)?;
+    let routes = router(client.clone(), metrics, Arc::clone(&admission), tracer);
     let mut service = serve.service("klaus", listen_addr, routes, tls, registry, admission);
     // Discovery and the client's certificate reloads run while Klaus serves, on the same
     // interval as the listener's.

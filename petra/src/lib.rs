@@ -14,6 +14,7 @@ use prometheus_client::registry::Registry;
 use serving::admission::Admission;
 use serving::metrics::HttpMetrics;
 use serving::observe;
+use serving::trace::Tracer;
 use serving::{ConfigError, ServeArgs, Service};
 
 /// Petra's command line; every option is also an environment variable.
@@ -51,12 +52,12 @@ pub enum Command {
 pub const HELLO: &str = "hello";
 
 /// Petra's routes, with request ids, admission control, metrics and logs.
-pub fn router(metrics: HttpMetrics, admission: Arc<Admission>) -> Router {
+pub fn router(metrics: HttpMetrics, admission: Arc<Admission>, tracer: Tracer) -> Router {
     let routes = Router::new()
         .route("/", get(hello))
         .fallback(observe::not_found)
         .method_not_allowed_fallback(observe::method_not_allowed);
-    observe::layer(routes, metrics, admission)
+    observe::layer(routes, metrics, admission, tracer)
 }
 
 async fn hello() -> Response {
@@ -75,7 +76,8 @@ pub fn service(listen_addr: SocketAddr, serve: &ServeArgs) -> Result<Service, Co
     let mut registry = Registry::default();
     let metrics = HttpMetrics::register(&mut registry);
     let admission = Admission::new(serve.admission(), &mut registry);
-    let routes = router(metrics, Arc::clone(&admission));
+    let tracer = serve.tracer("petra", &mut registry)?;
+    let routes = router(metrics, Arc::clone(&admission), tracer);
     Ok(serve.service("petra", listen_addr, routes, Some(tls), registry, admission))
 }
 

@@ -121,6 +121,10 @@ pub struct ServeArgs {
     /// Log format on stdout: `json` (one object per line) or `text`. Filter with RUST_LOG.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
+
+    /// Traces: the standard OpenTelemetry variables.
+    #[command(flatten)]
+    pub trace: crate::trace::TraceArgs,
 }
 
 impl ServeArgs {
@@ -152,6 +156,16 @@ impl ServeArgs {
             },
             tasks: crate::server::Tasks::default(),
         }
+    }
+
+    /// The span source for the service `name` (the default `service.name` of its traces),
+    /// exporting when the OTEL_* variables ask for it; its export metrics go into `registry`.
+    pub fn tracer(
+        &self,
+        name: &'static str,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Result<crate::trace::Tracer, ConfigError> {
+        crate::trace::Tracer::new(&self.trace, name, registry)
     }
 
     /// The admission control these settings ask for.

@@ -25,6 +25,7 @@ pub mod telemetry;
 #[cfg(feature = "test-support")]
 pub mod testing;
 pub mod tls;
+pub mod trace;
 
 pub use config::{ConfigError, ServeArgs};
 pub use server::{Bound, Service};
@@ -62,6 +63,8 @@ pub fn run(build: impl FnOnce() -> Result<Service, ConfigError>, args: &ServeArg
     });
     // Tasks still running on other worker threads may log until the runtime is gone.
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    // The spans of the last requests, sent while the process can still wait a little.
+    trace::shutdown(std::time::Duration::from_secs(2));
     telemetry::flush();
     status
 }

@@ -11,9 +11,13 @@ use axum::response::{IntoResponse, Response};
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderName, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, StatusCode, Version};
 
+use opentelemetry::KeyValue;
+use opentelemetry::trace::Status;
+
 use crate::admission::Admission;
 use crate::metrics::{HttpMetrics, method_label};
 use crate::propagate;
+use crate::trace::{Span, Tracer};
 
 pub use crate::propagate::{REQUEST_ID, TRACEPARENT, TRACESTATE};
 
@@ -24,15 +28,21 @@ pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 /// The header that tells a browser not to guess a response's content type.
 pub const CONTENT_TYPE_OPTIONS: HeaderName = HeaderName::from_static("x-content-type-options");
 
-/// Adds request ids, the header limit, admission control (see [`crate::admission`]), metrics
-/// and request logs to a router. Call it after the routes are added, so that the route template
-/// is known.
+/// Adds request ids, a span ([`crate::trace`]), the header limit, admission control (see
+/// [`crate::admission`]), metrics and request logs to a router. Call it after the routes are
+/// added, so that the route template is known. The handler finds the request's [`Span`] in
+/// its extensions.
 pub fn layer(
     router: axum::Router,
     metrics: HttpMetrics,
     admission: Arc<Admission>,
+    tracer: Tracer,
 ) -> axum::Router {
-    let state = Arc::new(Observe { metrics, admission });
+    let state = Arc::new(Observe {
+        metrics,
+        admission,
+        tracer,
+    });
     router.layer(axum::middleware::from_fn_with_state(state, observe))
 }
 
@@ -40,6 +50,7 @@ pub fn layer(
 struct Observe {
     metrics: HttpMetrics,
     admission: Arc<Admission>,
+    tracer: Tracer,
 }
 
 async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: Next) -> Response {
@@ -52,6 +63,19 @@ async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: 
     // A clone of the matched path shares its string (an `Arc`): nothing is copied per request.
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let version = request.version();
+    let span = state.tracer.server(
+        request.headers(),
+        || format!("{method} {route}").into(),
+        || {
+            vec![
+                KeyValue::new("http.request.method", method),
+                KeyValue::new("http.route", route.to_owned()),
+                KeyValue::new("network.protocol.version", protocol_version(version)),
+            ]
+        },
+    );
+    request.extensions_mut().insert(span.clone());
 
     let mut response = if too_large {
         plain(
@@ -61,7 +85,7 @@ async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: 
     } else {
         match state.admission.acquire().await {
             Ok(_permit) => next.run(request).await,
-            Err(_) => overloaded(request.version()),
+            Err(_) => overloaded(version),
         }
     };
     let headers = response.headers_mut();
@@ -70,6 +94,7 @@ async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: 
 
     let elapsed = started.elapsed().as_secs_f64();
     let status = response.status().as_u16();
+    end_span(&span, status);
     tracing::info!(
         target: "http",
         method,
@@ -77,10 +102,36 @@ async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: 
         status,
         latency_ms = elapsed * 1000.0,
         request_id = request_id.to_str().unwrap_or_default(),
+        trace_id = %span.trace_id(),
+        span_id = %span.span_id(),
         "request"
     );
     state.metrics.record(route, method, status, elapsed);
     response
+}
+
+/// Records the answer on a recorded span and ends it: server errors (5xx) mark it failed,
+/// client errors do not (OpenTelemetry's HTTP conventions).
+fn end_span(span: &Span, status: u16) {
+    span.record(|span| {
+        span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
+        if status >= 500 {
+            span.set_attribute(KeyValue::new("error.type", status.to_string()));
+            span.set_status(Status::error(""));
+        }
+        span.end();
+    });
+}
+
+fn protocol_version(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_2 => "2",
+        Version::HTTP_10 => "1.0",
+        _ => "1.1",
+    }
 }
 
 /// The answer to a request that found no room: 503 with `Retry-After`. On HTTP/1.1 the

@@ -3,7 +3,8 @@
 //! and the failover between two clouds ([`failover`]) on the two-cloud one.
 //!
 //! The split topology has a link between Klaus and Petra, and runs its checks at three distances
-//! ([`distance`]).
+//! ([`distance`]). [`monitoring`] runs a host Prometheus against docker-compose.yml, and
+//! [`observability`] the override that adds Prometheus and tracesink in compose.
 //!
 //! Each topology runs under a project name of its own and is always torn down (`down -v --remove-orphans`),
 //! also when a check fails. Every wait polls a condition under a deadline; none is a fixed sleep.
@@ -14,6 +15,7 @@ mod distance;
 mod failover;
 mod faults;
 mod monitoring;
+mod observability;
 mod picture;
 
 use std::net::{SocketAddr, TcpListener};
@@ -97,13 +99,21 @@ const TOPOLOGIES: [Topology; 3] = [
 ];
 
 /// The parts of `cargo xtask e2e` that can be run alone: each topology's name, then the scenarios.
-const PARTS: [&str; 6] = ["one", "split", "clouds", "faults", "failover", "monitoring"];
+const PARTS: [&str; 7] = [
+    "one",
+    "split",
+    "clouds",
+    "faults",
+    "failover",
+    "monitoring",
+    "observability",
+];
 
 /// The flags of `cargo xtask e2e`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct E2eArgs {
     /// Run only these parts: a topology (one, split, clouds) or a scenario (faults, failover,
-    /// monitoring). The images are built in any case. Default: every part.
+    /// monitoring, observability). The images are built in any case. Default: every part.
     #[arg(value_name = "PART", value_parser = clap::builder::PossibleValuesParser::new(PARTS))]
     pub(crate) parts: Vec<String>,
 }
@@ -138,6 +148,12 @@ pub(crate) fn e2e_parts(only: &[String]) -> anyhow::Result<()> {
         step(
             "e2e docker-compose.yml monitoring: Prometheus with the shipped rules and the dashboard's queries",
             || monitoring::run(&sh, &compose, &oha),
+        )?;
+    }
+    if wanted("observability") {
+        step(
+            "e2e docker-compose.yml with docker-compose.observability.yml: traces in tracesink, Prometheus with the rules",
+            || observability::run(&sh, &compose),
         )?;
     }
     if wanted("failover") {

@@ -1,5 +1,6 @@
-//! `cargo xtask images`: builds `petra:dev`, `klaus:dev` and `slowlink:dev` from `Dockerfile.petra`,
-//! `Dockerfile.klaus` and `Dockerfile.slowlink` (the link that docker-compose.split.yml puts between them).
+//! `cargo xtask images`: builds `petra:dev`, `klaus:dev`, `slowlink:dev` and `tracesink:dev` from
+//! `Dockerfile.<name>` (slowlink is the link that docker-compose.split.yml puts between Klaus and
+//! Petra; tracesink the trace receiver of docker-compose.observability.yml).
 //!
 //! No image can be pulled on our machines, so the Rust builder image that the Dockerfiles start from is made
 //! here when it is missing ([`builder`]): a Debian root file system from `debootstrap` plus this machine's Rust toolchain,
@@ -21,7 +22,7 @@ mod builder;
 use self::builder::{describe_builder, ensure_rust_image};
 
 /// The services that get an image, each from `Dockerfile.<name>`, tagged `<name>:dev`.
-pub(crate) const SERVICES: [&str; 3] = ["petra", "klaus", "slowlink"];
+pub(crate) const SERVICES: [&str; 4] = ["petra", "klaus", "slowlink", "tracesink"];
 
 /// The size budget for each runtime image, in bytes as `docker image ls` counts them (1 MB = 10^6 bytes).
 const IMAGE_BUDGET_BYTES: u64 = 10_000_000;
@@ -80,7 +81,7 @@ const BUILDER_MARKS: (&str, &str) = ("/src", "RUSTFLAGS=-C target-feature=+crt-s
 const PRUNE_ROUNDS: usize = 40;
 
 /// Deletes the untagged images that earlier builds left: builder stages (about 1.5 GB each, one per change
-/// of the manifests) other than the one that just built, and superseded `petra:dev`, `klaus:dev` and `slowlink:dev`.
+/// of the manifests) other than the one that just built, and superseded `<service>:dev` images.
 ///
 /// Old builder stages are deleted one step per round with `--no-prune`, from their last step up: a plain
 /// `docker rmi` also deletes untagged parents, and those can be the current builder stage's layers, which

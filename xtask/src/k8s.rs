@@ -1,17 +1,19 @@
 //! `cargo xtask k8s`: render every kustomize overlay and component combination, validate and check them;
-//! and check that no compose file lets a running service see the CA's key (`xtask/compose/check.py`).
+//! and check that no compose file lets a running service see the CA's key.
 //!
 //! The Rust side prepares the tools: `kubectl` (for `kubectl kustomize`), a Python venv under
 //! `target/` with the pinned, hashed packages of `xtask/k8s/requirements.txt`, and one build of
 //! both services for their contracts (`petra contract`, `klaus contract`) and throwaway
-//! certificates (`petra certs`). The checks themselves live in `xtask/k8s/check.py`.
+//! certificates (`petra certs`). The checks themselves are the Python package `xtask/k8s/checks`
+//! (`python -m checks check` and `python -m checks compose`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use xshell::{Shell, cmd};
 
-use crate::util::{pip_install_hashed, root, shell, step};
+use crate::util::{root, shell, step};
+use crate::venv;
 
 /// Kubernetes versions whose official schemas every rendered document must pass (strict mode).
 /// 1.32 is the oldest minor still in the big managed offerings' extended support and the one this
@@ -22,9 +24,6 @@ const VERSIONS: &[&str] = &["1.32.0", "1.35.0", "1.37.0"];
 /// The oldest kustomize (built into kubectl) that handles the components and replacements used here.
 const MIN_KUSTOMIZE_MAJOR: u32 = 5;
 
-/// The venv that holds kubernetes-validate and PyYAML; kept between runs.
-const VENV: &str = "target/k8s-venv";
-
 /// The services whose `contract` subcommand describes ports, admin paths and env vars.
 const SERVICES: &[&str] = &["petra", "klaus"];
 
@@ -34,12 +33,14 @@ pub(crate) fn k8s() -> anyhow::Result<()> {
     let out = root().join("target").join("k8s");
     sh.create_dir(&out)?;
     step("kubectl", || ensure_kubectl(&sh))?;
-    let python = step("python venv (kubernetes-validate, PyYAML)", || {
-        ensure_venv(&sh)
+    let venv = step("python venv (kubernetes-validate, PyYAML)", || {
+        venv::k8s(&sh)
     })?;
     step("compose files: ca.key only in the certs job", || {
         let root = root();
-        cmd!(sh, "{python} xtask/compose/check.py --root {root}")
+        venv::checks(&sh, &venv)
+            .args(["compose", "--root"])
+            .arg(root)
             .run()
             .context("a compose file lets a running service see a key it must not (see FAIL lines above)")
     })?;
@@ -58,13 +59,18 @@ pub(crate) fn k8s() -> anyhow::Result<()> {
                 ]
             })
             .collect();
-        cmd!(
-            sh,
-            "{python} xtask/k8s/check.py --root {root} --out {out} --versions {versions} {contract_args...}
-             -- {petra} certs"
-        )
-        .run()
-        .context("the Kubernetes manifests failed a check (see FAIL lines above)")?;
+        venv::checks(&sh, &venv)
+            .args(["check", "--root"])
+            .arg(root)
+            .arg("--out")
+            .arg(&out)
+            .args(["--versions", &versions])
+            .args(contract_args)
+            .arg("--")
+            .arg(&petra)
+            .arg("certs")
+            .run()
+            .context("the Kubernetes manifests failed a check (see FAIL lines above)")?;
         Ok(())
     })
 }
@@ -121,29 +127,6 @@ fn ensure_kubectl(sh: &Shell) -> anyhow::Result<()> {
     }
     println!("{}", version.lines().collect::<Vec<_>>().join(", "));
     Ok(())
-}
-
-/// Creates the venv on first use, and again whenever the requirements change; returns its python.
-fn ensure_venv(sh: &Shell) -> anyhow::Result<PathBuf> {
-    let venv = root().join(VENV);
-    let python = venv.join("bin").join("python");
-    let requirements = root().join("xtask").join("k8s").join("requirements.txt");
-    let wanted = sh.read_file(&requirements)?;
-    // A copy of the requirements it was built from marks a finished, current venv.
-    let stamp = venv.join("requirements.installed");
-    if python.exists() && sh.read_file(&stamp).ok().as_deref() == Some(wanted.as_str()) {
-        println!("reusing {}", venv.display());
-        return Ok(python);
-    }
-    if venv.exists() {
-        sh.remove_path(&venv)?;
-    }
-    cmd!(sh, "python3 -m venv {venv}")
-        .run()
-        .context("python3 -m venv failed (is python3-venv installed?)")?;
-    pip_install_hashed(sh, &python, &requirements)?;
-    sh.write_file(&stamp, wanted)?;
-    Ok(python)
 }
 
 /// Builds both services once (debug) and returns the folder that holds their binaries, so the

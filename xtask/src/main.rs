@@ -21,6 +21,7 @@ mod sbom;
 mod testssl;
 mod tools;
 mod util;
+mod venv;
 
 use std::process::ExitCode;
 
@@ -40,8 +41,8 @@ enum Task {
     Ci,
     /// The Rust tests only (cargo nextest, or cargo test where nextest is missing).
     Test,
-    /// Build petra:dev, klaus:dev and slowlink:dev from `Dockerfile.<name>`; check their SBOMs and
-    /// embedded dependency lists against Cargo.lock.
+    /// Build petra:dev, klaus:dev, slowlink:dev and tracesink:dev from `Dockerfile.<name>`; check
+    /// their SBOMs and embedded dependency lists against Cargo.lock.
     Images,
     /// Build the images, bring up each compose topology and check it end to end, then the fault
     /// and failover scenarios.
@@ -57,7 +58,7 @@ enum Task {
     Certs(ci::CertsArgs),
     /// cargo-deny, hadolint, checkov, testssl.sh on Petra, and no private key in the repository
     /// or the images.
-    Audit,
+    Audit(AuditArgs),
     /// testssl.sh against a Petra on loopback (also part of audit).
     Testssl,
     /// Run the cargo-fuzz targets (libFuzzer, nightly).
@@ -76,7 +77,7 @@ impl Task {
             Self::Alerts => "alerts",
             Self::Bench(_) => "bench",
             Self::Certs(_) => "certs",
-            Self::Audit => "audit",
+            Self::Audit(_) => "audit",
             Self::Testssl => "testssl",
             Self::Fuzz(_) => "fuzz",
         }
@@ -92,9 +93,29 @@ impl Task {
             Self::Alerts => alerts::alerts(),
             Self::Bench(args) => bench::bench(args),
             Self::Certs(args) => ci::certs(&args),
-            Self::Audit => audit::audit(&[]),
+            Self::Audit(args) => audit::audit(&args.flags()),
             Self::Testssl => testssl::run(),
             Self::Fuzz(args) => fuzz::fuzz(args),
+        }
+    }
+}
+
+/// The flags of `cargo xtask audit`.
+#[derive(Debug, clap::Args)]
+struct AuditArgs {
+    /// Leave out the two checks that need Docker (the image layers and their self-test); the
+    /// last line says they did not run.
+    #[arg(long)]
+    no_docker: bool,
+}
+
+impl AuditArgs {
+    /// The flags as `audit::audit` reads them.
+    fn flags(&self) -> Vec<String> {
+        if self.no_docker {
+            vec!["--no-docker".to_owned()]
+        } else {
+            Vec::new()
         }
     }
 }
@@ -132,6 +153,8 @@ mod tests {
         assert!(matches!(parse(&["ci"]).expect("ci").task, Some(Task::Ci)));
         assert!(parse(&["nope"]).is_err());
         assert!(parse(&["audit", "--extra"]).is_err());
+        let audit = parse(&["audit", "--no-docker"]).expect("audit's flag");
+        assert!(matches!(audit.task, Some(Task::Audit(args)) if args.flags() == ["--no-docker"]));
         let e2e = parse(&["e2e", "faults", "one"]).expect("two parts");
         assert!(matches!(e2e.task, Some(Task::E2e(args)) if args.parts == ["faults", "one"]));
         assert!(parse(&["e2e", "other"]).is_err());

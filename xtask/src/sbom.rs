@@ -25,6 +25,7 @@ const KEY_CRATES: &[(&str, &[&str])] = &[
     ("petra", &["hyper", "rustls", "tokio", "h2"]),
     ("klaus", &["hyper", "rustls", "tokio", "h2"]),
     ("slowlink", &["tokio"]),
+    ("tracesink", &["hyper", "tokio", "prost"]),
 ];
 
 /// A crate by name and version.

@@ -27,8 +27,11 @@ use axum::http::header::USER_AGENT;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use serving::ConfigError;
 use serving::observe::{self, REQUEST_ID, TRACEPARENT, TRACESTATE};
+use serving::trace::Span;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{ErrorDetail, PetraArgs, Target, parse_url, parse_urls};
@@ -43,8 +46,9 @@ use tls::{ClientTls, Profile};
 
 /// Headers of the incoming request that Klaus passes on to Petra. The middleware has checked
 /// them ([`serving::propagate`]): the request id is one Klaus kept or made, and trace context
-/// that was not valid W3C is gone.
-const FORWARDED: [HeaderName; 3] = [TRACEPARENT, TRACESTATE, REQUEST_ID];
+/// that was not valid W3C is gone. `traceparent` is Klaus's own: the caller's trace, with the
+/// attempt's span as the parent of Petra's.
+const FORWARDED: [HeaderName; 2] = [TRACESTATE, REQUEST_ID];
 
 /// The `user-agent` Klaus sends.
 const KLAUS_AGENT: HeaderValue =
@@ -187,13 +191,20 @@ impl PetraClient {
             .map(|target| &**target)
     }
 
-    /// Calls `GET {PETRA_URL}/`, passing on the trace context and request id of `incoming`,
-    /// and returns Petra's body.
-    pub async fn hello(&self, incoming: &HeaderMap) -> Result<String, PetraError> {
+    /// Calls `GET {PETRA_URL}/`, passing on the trace state and request id of `incoming`,
+    /// and returns Petra's body. The call is a span under `span` (the request's), each attempt
+    /// a client span under the call's, whose id Petra gets as its parent in `traceparent`.
+    pub async fn hello(&self, incoming: &HeaderMap, span: &Span) -> Result<String, PetraError> {
         let started = Instant::now();
-        let result = self.call(incoming).await;
+        let call = span.child(SpanKind::Internal, || "call Petra".into(), Vec::new);
+        let result = self.call(incoming, &call).await;
         let outcome = result.as_ref().map_or_else(PetraError::outcome, |_| "ok");
         self.inner.metrics.record(outcome, started.elapsed());
+        if result.is_err() {
+            call.fail(outcome);
+        }
+        call.record(|span| span.set_attribute(KeyValue::new("petra.outcome", outcome)));
+        call.end();
         result
     }
 
@@ -201,7 +212,7 @@ impl PetraClient {
     /// reach Petra, a retry on an endpoint not tried yet (or, when there is none and the
     /// connection failed under the request, on a fresh connection to the same one), as long as
     /// the deadline and the retry budget allow.
-    async fn call(&self, incoming: &HeaderMap) -> Result<String, PetraError> {
+    async fn call(&self, incoming: &HeaderMap, call: &Span) -> Result<String, PetraError> {
         let inner = &*self.inner;
         let deadline = tokio::time::Instant::now() + inner.timeout;
         let first = match inner.endpoints.first(deadline).await {
@@ -209,7 +220,7 @@ impl PetraClient {
             Err(none) => return Err(self.no_endpoint(none)),
         };
         let mut result = self
-            .attempt(&first, Profile::Pooled, incoming, deadline, true)
+            .attempt(&first, Profile::Pooled, incoming, deadline, call, 0)
             .await;
         if result.is_ok() {
             inner.budget.deposit();
@@ -253,7 +264,7 @@ impl PetraClient {
             inner.metrics.retry("attempted");
             tracing::debug!(error = %Chain(err), from = %tried[tried.len() - 1].addr, to = %next.addr, "retrying the call to Petra");
             result = self
-                .attempt(&next, profile, incoming, deadline, false)
+                .attempt(&next, profile, incoming, deadline, call, tried.len())
                 .await;
             tried.push(next);
         }
@@ -265,28 +276,65 @@ impl PetraClient {
 
     /// One attempt on `endpoint` with the client of `profile`: the request sent and the body
     /// read before `deadline`. The outcome is recorded against the endpoint, except a retry's
-    /// timeout at the call's deadline (`first` false): it had less than its share of time.
+    /// timeout at the call's deadline (`retry` above 0): it had less than its share of time.
     async fn attempt(
         &self,
         endpoint: &Endpoint,
         profile: Profile,
         incoming: &HeaderMap,
         deadline: tokio::time::Instant,
-        first: bool,
+        call: &Span,
+        retry: usize,
     ) -> Result<String, PetraError> {
+        let first = retry == 0;
+        let span = call.child(
+            SpanKind::Client,
+            || "GET".into(),
+            || {
+                let mut attributes = vec![
+                    KeyValue::new("http.request.method", "GET"),
+                    KeyValue::new("server.address", endpoint.target.host.clone()),
+                    KeyValue::new("server.port", i64::from(endpoint.target.port)),
+                    KeyValue::new("network.peer.address", endpoint.addr.ip().to_string()),
+                    KeyValue::new("network.peer.port", i64::from(endpoint.addr.port())),
+                    KeyValue::new("petra.priority", endpoint.target.priority as i64),
+                    KeyValue::new(
+                        "petra.connection",
+                        if profile == Profile::Pooled {
+                            "pooled"
+                        } else {
+                            "fresh"
+                        },
+                    ),
+                ];
+                if retry > 0 {
+                    attributes.push(KeyValue::new("http.request.resend_count", retry as i64));
+                }
+                attributes
+            },
+        );
         let in_flight = endpoint.start();
-        let result =
-            match tokio::time::timeout_at(deadline, self.exchange(endpoint, profile, incoming))
-                .await
-            {
-                Ok(result) => result,
-                Err(elapsed) => Err(PetraError::Timeout {
-                    timeout_ms: self.timeout_ms(),
-                    connecting: false,
-                    source: Box::new(elapsed),
-                }),
-            };
+        let result = match tokio::time::timeout_at(
+            deadline,
+            self.exchange(endpoint, profile, incoming, &span),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(elapsed) => Err(PetraError::Timeout {
+                timeout_ms: self.timeout_ms(),
+                connecting: false,
+                source: Box::new(elapsed),
+            }),
+        };
         drop(in_flight);
+        match &result {
+            Ok(_) => span.record(|span| {
+                span.set_attribute(KeyValue::new("http.response.status_code", 200));
+            }),
+            Err(err) => span.fail(err.outcome()),
+        }
+        span.end();
         match &result {
             Ok(_) => {
                 if endpoint.succeeded() {
@@ -321,6 +369,7 @@ impl PetraClient {
         endpoint: &Endpoint,
         profile: Profile,
         incoming: &HeaderMap,
+        span: &Span,
     ) -> Result<String, PetraError> {
         let lane = (profile == Profile::Pooled).then(|| endpoint.lane());
         let client = match &lane {
@@ -332,7 +381,7 @@ impl PetraClient {
         };
         let mut refused = 0;
         let response = loop {
-            match client.request(request(endpoint, incoming)).await {
+            match client.request(request(endpoint, incoming, span)).await {
                 Ok(response) => break response,
                 Err(err) if refused < MAX_REFUSED_RETRIES && error::is_refused(&err) => {
                     refused += 1;
@@ -415,12 +464,14 @@ impl PetraClient {
     }
 }
 
-/// `GET {url}/` with Klaus's user agent and the headers passed on from `incoming`.
-fn request(endpoint: &Endpoint, incoming: &HeaderMap) -> Request<Empty<Bytes>> {
+/// `GET {url}/` with Klaus's user agent, `span` as the parent of Petra's span, and the
+/// headers passed on from `incoming`.
+fn request(endpoint: &Endpoint, incoming: &HeaderMap, span: &Span) -> Request<Empty<Bytes>> {
     let mut request = Request::new(Empty::new());
     *request.uri_mut() = endpoint.target.uri.clone();
     let headers = request.headers_mut();
     headers.insert(USER_AGENT, KLAUS_AGENT);
+    headers.insert(TRACEPARENT, span.traceparent());
     for name in FORWARDED {
         if let Some(value) = incoming.get(&name) {
             headers.insert(name, observe::unique(value));

@@ -240,8 +240,8 @@ async fn hostile_request_ids_and_trace_context_are_replaced_before_petra_sees_th
         "req-42.a_b:c"
     );
 
-    // An invalid traceparent is not passed on, nor the tracestate that came with it: Petra
-    // starts a new trace.
+    // An invalid traceparent is not passed on, nor the tracestate that came with it: Klaus
+    // starts a new trace, unsampled, and names its attempt as Petra's parent.
     let zeros = "00-00000000000000000000000000000000-b7ad6b7169203331-01";
     call_with_id(
         &url,
@@ -250,10 +250,14 @@ async fn hostile_request_ids_and_trace_context_are_replaced_before_petra_sees_th
     )
     .await;
     let forwarded = seen.lock().expect("lock").pop().expect("called");
+    assert!(!forwarded.contains_key("tracestate"), "{forwarded:?}");
+    let new = forwarded["traceparent"].to_str().expect("ascii");
     assert!(
-        !forwarded.contains_key("traceparent") && !forwarded.contains_key("tracestate"),
-        "{forwarded:?}"
+        serving::propagate::is_valid_traceparent(new.as_bytes()),
+        "{new}"
     );
+    assert!(!new.contains("-00000000000000000000000000000000-"), "{new}");
+    assert!(new.ends_with("-00"), "{new}");
     // A valid one is passed on; a tracestate over 32 members is dropped, the parent kept.
     let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let many = (0..33)
@@ -267,7 +271,13 @@ async fn hostile_request_ids_and_trace_context_are_replaced_before_petra_sees_th
     )
     .await;
     let forwarded = seen.lock().expect("lock").pop().expect("called");
-    assert_eq!(forwarded["traceparent"], parent);
+    // The caller's trace and sampled flag, with Klaus's attempt as the parent.
+    let passed = forwarded["traceparent"].to_str().expect("ascii");
+    assert!(
+        passed.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && passed.ends_with("-01"),
+        "{passed}"
+    );
+    assert_ne!(passed, parent);
     assert!(!forwarded.contains_key("tracestate"), "{forwarded:?}");
     call_with_id(
         &url,

@@ -16,7 +16,7 @@ use tokio::sync::{Mutex, watch};
 use crate::helpers::{get as http_get, petra_args, spawn_klaus};
 
 /// The `petra` binary, built beside `klaus` by `cargo build --workspace` / nextest.
-fn petra_exe() -> String {
+pub(crate) fn petra_exe() -> String {
     let path: PathBuf = std::path::Path::new(env!("CARGO_BIN_EXE_klaus")).with_file_name("petra");
     assert!(
         path.exists(),

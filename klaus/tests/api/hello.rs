@@ -82,7 +82,12 @@ async fn passes_on_traceparent_and_request_id() {
     assert_eq!(response.text().await.expect("body"), "hello world");
     let seen: Vec<HeaderMap> = seen.lock().expect("lock").clone();
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0]["traceparent"], traceparent);
+    // The same trace and sampled flag; the parent is Klaus's attempt, not the caller's span.
+    let passed = seen[0]["traceparent"].to_str().expect("ascii");
+    assert_eq!(passed.len(), traceparent.len());
+    assert_eq!(passed[..36], traceparent[..36]);
+    assert_ne!(passed[36..52], traceparent[36..52]);
+    assert_eq!(passed[52..], traceparent[52..]);
     assert_eq!(seen[0]["x-request-id"], "req-42");
     klaus.stop().await;
     petra.stop().await;

@@ -30,6 +30,7 @@ pub(crate) fn serve_args() -> ServeArgs {
         max_connections: 3072,
         worker_threads: 1,
         log_format: LogFormat::Text,
+        trace: Default::default(),
     }
 }
 

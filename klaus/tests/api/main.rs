@@ -8,6 +8,8 @@ mod errors;
 mod faults;
 mod hello;
 mod helpers;
+mod metrics_doc;
 mod resilience;
 mod rotation;
+mod traces;
 mod upstream;

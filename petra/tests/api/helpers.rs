@@ -26,6 +26,7 @@ pub(crate) fn args(pki: &TestPki, client_ca: Option<&Path>) -> ServeArgs {
         max_connections: 3072,
         worker_threads: 1,
         log_format: LogFormat::Text,
+        trace: Default::default(),
     }
 }
 

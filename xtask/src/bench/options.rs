@@ -10,6 +10,11 @@ use clap::{Args, ValueEnum};
 /// Writes target/bench/summary.md, target/bench/summary.json and oha's reports in
 /// target/bench/raw/.
 #[derive(Debug, Args)]
+#[command(
+    after_help = "OTEL_* variables in the bench's environment are passed to every Petra and \
+Klaus it starts (nothing else is): with --baseline on an older revision, that measures the cost of \
+exporting traces (start a receiver first, such as `tracesink --quiet`)."
+)]
 pub(crate) struct BenchArgs {
     /// A smoke run: 2 s per case after a 1 s warm-up, 3 startup runs, a quiet-wait of 5 s; the
     /// flags below override these.

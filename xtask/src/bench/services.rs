@@ -100,6 +100,9 @@ pub(super) fn spawn_service(
     command
         .env_clear()
         .envs(env.vars.iter().map(|(k, v)| (k, v)))
+        // Traces: OTEL_* set for the bench reach every Petra and Klaus it starts, so that the
+        // cost of exporting can be measured against a baseline (BENCHMARKS.md says how).
+        .envs(std::env::vars().filter(|(key, _)| key.starts_with("OTEL_")))
         .env("LOG_FORMAT", "json")
         .env("SHUTDOWN_DELAY_SECONDS", "0")
         .env("SHUTDOWN_TIMEOUT_SECONDS", "1")

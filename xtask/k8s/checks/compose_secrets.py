@@ -1,15 +1,14 @@
-"""Static check of the compose files: no long-running service can read the CA's private key, and each
-service mounts only its own certificate folder.
+"""No long-running compose service can read the CA's private key, and each service mounts only its own
+certificate folder (`python -m checks compose`, run by `cargo xtask k8s`).
 
-`cargo xtask k8s` runs it (it already has a venv with PyYAML). For every `docker-compose*.yml` at the
-root, the one-shot `certs` job (a service whose command starts with `certs`) tells where the files
-go: `--out DIR` holds ca.key, DIR/petra and DIR/klaus each service's key. The volume that holds
-DIR/ca.key must be mounted by that job alone; a service running image `NAME:tag` may mount, of the
-job's volumes, only the one at DIR/NAME. Exits 1 with one FAIL line per problem.
+For every `docker-compose*.yml` at the root, the one-shot `certs` job (a service whose command starts with
+`certs`) tells where the files go: `--out DIR` holds ca.key, DIR/petra and DIR/klaus each service's key.
+The volume that holds DIR/ca.key must be mounted by that job alone; a service running image `NAME:tag`
+may mount, of the job's volumes, only the one at DIR/NAME. checkov has no compose framework.
 """
 
-import argparse
-import sys
+from __future__ import annotations
+
 from pathlib import Path, PurePosixPath
 
 import yaml
@@ -81,13 +80,11 @@ def check(path: Path, ca_sources: set[str]) -> list[str]:
     return problems
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, required=True)
-    args = parser.parse_args()
-    files = sorted(args.root.glob("docker-compose*.yml"))
+def run(root: Path) -> int:
+    """Checks every docker-compose*.yml under `root`; prints one FAIL line per problem, returns the exit code."""
+    files = sorted(root.glob("docker-compose*.yml"))
     if not files:
-        print(f"FAIL no docker-compose*.yml under {args.root}")
+        print(f"FAIL no docker-compose*.yml under {root}")
         return 1
     ca_sources: set[str] = set()
     # Files with a certs job first, so that an override file (which has none) is checked against the CA
@@ -103,6 +100,3 @@ def main() -> int:
               f"({', '.join(sorted(ca_sources))}); each service mounts only its own certificates")
     return 1 if problems else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
