@@ -14,7 +14,8 @@ use anyhow::{Context, bail};
 use xshell::{Shell, cmd};
 use yaml_rust2::{Yaml, YamlEmitter, YamlLoader};
 
-use crate::util::{existing, root, shell, step, tools_root, which};
+use crate::tools::{existing, which};
+use crate::util::{root, shell, step};
 
 /// The rules, as the Prometheus Operator takes them.
 pub(crate) const RULES: &str = "k8s/components/prometheus-operator/prometheusrule.yaml";
@@ -81,7 +82,7 @@ pub(crate) fn alerts() -> anyhow::Result<()> {
 /// `name` (promtool or prometheus) from `PATH`, else from Debian's `prometheus` package unpacked
 /// under the tools folder: `apt-get download` and `dpkg-deb -x`, about 20 MB, once.
 pub(crate) fn ensure_prometheus(sh: &Shell, name: &str) -> anyhow::Result<PathBuf> {
-    let unpacked = tools_root().join("prometheus");
+    let unpacked = crate::tools::dir().join("prometheus");
     let bin = unpacked.join("usr").join("bin").join(name);
     if let Some(found) = which(name).or_else(|| existing(bin.clone())) {
         return Ok(found);

@@ -28,7 +28,9 @@ pub(crate) fn ci() -> anyhow::Result<()> {
         "audit: dependencies, Dockerfiles, manifests, secrets",
         || crate::audit::audit(&[]),
     )?;
-    step("fuzz", || crate::fuzz::fuzz(&[]))?;
+    step("fuzz", || {
+        crate::fuzz::fuzz(crate::fuzz::FuzzArgs::default())
+    })?;
     Ok(())
 }
 
@@ -49,9 +51,20 @@ pub(crate) fn test() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The flags of `cargo xtask certs`, passed to `petra certs` as they are: Petra's binary declares
+/// them (`cargo xtask certs --help` prints its help).
+#[derive(Debug, clap::Args)]
+#[command(disable_help_flag = true)]
+pub(crate) struct CertsArgs {
+    /// The flags of `petra certs`: --out DIR, --namespace, --san, --days, --force, --new-ca.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub(crate) args: Vec<String>,
+}
+
 /// Writes a private CA and the service certificates with the project's own tool (`petra certs`).
-pub(crate) fn certs(args: &[String]) -> anyhow::Result<()> {
+pub(crate) fn certs(args: &CertsArgs) -> anyhow::Result<()> {
     let sh = shell()?;
+    let args = &args.args;
     cmd!(
         sh,
         "cargo run --quiet --locked --package petra -- certs {args...}"

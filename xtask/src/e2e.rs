@@ -9,6 +9,8 @@
 //! Each topology runs under a project name of its own and is always torn down (`down -v --remove-orphans`),
 //! also when a check fails. Every wait polls a condition under a deadline; none is a fixed sleep.
 
+mod containers;
+mod cut;
 mod distance;
 mod failover;
 mod faults;
@@ -16,14 +18,15 @@ mod monitoring;
 mod observability;
 mod picture;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use xshell::{Shell, cmd};
 
+use crate::http::get;
+use crate::oha::Oha;
 use crate::util::{root, shell, step};
 
 /// Where Klaus is published on the host in every topology.
@@ -106,27 +109,30 @@ const PARTS: [&str; 7] = [
     "observability",
 ];
 
+/// The flags of `cargo xtask e2e`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct E2eArgs {
+    /// Run only these parts: a topology (one, split, clouds) or a scenario (faults, failover,
+    /// monitoring, observability). The images are built in any case. Default: every part.
+    #[arg(value_name = "PART", value_parser = clap::builder::PossibleValuesParser::new(PARTS))]
+    pub(crate) parts: Vec<String>,
+}
+
 /// Builds both images, runs every check against each topology in turn, then the fault scenarios
 /// and the failover.
 pub(crate) fn e2e() -> anyhow::Result<()> {
     e2e_parts(&[])
 }
 
-/// `cargo xtask e2e [PART...]`: as [`e2e`], but only the named parts (of [`PARTS`]) when some are
-/// named; the images are built in any case.
+/// `cargo xtask e2e [PART...]`: as [`e2e`], but only the named parts (of [`PARTS`], which
+/// [`E2eArgs`] checks) when some are named; the images are built in any case.
 pub(crate) fn e2e_parts(only: &[String]) -> anyhow::Result<()> {
-    if let Some(unknown) = only.iter().find(|part| !PARTS.contains(&part.as_str())) {
-        bail!(
-            "unknown e2e part {unknown:?}; the parts are {}",
-            PARTS.join(", ")
-        );
-    }
     let wanted = |part: &str| only.is_empty() || only.iter().any(|p| p == part);
     crate::images::images()?;
     let sh = shell()?;
     let compose = step("compose is installed", || compose_command(&sh))?;
     step("curl is installed", || ensure_curl(&sh))?;
-    let oha = step("oha is installed", || faults::Oha::find(&sh))?;
+    let oha = step("oha is installed", || Oha::find(&sh))?;
     for topology in TOPOLOGIES.iter().filter(|t| wanted(t.name)) {
         step(&format!("e2e {}", topology.file), || {
             run_topology(&sh, &compose, &oha, topology)
@@ -282,7 +288,7 @@ impl Drop for Container<'_> {
 fn run_topology(
     sh: &Shell,
     compose: &[String],
-    oha: &faults::Oha,
+    oha: &Oha,
     topology: &Topology,
 ) -> anyhow::Result<()> {
     let mut ports = vec![KLAUS_PORT];
@@ -312,12 +318,7 @@ fn ensure_port_free(port: u16) -> anyhow::Result<()> {
 }
 
 /// The checks, in order; each prints a line when it passes.
-fn checks(
-    sh: &Shell,
-    project: &Project<'_>,
-    oha: &faults::Oha,
-    topology: &Topology,
-) -> anyhow::Result<()> {
+fn checks(sh: &Shell, project: &Project<'_>, oha: &Oha, topology: &Topology) -> anyhow::Result<()> {
     let klaus: SocketAddr = ([127, 0, 0, 1], KLAUS_PORT).into();
 
     let started = Instant::now();
@@ -558,82 +559,14 @@ fn wait_for<T>(deadline: Duration, mut probe: impl FnMut() -> Option<T>) -> anyh
     }
 }
 
-/// An HTTP response, as much of it as the checks read.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    content_type: String,
-    body: String,
-}
-
-/// A minimal HTTP/1.1 GET over a plain TCP connection (Klaus's port is plain HTTP), so that the checks need
-/// no HTTP client crate.
-fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Reply> {
-    let timeout = Duration::from_secs(5);
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8(raw).context("the response is not UTF-8")?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("the response has no end of headers")?;
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|code| code.parse().ok())
-        .context("the response has no status line")?;
-    let mut content_type = String::new();
-    let mut chunked = false;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-type") {
-            content_type = value.to_owned();
-        } else if name.eq_ignore_ascii_case("transfer-encoding")
-            && value.eq_ignore_ascii_case("chunked")
-        {
-            chunked = true;
-        }
-    }
-    let body = if chunked {
-        dechunk(body)?
+/// "a–b s" over some durations, or "a s" when they are all alike.
+fn span(durations: &[Duration]) -> String {
+    let secs = |d: &Duration| d.as_secs_f64();
+    let min = durations.iter().map(secs).fold(f64::INFINITY, f64::min);
+    let max = durations.iter().map(secs).fold(0.0, f64::max);
+    if format!("{min:.2}") == format!("{max:.2}") {
+        format!("{max:.2}s")
     } else {
-        body.to_owned()
-    };
-    Ok(Reply {
-        status,
-        content_type,
-        body,
-    })
-}
-
-/// Decodes a chunked body.
-fn dechunk(mut rest: &str) -> anyhow::Result<String> {
-    let mut body = String::new();
-    loop {
-        let (size, after) = rest
-            .split_once("\r\n")
-            .context("a chunk has no size line")?;
-        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
-            .context("a chunk size is not hexadecimal")?;
-        if size == 0 {
-            return Ok(body);
-        }
-        let chunk = after
-            .get(..size)
-            .context("a chunk is shorter than its size")?;
-        body.push_str(chunk);
-        rest = after
-            .get(size + 2..)
-            .context("a chunk does not end with CRLF")?;
+        format!("{min:.2}–{max:.2}s")
     }
 }

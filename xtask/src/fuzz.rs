@@ -20,9 +20,6 @@ use crate::util::{root, shell, step};
 /// Total fuzzing time across all targets, unless `--seconds` says otherwise.
 const DEFAULT_SECONDS: u64 = 60;
 
-/// The cargo-fuzz release installed into `target/tools` when none is there.
-const CARGO_FUZZ_VERSION: &str = "0.13.2";
-
 /// The longest a single input may take before libFuzzer reports it as a hang.
 const INPUT_TIMEOUT_SECS: u64 = 5;
 
@@ -39,16 +36,40 @@ fn build_dir(work: &std::path::Path) -> std::path::PathBuf {
         .unwrap_or_else(|| work.join("build"))
 }
 
+/// Run the cargo-fuzz targets (libFuzzer, nightly) for a bounded time in total.
+#[derive(Debug, clap::Args)]
+pub(crate) struct FuzzArgs {
+    /// Total fuzzing time across the targets, in whole seconds.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_SECONDS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) seconds: u64,
+    /// The targets to run (default: every target in fuzz/Cargo.toml).
+    #[arg(value_name = "TARGET")]
+    pub(crate) targets: Vec<String>,
+}
+
+impl Default for FuzzArgs {
+    fn default() -> Self {
+        Self {
+            seconds: DEFAULT_SECONDS,
+            targets: Vec::new(),
+        }
+    }
+}
+
 /// Runs every fuzz target (or the named ones) for `--seconds` in total.
-pub(crate) fn fuzz(args: &[String]) -> anyhow::Result<()> {
-    let (seconds, only) = parse_args(args)?;
+pub(crate) fn fuzz(args: FuzzArgs) -> anyhow::Result<()> {
+    let FuzzArgs {
+        seconds,
+        targets: only,
+    } = args;
     let sh = shell()?;
     let root = root();
     let work = root.join("target").join("fuzz");
     step("nightly toolchain (cargo-fuzz needs it)", || {
         ensure_nightly(&sh)
     })?;
-    let cargo_fuzz = step("cargo-fuzz", || ensure_cargo_fuzz(&sh))?;
+    let cargo_fuzz = step("cargo-fuzz", || crate::tools::cargo_fuzz(&sh))?;
     let targets = list_targets(&sh, &cargo_fuzz)?;
     let targets: Vec<String> = if only.is_empty() {
         targets
@@ -108,37 +129,6 @@ pub(crate) fn fuzz(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--seconds N` (total across the targets) and optional target names.
-fn parse_args(args: &[String]) -> anyhow::Result<(u64, Vec<String>)> {
-    let mut seconds = DEFAULT_SECONDS;
-    let mut targets = Vec::new();
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        let value = match arg.as_str() {
-            "--seconds" => args
-                .next()
-                .context("--seconds needs a value: cargo xtask fuzz --seconds 60")?,
-            other => match other.strip_prefix("--seconds=") {
-                Some(value) => value,
-                None if other.starts_with('-') => {
-                    bail!(
-                        "unknown option '{other}'; usage: cargo xtask fuzz [--seconds N] [TARGET...]"
-                    )
-                }
-                None => {
-                    targets.push(other.to_owned());
-                    continue;
-                }
-            },
-        };
-        seconds =
-            value.parse().ok().filter(|&s| s > 0).with_context(|| {
-                format!("--seconds takes a positive whole number, not '{value}'")
-            })?;
-    }
-    Ok((seconds, targets))
-}
-
 /// Fails with a clear message when `cargo +nightly` does not work.
 fn ensure_nightly(sh: &Shell) -> anyhow::Result<()> {
     match cmd!(sh, "cargo +nightly --version").quiet().read() {
@@ -154,32 +144,6 @@ fn ensure_nightly(sh: &Shell) -> anyhow::Result<()> {
              the rest of the project needs only the pinned stable toolchain."
         ),
     }
-}
-
-/// Returns the cargo-fuzz binary in `target/tools`, installing it there when missing or outdated.
-fn ensure_cargo_fuzz(sh: &Shell) -> anyhow::Result<PathBuf> {
-    let tools = crate::util::tools_root();
-    let bin = tools.join("bin").join("cargo-fuzz");
-    let installed = cmd!(sh, "{bin} --version")
-        .quiet()
-        .ignore_stderr()
-        .read()
-        .unwrap_or_default();
-    if installed.split_whitespace().last() == Some(CARGO_FUZZ_VERSION) {
-        println!("{installed} ({})", bin.display());
-        return Ok(bin);
-    }
-    println!(
-        "installing cargo-fuzz {CARGO_FUZZ_VERSION} into {}",
-        tools.display()
-    );
-    cmd!(
-        sh,
-        "cargo install --locked --force cargo-fuzz --version {CARGO_FUZZ_VERSION} --root {tools}"
-    )
-    .run()
-    .context("cargo install cargo-fuzz failed")?;
-    Ok(bin)
 }
 
 /// `cargo +nightly fuzz ...`, with the pinned cargo-fuzz binary.

@@ -1,5 +1,5 @@
-//! Small helpers shared by the tasks: the workspace root, a shell, timed steps, where cargo tools
-//! are installed, and the load generator with the open-files limit it needs.
+//! Small helpers shared by the tasks: the workspace root, a shell, timed steps, hashed pip installs,
+//! and the open-files limit that load tests raise for their children.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -7,9 +7,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use xshell::{Shell, cmd};
-
-/// The oha release installed when none is on `PATH`: its JSON report is what `bench` and `e2e` read.
-const OHA_VERSION: &str = "1.16.0";
 
 /// The open-files limit below which load tests raise it: thousands of connections need a socket each, and
 /// through Klaus a second one towards Petra.
@@ -39,15 +36,6 @@ pub(crate) fn step<T>(name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyh
         Err(err) => println!("<== {name}: FAILED in {secs:.1}s: {err:#}"),
     }
     result
-}
-
-/// Where `cargo install` puts the tasks' cargo tools (cargo-deny, cargo-fuzz, oha): `target/tools`, or
-/// `$XTASK_TOOLS_ROOT` when set (a folder outside the clone survives fresh CI checkouts).
-pub(crate) fn tools_root() -> PathBuf {
-    std::env::var_os("XTASK_TOOLS_ROOT")
-        .filter(|dir| !dir.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target").join("tools"))
 }
 
 /// Installs a requirements file into a venv's `python` with pip's hash-checking mode: every package,
@@ -88,57 +76,10 @@ pub(crate) fn unhashed_requirements(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// The HTTP load generator: `oha` from `PATH`, else from [`tools_root`], installed there (the pinned
-/// [`OHA_VERSION`], a few minutes, once) when it is in neither.
-pub(crate) fn find_oha(sh: &Shell) -> anyhow::Result<PathBuf> {
-    let tools = tools_root();
-    if let Some(oha) = which("oha").or_else(|| existing(tools.join("bin").join("oha"))) {
-        return Ok(oha);
-    }
-    println!(
-        "oha is missing: installing oha {OHA_VERSION} into {} (a few minutes, once)",
-        tools.display()
-    );
-    cmd!(
-        sh,
-        "cargo install oha --locked --version {OHA_VERSION} --root {tools}"
-    )
-    .run()
-    .context("cargo install oha failed")?;
-    Ok(tools.join("bin").join("oha"))
-}
-
-/// The file `name` on `PATH`, if there is one.
-pub(crate) fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).find_map(|dir| existing(dir.join(name)))
-}
-
-/// `path`, if it is a file.
-pub(crate) fn existing(path: PathBuf) -> Option<PathBuf> {
-    path.is_file().then_some(path)
-}
-
 /// The hard open-files limit, when the soft one is below [`NOFILE_WANTED`] and the hard one is higher: the
 /// limit load tests run their children with (see [`with_nofile`]).
 pub(crate) fn nofile_to_raise() -> anyhow::Result<Option<u64>> {
-    let limits =
-        std::fs::read_to_string("/proc/self/limits").context("reading /proc/self/limits")?;
-    let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) else {
-        return Ok(None);
-    };
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    let parse = |s: &str| {
-        if s == "unlimited" {
-            Some(u64::MAX)
-        } else {
-            s.parse().ok()
-        }
-    };
-    let (Some(soft), Some(hard)) = (
-        fields.get(3).and_then(|s| parse(s)),
-        fields.get(4).and_then(|s| parse(s)),
-    ) else {
+    let Some((soft, hard)) = crate::procfs::open_files_limits()? else {
         return Ok(None);
     };
     if soft >= NOFILE_WANTED {
@@ -166,18 +107,6 @@ pub(crate) fn with_nofile(program: &Path, nofile: Option<u64>) -> Command {
             command
         }
     }
-}
-
-/// A figure in KiB from `/proc/PID/status`, by its key (`VmRSS`, `VmHWM`).
-pub(crate) fn status_kib(pid: u32, key: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 #[cfg(test)]

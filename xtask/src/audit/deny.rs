@@ -6,14 +6,11 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use xshell::{Shell, cmd};
 
-use crate::util::{root, tools_root};
-
-/// The cargo-deny release installed into `target/tools` when none is there.
-const CARGO_DENY_VERSION: &str = "0.20.2";
+use crate::util::root;
 
 /// Runs cargo-deny on the workspace and on `fuzz/`; adds a note when advisories were not checked.
 pub(super) fn cargo_deny(sh: &Shell, notes: &mut Vec<String>) -> anyhow::Result<()> {
-    let deny = ensure_cargo_deny(sh)?;
+    let deny = crate::tools::cargo_deny(sh)?;
     let config = root().join("deny.toml");
     let db = advisory_db();
     let mut checks = vec!["licenses", "bans", "sources"];
@@ -86,32 +83,6 @@ fn banner(note: &str) -> String {
         out.push_str(&format!("::warning title=advisories not checked::{note}\n"));
     }
     out
-}
-
-/// Returns the cargo-deny binary in `target/tools`, installing it there when missing or outdated.
-fn ensure_cargo_deny(sh: &Shell) -> anyhow::Result<PathBuf> {
-    let tools = tools_root();
-    let bin = tools.join("bin").join("cargo-deny");
-    let installed = cmd!(sh, "{bin} --version")
-        .quiet()
-        .ignore_stderr()
-        .read()
-        .unwrap_or_default();
-    if installed.split_whitespace().last() == Some(CARGO_DENY_VERSION) {
-        println!("{installed} ({})", bin.display());
-        return Ok(bin);
-    }
-    println!(
-        "installing cargo-deny {CARGO_DENY_VERSION} into {} (a few minutes, once)",
-        tools.display()
-    );
-    cmd!(
-        sh,
-        "cargo install --locked --force cargo-deny --version {CARGO_DENY_VERSION} --root {tools}"
-    )
-    .run()
-    .context("cargo install cargo-deny failed")?;
-    Ok(bin)
 }
 
 /// The local advisory database cargo-deny would use, if one was ever fetched on this machine.

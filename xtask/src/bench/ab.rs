@@ -17,10 +17,14 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use xshell::{Shell, cmd};
 
-use super::{
-    BUDGET_CONNECTIONS, Binaries, Case, Machine, Measured, Mode, Options, Stack, Target, Tools,
-    budget, case_json, klaus_env, measure, median, petra_env, target, wait_for_quiet,
-};
+use super::Binaries;
+use super::cases::{BUDGET_CONNECTIONS, Case, Mode, Target, target};
+use super::machine::{Machine, Tools};
+use super::measure::{Measured, measure, wait_for_quiet};
+use super::options::Options;
+use super::report::{Check, budget, case_json, median};
+use super::services::{klaus_env, petra_env};
+use super::stack::Stack;
 use crate::util::{root, step};
 
 /// The process groups of the two pairs.
@@ -378,7 +382,7 @@ impl Ab {
     /// The budget line: the current pair's median CPU per Klaus request at most
     /// [`budget::AB_CPU_RATIO`] times the baseline's. A comparison in which either pair failed
     /// requests is void, and misses.
-    pub(super) fn check(&self) -> super::Check {
+    pub(super) fn check(&self) -> Check {
         let (base, cur) = (self.medians(true), self.medians(false));
         let limit = budget::AB_CPU_RATIO * base.cpu_us_per_request;
         let failed_base = self.failed(true);
@@ -394,7 +398,7 @@ impl Ab {
                 "; the baseline failed {failed_base} requests, so the comparison is void"
             );
         }
-        super::Check {
+        Check {
             line: format!(
                 "CPU per Klaus request vs baseline {} (A/B, medians of {} rounds), 64 conns",
                 self.baseline.rev,

@@ -1,83 +1,56 @@
-//! The nginx pair that Petra and Klaus are measured against: its two configurations, filled in
-//! with ports and certificate paths when the stack starts.
+//! The nginx pair that Petra and Klaus are measured against: its two configurations
+//! (`xtask/bench/nginx-*.conf`), filled in with ports and certificate paths when the stack starts.
+//! The `@PREFIX@` of each, its working folder, is left to the caller.
 
-/// nginx as Petra: `hello` over TLS, client certificates required, two workers, no logs.
-/// `keepalive_requests` is raised so that nginx does not close a client's connection after
-/// 1,000 requests, which hyper never does.
-pub(super) const PETRA_CONF: &str = r#"
-daemon off;
-worker_processes 2;
-worker_rlimit_nofile 65536;
-pid @PREFIX@/nginx.pid;
-error_log @PREFIX@/error.log warn;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    client_body_temp_path @PREFIX@/client_body;
-    proxy_temp_path @PREFIX@/proxy;
-    fastcgi_temp_path @PREFIX@/fastcgi;
-    uwsgi_temp_path @PREFIX@/uwsgi;
-    scgi_temp_path @PREFIX@/scgi;
-    keepalive_requests 1000000;
-    server {
-        listen 127.0.0.1:@PORT@ ssl;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        ssl_certificate @CERT@;
-        ssl_certificate_key @KEY@;
-        ssl_client_certificate @CLIENT_CA@;
-        ssl_verify_client on;
-        default_type "text/plain; charset=utf-8";
-        location / { return 200 "hello"; }
-    }
+use std::path::Path;
+
+/// nginx as Petra: `hello` over TLS, client certificates required.
+const PETRA_CONF: &str = include_str!("../../bench/nginx-petra.conf");
+
+/// nginx as Klaus: HTTPS and plain-HTTP fronts proxying to nginx-Petra over mutual TLS.
+const KLAUS_CONF: &str = include_str!("../../bench/nginx-klaus.conf");
+
+/// nginx-Petra's configuration, listening on `port` with Petra's certificates from `certs`.
+pub(super) fn petra_conf(port: u16, certs: &Path) -> String {
+    let file = |p: &str| certs.join(p).display().to_string();
+    PETRA_CONF
+        .replace("@PORT@", &port.to_string())
+        .replace("@CERT@", &file("petra/tls.crt"))
+        .replace("@KEY@", &file("petra/tls.key"))
+        .replace("@CLIENT_CA@", &file("petra/ca.crt"))
 }
-"#;
 
-/// nginx as Klaus: an HTTPS and a plain-HTTP front, `proxy_pass` over HTTPS with a client
-/// certificate and verification of nginx-Petra's certificate, an upstream keep-alive pool at
-/// least as large as the client count, and `sub_filter` to append ` world`.
-pub(super) const KLAUS_CONF: &str = r#"
-daemon off;
-worker_processes 2;
-worker_rlimit_nofile 65536;
-pid @PREFIX@/nginx.pid;
-error_log @PREFIX@/error.log warn;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    client_body_temp_path @PREFIX@/client_body;
-    proxy_temp_path @PREFIX@/proxy;
-    fastcgi_temp_path @PREFIX@/fastcgi;
-    uwsgi_temp_path @PREFIX@/uwsgi;
-    scgi_temp_path @PREFIX@/scgi;
-    keepalive_requests 1000000;
-    upstream petra {
-        server 127.0.0.1:@PETRA_PORT@;
-        keepalive 1024;
-        keepalive_requests 1000000;
-    }
-    server {
-        listen 127.0.0.1:@HTTPS_PORT@ ssl;
-        listen 127.0.0.1:@HTTP_PORT@;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        ssl_certificate @CERT@;
-        ssl_certificate_key @KEY@;
-        location / {
-            proxy_pass https://petra;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Accept-Encoding "";
-            proxy_ssl_certificate @CLIENT_CERT@;
-            proxy_ssl_certificate_key @CLIENT_KEY@;
-            proxy_ssl_trusted_certificate @CA@;
-            proxy_ssl_verify on;
-            proxy_ssl_verify_depth 2;
-            proxy_ssl_name localhost;
-            proxy_ssl_server_name on;
-            proxy_ssl_session_reuse on;
-            sub_filter_types text/plain;
-            sub_filter_once on;
-            sub_filter "hello" "hello world";
+/// nginx-Klaus's configuration: its fronts on `https_port` and `http_port`, calling nginx-Petra on
+/// `petra_port` with Klaus's client certificate from `certs`.
+pub(super) fn klaus_conf(https_port: u16, http_port: u16, petra_port: u16, certs: &Path) -> String {
+    let file = |p: &str| certs.join(p).display().to_string();
+    KLAUS_CONF
+        .replace("@HTTPS_PORT@", &https_port.to_string())
+        .replace("@HTTP_PORT@", &http_port.to_string())
+        .replace("@PETRA_PORT@", &petra_port.to_string())
+        .replace("@CERT@", &file("petra/tls.crt"))
+        .replace("@KEY@", &file("petra/tls.key"))
+        .replace("@CLIENT_CERT@", &file("klaus/tls.crt"))
+        .replace("@CLIENT_KEY@", &file("klaus/tls.key"))
+        .replace("@CA@", &file("klaus/ca.crt"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_placeholder_but_the_prefix_is_filled_in() {
+        let certs = Path::new("/certs");
+        for conf in [petra_conf(1, certs), klaus_conf(2, 3, 1, certs)] {
+            let left: Vec<&str> = conf
+                .split('@')
+                .skip(1)
+                .step_by(2)
+                .filter(|name| *name != "PREFIX")
+                .collect();
+            assert_eq!(left, Vec::<&str>::new(), "{conf}");
+            assert!(conf.contains("/certs/petra/tls.crt"));
         }
     }
 }
-"#;

@@ -20,12 +20,19 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use super::{
-    Binaries, Case, Check, Group, Machine, Measured, Mode, Options, Proc, Stack, Target, Tools,
-    free_ports, klaus_env, loopback, machine_busy_ticks, measure, petra_env, plot, raw_path,
-    target, wait_for_quiet,
-};
+use super::Binaries;
+use super::cases::{Case, Mode, Target, target};
+use super::machine::{Machine, Tools};
+use super::measure::{Measured, machine_busy_ticks, measure, raw_path, wait_for_quiet};
+use super::options::Options;
+use super::process::{Proc, free_ports, loopback};
+use super::services::{klaus_env, petra_env};
+use super::stack::{Group, Stack};
+use crate::oha;
+use crate::procfs::thread_demand_ns;
 use crate::util::{root, step};
+
+mod report;
 
 /// Client connections of the distance cases: enough for a 50 ms link to carry the co-located
 /// rate (Little's law: in flight = rate × latency; 2,000 in flight over 55 ms is about 36,000
@@ -398,34 +405,23 @@ fn measure_point(
         .max()
         .unwrap_or(0);
     let raw = raw_path(out, case);
-    let oha: Value = serde_json::from_str(
+    let report = oha::Report::parse_text(
         &fs::read_to_string(&raw).with_context(|| format!("reading {}", raw.display()))?,
-    )
-    .context("parsing oha's JSON output")?;
-    let count = |code: &str| oha["statusCodeDistribution"][code].as_u64().unwrap_or(0);
-    let ok = count("200");
-    let other_statuses = oha["statusCodeDistribution"]
-        .as_object()
-        .map(|codes| {
-            codes
-                .iter()
-                .filter(|(code, _)| code.as_str() != "200")
-                .map(|(code, n)| (code.clone(), n.as_u64().unwrap_or(0)))
-                .collect()
-        })
-        .unwrap_or_default();
-    let ok_ms = |key: &str| {
-        oha["latencyPercentilesSuccessful"][key]
-            .as_f64()
-            .unwrap_or(f64::NAN)
-            * 1e3
-    };
+    )?;
+    let ok = report.count(200);
+    let other_statuses = report
+        .statuses
+        .iter()
+        .filter(|(status, _)| **status != 200)
+        .map(|(status, n)| (status.to_string(), *n))
+        .collect();
+    let ok_ms = |key: &str| report.ok_percentile_ms(key);
     let klaus_cpu = measured.cpu_seconds.get(KLAUS).copied().unwrap_or(0.0);
     let point = Point {
         ok_rps: ok as f64 / measured.seconds,
         ok_p50_ms: ok_ms("p50"),
         ok_p99_ms: ok_ms("p99"),
-        status_503: count("503"),
+        status_503: report.count(503),
         not_ok: measured.responses.saturating_sub(ok) + measured.errors,
         other_statuses,
         klaus_cpu_pct: klaus_cpu / measured.seconds * 100.0,
@@ -445,284 +441,4 @@ fn measure_point(
         point.klaus_peak_mb
     );
     Ok(point)
-}
-
-/// For each thread of `pid`, the nanoseconds it spent on a core plus those it spent runnable and
-/// waiting for one (`/proc/PID/task/TID/schedstat`); empty when the kernel keeps no schedstat.
-fn thread_demand_ns(pid: u32) -> BTreeMap<u32, u64> {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return BTreeMap::new();
-    };
-    tasks
-        .filter_map(|task| {
-            let task = task.ok()?;
-            let tid = task.file_name().to_str()?.parse().ok()?;
-            let stat = fs::read_to_string(task.path().join("schedstat")).ok()?;
-            let mut fields = stat.split_whitespace().map(|f| f.parse::<u64>().ok());
-            let (on_core, waiting) = (fields.next()??, fields.next()??);
-            Some((tid, on_core + waiting))
-        })
-        .collect()
-}
-
-impl Placement {
-    fn at(&self, rtt_ms: u64) -> Option<&Point> {
-        self.distances
-            .iter()
-            .find(|(d, _)| d.rtt_ms == rtt_ms)
-            .map(|(_, p)| p)
-    }
-
-    /// The placement lines of the budget, each compared within this run.
-    pub(super) fn checks(&self) -> Vec<Check> {
-        let mut checks = Vec::new();
-        let (near, far) = (self.at(0), self.at(50));
-        checks.push(Check {
-            line: format!(
-                "Klaus over 50 ms vs co-located (both through the link), {LINK_CONNECTIONS} conns"
-            ),
-            figure: match (near, far) {
-                (Some(n), Some(f)) => format!(
-                    "{:.0} vs {:.0} × 200/s ({:.2}×)",
-                    f.ok_rps,
-                    n.ok_rps,
-                    f.ok_rps / n.ok_rps
-                ),
-                _ => "not measured".into(),
-            },
-            limit: format!("≥ {:.1}× co-located", budget::DISTANCE_RATIO),
-            pass: near
-                .zip(far)
-                .map(|(n, f)| f.ok_rps >= budget::DISTANCE_RATIO * n.ok_rps),
-        });
-        checks.push(Check {
-            line: format!(
-                "503s over 50 ms while Klaus's CPU is not saturated, {LINK_CONNECTIONS} conns"
-            ),
-            figure: far.map_or("not measured".into(), |f| {
-                format!("{} × 503 ({})", f.status_503, f.cpu_figure())
-            }),
-            limit: format!(
-                "0 unless saturated (Klaus's thread on a core or waiting for one ≥ {:.0} % of the time)",
-                budget::SATURATED * 100.0
-            ),
-            pass: far.map(|f| f.saturated() || f.status_503 == 0),
-        });
-        let (base, storm) = (&self.base, &self.storm);
-        checks.push(Check {
-            line: format!(
-                "Goodput under overload, co-located: 200s at {OVERLOAD_CONNECTIONS} vs {OVERLOAD_BASE_CONNECTIONS} conns"
-            ),
-            figure: format!(
-                "{:.0} vs {:.0} × 200/s ({:.2}×; {} × 503)",
-                storm.ok_rps,
-                base.ok_rps,
-                storm.ok_rps / base.ok_rps,
-                storm.status_503
-            ),
-            limit: format!("≥ {:.1}×", budget::GOODPUT_RATIO),
-            pass: Some(storm.ok_rps >= budget::GOODPUT_RATIO * base.ok_rps),
-        });
-        checks.push(Check {
-            line: format!("p99 of the 200s under overload, {OVERLOAD_CONNECTIONS} conns"),
-            figure: format!("{:.1} ms", storm.ok_p99_ms),
-            limit: format!("< {:.0} ms", budget::OVERLOAD_P99_MS),
-            // NaN (no 200 at all) fails.
-            pass: Some(storm.ok_p99_ms < budget::OVERLOAD_P99_MS),
-        });
-        let peak = self
-            .distances
-            .iter()
-            .map(|(_, p)| p.klaus_peak_mb)
-            .chain([storm.klaus_peak_mb])
-            .reduce(f64::max);
-        checks.push(Check {
-            line: "Klaus peak RSS, 2,000 conns, any distance and under overload".into(),
-            figure: peak.map_or("not measured".into(), |mb| format!("{mb:.1} MiB")),
-            limit: format!("≤ {:.0} MiB (the manifests' limit)", budget::RSS_LIMIT_MB),
-            pass: peak.map(|mb| mb <= budget::RSS_LIMIT_MB),
-        });
-        checks
-    }
-
-    /// The placement table.
-    pub(super) fn markdown(&self, md: &mut String) {
-        md.push_str(
-            "\n| placement | conns | 200/s | p50 ms (200s) | p99 ms (200s) | 503 | not 200 | \
-             Klaus + Petra CPU µs/req | Klaus on a core | Klaus on or waiting for a core | \
-             Klaus peak RSS MiB | other load |\n\
-             |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
-        );
-        for (distance, point) in &self.distances {
-            point.row(md, &format!("Klaus → link → Petra, {}", distance.label));
-        }
-        self.base.row(md, "Klaus beside Petra, no link");
-        self.storm.row(md, "Klaus beside Petra, no link (overload)");
-    }
-
-    /// Writes `placement.md`, `placement.json` and `placement.svg` into `out`, and the plot to
-    /// `docs/img/placement.svg` too when `to_docs` (not after a smoke run).
-    pub(super) fn write(&self, out: &Path, to_docs: bool) -> anyhow::Result<()> {
-        let checks = self.checks();
-        let mut md = String::new();
-        self.markdown(&mut md);
-        super::budget_table(&mut md, &checks);
-        fs::write(out.join("placement.md"), md.trim_start())
-            .context("writing target/bench/placement.md")?;
-        let mut json = self.json();
-        json["budget"] = checks.iter().map(Check::json).collect();
-        fs::write(
-            out.join("placement.json"),
-            serde_json::to_string_pretty(&json)?,
-        )
-        .context("writing target/bench/placement.json")?;
-        let samples: Vec<plot::Sample> = self
-            .distances
-            .iter()
-            .map(|(d, p)| plot::Sample {
-                rtt_ms: d.rtt_ms as f64,
-                ok_rps: p.ok_rps,
-                p50_ms: p.ok_p50_ms,
-                p99_ms: p.ok_p99_ms,
-            })
-            .collect();
-        let svg = plot::svg(&samples)?;
-        fs::write(out.join("placement.svg"), &svg).context("writing target/bench/placement.svg")?;
-        println!("written: target/bench/placement.md, placement.json, placement.svg");
-        if to_docs {
-            let docs = root().join("docs/img");
-            fs::create_dir_all(&docs).context("creating docs/img")?;
-            fs::write(docs.join("placement.svg"), &svg)
-                .context("writing docs/img/placement.svg")?;
-            println!("written: docs/img/placement.svg");
-        }
-        Ok(())
-    }
-
-    pub(super) fn json(&self) -> Value {
-        json!({
-            "distances": self.distances.iter().map(|(d, p)| json!({
-                "distance": d.label,
-                "rtt_ms": d.rtt_ms,
-                "jitter_ms": d.jitter_ms,
-                "measured": p.json(),
-            })).collect::<Vec<_>>(),
-            "overload": { "base": self.base.json(), "storm": self.storm.json() },
-            "saturated_at_percent": budget::SATURATED * 100.0,
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A point with the figures the budget reads; the rest is filler.
-    fn point(ok_rps: f64, ok_p99_ms: f64, status_503: u64, klaus_cpu_pct: f64) -> Point {
-        Point {
-            measured: Measured {
-                case: case("test", LINK_CONNECTIONS),
-                responses: 0,
-                seconds: 10.0,
-                rps: ok_rps,
-                p50_ms: 1.0,
-                p99_ms: 1.0,
-                p999_ms: 1.0,
-                errors: 0,
-                non_2xx: status_503,
-                error_kinds: BTreeMap::new(),
-                cpu_us_per_request: 50.0,
-                cpu_seconds: BTreeMap::new(),
-                peak_rss_mb: BTreeMap::new(),
-                background_pct: 0.0,
-            },
-            ok_rps,
-            ok_p50_ms: ok_p99_ms / 2.0,
-            ok_p99_ms,
-            status_503,
-            not_ok: status_503,
-            other_statuses: BTreeMap::from([("503".to_owned(), status_503)]),
-            klaus_cpu_pct,
-            klaus_demand_pct: klaus_cpu_pct,
-            machine_busy_pct: 60.0,
-            klaus_peak_mb: 40.0,
-        }
-    }
-
-    /// Co-located, 50 ms and 150 ms, then the overload's 64 and 2,000 connections.
-    fn placement(points: [Point; 5]) -> Placement {
-        let [near, far, farther, base, storm] = points;
-        Placement {
-            distances: DISTANCES.into_iter().zip([near, far, farther]).collect(),
-            base,
-            storm,
-        }
-    }
-
-    fn verdicts(placement: &Placement) -> Vec<Option<bool>> {
-        placement.checks().iter().map(|c| c.pass).collect()
-    }
-
-    fn good() -> [Point; 5] {
-        [
-            point(10_000.0, 200.0, 0, 80.0),
-            point(8_000.0, 300.0, 0, 70.0),
-            point(4_000.0, 600.0, 0, 40.0),
-            point(15_000.0, 10.0, 0, 95.0),
-            point(12_000.0, 400.0, 5_000, 95.0),
-        ]
-    }
-
-    #[test]
-    fn a_run_within_every_line_passes_them_all() {
-        assert_eq!(verdicts(&placement(good())), vec![Some(true); 5]);
-    }
-
-    #[test]
-    fn the_distance_line_compares_the_200s_with_co_located() {
-        let mut points = good();
-        points[1] = point(6_999.0, 300.0, 0, 70.0);
-        assert_eq!(verdicts(&placement(points))[0], Some(false));
-    }
-
-    #[test]
-    fn a_503_over_50_ms_misses_unless_the_cpu_is_saturated() {
-        let mut points = good();
-        points[1] = point(8_000.0, 300.0, 1, 70.0);
-        assert_eq!(verdicts(&placement(points.clone()))[1], Some(false));
-        points[1] = point(8_000.0, 300.0, 1, 90.0);
-        assert_eq!(verdicts(&placement(points.clone()))[1], Some(true));
-        // Klaus wanted the core the load generator held: saturated too.
-        points[1] = point(8_000.0, 300.0, 1, 50.0);
-        points[1].klaus_demand_pct = 95.0;
-        assert_eq!(verdicts(&placement(points))[1], Some(true));
-    }
-
-    #[test]
-    fn overload_needs_goodput_and_a_p99_of_the_200s_under_a_second() {
-        let mut points = good();
-        points[4] = point(10_000.0, 400.0, 5_000, 95.0);
-        assert_eq!(
-            verdicts(&placement(points.clone()))[2..4],
-            [Some(false), Some(true)]
-        );
-        points[4] = point(12_000.0, 1_000.0, 0, 95.0);
-        assert_eq!(
-            verdicts(&placement(points.clone()))[2..4],
-            [Some(true), Some(false)]
-        );
-        // Not a single 200: no percentile, and a miss.
-        points[4] = point(0.0, f64::NAN, 60_000, 95.0);
-        assert_eq!(
-            verdicts(&placement(points))[2..4],
-            [Some(false), Some(false)]
-        );
-    }
-
-    #[test]
-    fn memory_is_held_to_the_manifests_limit_at_every_distance() {
-        let mut points = good();
-        points[2].klaus_peak_mb = 128.5;
-        assert_eq!(verdicts(&placement(points))[4], Some(false));
-    }
 }

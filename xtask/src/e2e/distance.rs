@@ -14,10 +14,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use xshell::{Shell, cmd};
 
-use super::faults::{
-    Cut, Klaus, Oha, PARTITION_CALLS, answers_again, load_args, span, state, timeouts,
-};
-use super::{Placement, Project, STARTUP_DEADLINE, Topology, get, pass, placement, wait_for};
+use super::containers::{Klaus, state};
+use super::cut::Cut;
+use super::faults::partition::{PARTITION_CALLS, answers_again, timeouts};
+use super::{Placement, Project, STARTUP_DEADLINE, Topology, pass, placement, span, wait_for};
+use crate::http::get;
+use crate::oha::{Oha, load_args};
 
 /// One distance between Klaus and Petra.
 #[derive(Debug, Clone, Copy)]

@@ -13,8 +13,10 @@ use anyhow::{Context, bail, ensure};
 use serde_json::Value;
 use xshell::Shell;
 
-use super::faults::{Klaus, Oha, container_ip, load_args};
-use super::{KLAUS_PORT, Project, ensure_port_free, get, pass, wait_for};
+use super::containers::{Klaus, container_ip};
+use super::{KLAUS_PORT, Project, ensure_port_free, pass, wait_for};
+use crate::http::get;
+use crate::oha::{Oha, load_args};
 use crate::util::root;
 
 /// The compose file: the one-host topology.

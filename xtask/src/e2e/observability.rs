@@ -12,7 +12,8 @@ use anyhow::{Context, bail, ensure};
 use serde_json::Value;
 use xshell::{Shell, cmd};
 
-use super::{KLAUS_PORT, Project, ensure_port_free, get, pass, wait_for};
+use super::{KLAUS_PORT, Project, ensure_port_free, pass, wait_for};
+use crate::http::get;
 
 const FILE: &str = "docker-compose.yml";
 const OVERRIDE: &str = "docker-compose.observability.yml";
