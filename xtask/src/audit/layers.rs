@@ -1,5 +1,5 @@
-//! No key in any layer of the images petra:dev, klaus:dev and slowlink:dev (built by
-//! `cargo xtask images`), and a self-test that proves the layer scan finds a key planted in a
+//! No key in any layer of the images `cargo xtask images` builds (petra:dev, klaus:dev, slowlink:dev,
+//! tracesink:dev), and a self-test that proves the layer scan finds a key planted in a
 //! throwaway image.
 
 use std::path::{Path, PathBuf};
@@ -10,15 +10,22 @@ use xshell::{Shell, cmd};
 
 use super::keys::{KEY_FILE_SUFFIXES, has_private_key_armor};
 
-/// The images whose layers must hold no key.
-const IMAGES: &[&str] = &["petra:dev", "klaus:dev", "slowlink:dev"];
+/// The images whose layers must hold no key: every one `cargo xtask images` builds.
+fn images() -> Vec<String> {
+    crate::images::SERVICES
+        .iter()
+        .map(|service| format!("{service}:dev"))
+        .collect()
+}
 
 /// The throwaway image that proves the layer check finds a planted key.
 const SELFTEST_IMAGE: &str = "petra-klaus-audit-selftest:throwaway";
 
-/// Fails if any of [`IMAGES`] is missing or holds a key in any layer.
+/// Fails if any of [`images`] is missing or holds a key in any layer.
 pub(super) fn image_keys(sh: &Shell, work: &Path) -> anyhow::Result<()> {
-    let missing: Vec<&str> = IMAGES
+    let images = images();
+    let images: Vec<&str> = images.iter().map(String::as_str).collect();
+    let missing: Vec<&str> = images
         .iter()
         .copied()
         .filter(|image| {
@@ -37,7 +44,7 @@ pub(super) fn image_keys(sh: &Shell, work: &Path) -> anyhow::Result<()> {
             missing.join(", ")
         );
     }
-    let (layers, found) = scan_images(sh, IMAGES, &work.join("images"))?;
+    let (layers, found) = scan_images(sh, &images, &work.join("images"))?;
     if !found.is_empty() {
         bail!(
             "{} key(s) in the image layers:\n    {}\nKeys reach a container at run time from a \
@@ -46,7 +53,7 @@ pub(super) fn image_keys(sh: &Shell, work: &Path) -> anyhow::Result<()> {
             found.join("\n    ")
         );
     }
-    println!("{}: {layers} layers checked, no key", IMAGES.join(", "));
+    println!("{}: {layers} layers checked, no key", images.join(", "));
     Ok(())
 }
 

@@ -12,7 +12,7 @@
 //!    files; checkov has no compose framework, so the compose files get its secrets scan. A
 //!    self-test proves checkov still fails on what `cargo xtask k8s` leaves to it.
 //! 4. No private key in the repository (tracked and untracked, not ignored files) and none in any
-//!    layer of the images petra:dev, klaus:dev and slowlink:dev (built by `cargo xtask images`). The layer
+//!    layer of the images petra:dev, klaus:dev, slowlink:dev and tracesink:dev (built by `cargo xtask images`). The layer
 //!    check proves itself on each run against a throwaway image that holds a fake key.
 //! 5. testssl.sh against a Petra on loopback (`testssl.rs`): TLS 1.3 only, no finding above LOW.
 //!
@@ -115,7 +115,7 @@ pub(crate) fn audit(args: &[String]) -> anyhow::Result<()> {
         record(
             "image keys",
             step(
-                "no key in any layer of petra:dev, klaus:dev and slowlink:dev",
+                "no key in any layer of petra:dev, klaus:dev, slowlink:dev and tracesink:dev",
                 || layers::image_keys(&sh, &work),
             ),
         );
