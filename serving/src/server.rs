@@ -23,7 +23,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Health};
 use crate::admission::Admission;
-use crate::config::ConfigError;
+use crate::config::{DEFAULT_MAX_CONNECTIONS, ServeArgs};
+use crate::error::ConfigError;
 use crate::observe::MAX_HEADER_BYTES;
 use crate::shutdown::Timing;
 use crate::tls::{ReloadingConfig, ServerFiles};
@@ -77,7 +78,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             max_buf_size: MAX_HEAD_BYTES,
             max_header_list_size: MAX_HEAD_BYTES as u32,
-            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS as usize,
+            max_connections: DEFAULT_MAX_CONNECTIONS as usize,
             admin_max_connections: ADMIN_MAX_CONNECTIONS,
             max_concurrent_streams: 256,
             h2_keep_alive_interval: Duration::from_secs(20),
@@ -263,6 +264,36 @@ pub struct Bound {
 }
 
 impl Service {
+    /// The service `serve` describes: `router` on `listen_addr` under `name`, with `tls`, the
+    /// metrics in `registry` and the main listener's `admission` (the one `router` uses).
+    pub fn new(
+        name: &'static str,
+        serve: &ServeArgs,
+        listen_addr: SocketAddr,
+        router: axum::Router,
+        tls: Option<ServerFiles>,
+        registry: Registry,
+        admission: Arc<Admission>,
+    ) -> Self {
+        Self {
+            name,
+            router,
+            admission: Some(admission),
+            listen_addr,
+            admin_addr: serve.admin_addr,
+            tls,
+            registry,
+            timing: serve.shutdown_timing(),
+            limits: Limits {
+                max_connection_age: (serve.max_connection_age_seconds > 0)
+                    .then(|| Duration::from_secs(serve.max_connection_age_seconds)),
+                max_connections: serve.max_connections as usize,
+                ..Limits::default()
+            },
+            tasks: Tasks::default(),
+        }
+    }
+
     /// Loads and checks the TLS files, then binds both listeners. Every failure names the
     /// variable to fix.
     pub async fn bind(mut self) -> Result<Bound, ConfigError> {

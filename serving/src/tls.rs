@@ -21,7 +21,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DistinguishedName, RootCertStore, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 /// The crypto provider both services use: ring, so that the build needs no C toolchain beyond
 /// what ring itself compiles, and never OpenSSL.
