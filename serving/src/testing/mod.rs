@@ -16,7 +16,7 @@ pub use client::{
     Handshake, TlsStream, client, client_builder, handshake, plain_client, tls_connect,
 };
 pub use pki::{Files, TestPki, foreign_client, klaus_names, server_cert, write_pem};
-pub use spawn::{Running, spawn};
+pub use spawn::{Running, serve_args, spawn, tls_serve_args};
 
 /// A free loopback address for a listener (port 0).
 pub fn loopback() -> SocketAddr {

@@ -2,14 +2,53 @@
 //! background, stopped gracefully.
 
 use std::net::SocketAddr;
+use std::path::Path;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::admin::Health;
+use crate::config::{ConcurrencyLimit, LogFormat, ServeArgs};
 use crate::server::Service;
+use crate::tls::MinVersion;
 
-use super::plain_client;
+use super::{TestPki, loopback, plain_client};
+
+/// Serve settings for a test: the admin listener on a free loopback port, plain HTTP, no
+/// shutdown delay, a 5 s drain, text logs, no reloading and no connection age; a test changes
+/// what it needs.
+pub fn serve_args() -> ServeArgs {
+    ServeArgs {
+        admin_addr: loopback(),
+        tls_cert_file: None,
+        tls_key_file: None,
+        tls_client_ca_file: None,
+        tls_client_allowed_names: None,
+        tls_min_version: MinVersion::Tls13,
+        tls_reload_interval_seconds: 0,
+        shutdown_delay_seconds: 0,
+        shutdown_timeout_seconds: 5,
+        max_concurrent_requests: 1024,
+        concurrency_limit: ConcurrencyLimit::Adaptive,
+        request_queue_timeout_ms: 500,
+        max_connection_age_seconds: 0,
+        max_connections: 3072,
+        worker_threads: 1,
+        log_format: LogFormat::Text,
+        trace: Default::default(),
+    }
+}
+
+/// [`serve_args`] serving `pki`'s Petra certificate over TLS, and requiring client
+/// certificates from `client_ca` when given.
+pub fn tls_serve_args(pki: &TestPki, client_ca: Option<&Path>) -> ServeArgs {
+    ServeArgs {
+        tls_cert_file: Some(pki.petra.cert.clone()),
+        tls_key_file: Some(pki.petra.key.clone()),
+        tls_client_ca_file: client_ca.map(Path::to_path_buf),
+        ..serve_args()
+    }
+}
 
 /// A service running in this test process.
 #[derive(Debug)]
