@@ -47,10 +47,10 @@ pub(super) fn flush_stdout_after_panic(limit: Duration) {
 /// appends to the buffer: it never writes, so a stdout that blocks (a log driver pushing back,
 /// a full pipe nobody reads) never stops serving. While stdout does not take the lines the
 /// buffer fills up to [`MAX_PENDING_BYTES`], and further lines are dropped and counted in
-/// `log_lines_dropped_total`. [`super::flush`] runs before the process exits, and a panic writes the
-/// buffer out before it aborts. What a SIGKILL can lose is at most the last 50 ms of info
-/// lines, as with nginx's `access_log buffer= flush=`. While no line arrives the thread sleeps
-/// on a condvar.
+/// `log_lines_dropped_total`. [`super::flush`] runs before the process exits, and a panic
+/// writes the buffer out before it aborts. What a SIGKILL can lose is at most the last 50 ms
+/// of info lines, as with nginx's `access_log buffer= flush=`. While no line arrives the
+/// thread sleeps on a condvar.
 ///
 /// tracing-appender's `non_blocking` writer was the other candidate: it also hands lines to a
 /// thread and can drop them (lossy mode), but it sends every line as a message of its own and

@@ -4,7 +4,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::{plain_client, wait_until};
+use super::client::plain_client;
+use super::wait::wait_until;
 
 /// A service binary started by a test, with the addresses it logged when it began serving.
 #[derive(Debug)]

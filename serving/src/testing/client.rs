@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::Files;
+use super::pki::Files;
 
 /// A reqwest client that trusts `ca` and presents `identity` when given.
 pub fn client(ca: &Path, identity: Option<&Files>) -> reqwest::Client {

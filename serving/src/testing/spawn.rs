@@ -12,7 +12,8 @@ use crate::config::{ConcurrencyLimit, LogFormat, ServeArgs};
 use crate::server::Service;
 use crate::tls::MinVersion;
 
-use super::{TestPki, loopback, plain_client};
+use super::client::plain_client;
+use super::pki::TestPki;
 
 /// Serve settings for a test: the admin listener on a free loopback port, plain HTTP, no
 /// shutdown delay, a 5 s drain, text logs, no reloading and no connection age; a test changes
@@ -128,4 +129,9 @@ pub async fn spawn(service: Service) -> Running {
         stop: Some(stop),
         task,
     }
+}
+
+/// A free loopback address for a listener (port 0).
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
 }
