@@ -113,11 +113,6 @@ pub fn parse_certs(
     Ok(certs)
 }
 
-/// Parses the first private key in a PEM file: PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
-pub fn load_key(var: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, ConfigError> {
-    parse_key(var, path, &read(var, path)?)
-}
-
 /// Parses the first private key in PEM text read from `path`: PKCS#8, PKCS#1 or SEC1.
 pub fn parse_key(
     var: &'static str,
