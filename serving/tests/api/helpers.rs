@@ -1,7 +1,6 @@
 //! A stand-in service on serving's server, started in the test process.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
 use axum::Router;
@@ -44,15 +43,9 @@ pub(crate) fn hello_service(
     ))
 }
 
-/// Settings for the hello service on free loopback ports serving `pki`'s certificate,
-/// requiring client certificates from `client_ca` when given.
-pub(crate) fn args(pki: &TestPki, client_ca: Option<&Path>) -> ServeArgs {
-    tls_serve_args(pki, client_ca)
-}
-
 /// The hello service with mutual TLS against `pki`'s CA.
 pub(crate) async fn spawn_hello(pki: &TestPki) -> Running {
-    spawn_with(args(pki, Some(&pki.ca_file))).await
+    spawn_with(tls_serve_args(pki, Some(&pki.ca_file))).await
 }
 
 /// The hello service with the given settings.

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use rustls::version::TLS13;
-use serving::testing::{Running, TestPki, client, loopback, spawn, tls_connect};
+use serving::testing::{Running, TestPki, client, loopback, spawn, tls_connect, tls_serve_args};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -18,7 +18,7 @@ const SLACK: Duration = Duration::from_millis(1500);
 const NORMAL_REQUESTS: usize = 200;
 
 async fn start(pki: &TestPki) -> Running {
-    let args = crate::helpers::args(pki, Some(&pki.ca_file));
+    let args = tls_serve_args(pki, Some(&pki.ca_file));
     let mut service =
         crate::helpers::hello_service(loopback(), &args).expect("valid configuration");
     service.limits.tls_handshake_timeout = HANDSHAKE_TIMEOUT;

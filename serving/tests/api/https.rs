@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use serving::ServeArgs;
 use serving::certs::Usage;
-use serving::testing::{TestPki, client, handshake, plain_client, wait_until};
+use serving::testing::{TestPki, client, handshake, plain_client, tls_serve_args, wait_until};
 
-use crate::helpers::{args, hello_service, spawn_hello, spawn_with};
+use crate::helpers::{hello_service, spawn_hello, spawn_with};
 
 #[tokio::test]
 async fn speaks_only_tls_1_3_unless_tls_min_version_allows_1_2() {
@@ -39,7 +39,7 @@ async fn speaks_only_tls_1_3_unless_tls_min_version_allows_1_2() {
     assert!(err.contains("ProtocolVersion"), "{err}");
     server.stop().await;
 
-    let mut old = args(&pki, Some(&pki.ca_file));
+    let mut old = tls_serve_args(&pki, Some(&pki.ca_file));
     old.tls_min_version = serving::tls::MinVersion::Tls12;
     let server = spawn_with(old).await;
     for version in [&TLS12, &TLS13] {
@@ -60,7 +60,7 @@ async fn speaks_only_tls_1_3_unless_tls_min_version_allows_1_2() {
 #[tokio::test]
 async fn accepts_only_the_client_identities_in_tls_client_allowed_names() {
     let pki = TestPki::new();
-    let mut settings = args(&pki, Some(&pki.ca_file));
+    let mut settings = tls_serve_args(&pki, Some(&pki.ca_file));
     settings.tls_client_allowed_names = Some(format!(
         " {} , Old-Klaus.example ",
         serving::certs::klaus_id("petra-klaus")
@@ -117,12 +117,12 @@ async fn accepts_only_the_client_identities_in_tls_client_allowed_names() {
 #[tokio::test]
 async fn tls_client_allowed_names_needs_client_certificates_and_a_name() {
     let pki = TestPki::new();
-    let mut settings = args(&pki, None);
+    let mut settings = tls_serve_args(&pki, None);
     settings.tls_client_allowed_names = Some("klaus".to_owned());
     let err = hello_service(serving::testing::loopback(), &settings).expect_err("no CA");
     assert_eq!(err.var, "TLS_CLIENT_ALLOWED_NAMES");
     for bad in [" , ", "*.example", "klaus name"] {
-        let mut settings = args(&pki, Some(&pki.ca_file));
+        let mut settings = tls_serve_args(&pki, Some(&pki.ca_file));
         settings.tls_client_allowed_names = Some(bad.to_owned());
         let err = hello_service(serving::testing::loopback(), &settings).expect_err(bad);
         assert_eq!(err.var, "TLS_CLIENT_ALLOWED_NAMES", "{bad}: {err}");
@@ -132,7 +132,7 @@ async fn tls_client_allowed_names_needs_client_certificates_and_a_name() {
 #[tokio::test]
 async fn admin_port_reports_liveness_and_readiness_and_turns_unready_on_shutdown() {
     let pki = TestPki::new();
-    let mut args = crate::helpers::args(&pki, Some(&pki.ca_file));
+    let mut args = tls_serve_args(&pki, Some(&pki.ca_file));
     args.shutdown_delay_seconds = 30;
     let mut server = crate::helpers::spawn_with(args).await;
     let admin = plain_client();
@@ -172,7 +172,7 @@ async fn closes_an_http2_connection_gracefully_at_its_maximum_age() {
     let pki = TestPki::new();
     let server = spawn_with(ServeArgs {
         max_connection_age_seconds: 1,
-        ..args(&pki, Some(&pki.ca_file))
+        ..tls_serve_args(&pki, Some(&pki.ca_file))
     })
     .await;
     let client = client(&pki.ca_file, Some(&pki.klaus));

@@ -8,6 +8,7 @@ use std::time::Duration;
 use rustls::version::TLS13;
 use serving::testing::{
     Files, Running, TestPki, TlsStream, client_builder, loopback, plain_client, spawn, tls_connect,
+    tls_serve_args,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -18,7 +19,7 @@ const NOT_SERVED_FOR: Duration = Duration::from_millis(500);
 
 /// The hello service with mutual TLS and the given main listener cap.
 async fn start(pki: &TestPki, max_connections: usize, admin_max_connections: usize) -> Running {
-    let args = crate::helpers::args(pki, Some(&pki.ca_file));
+    let args = tls_serve_args(pki, Some(&pki.ca_file));
     let mut service =
         crate::helpers::hello_service(loopback(), &args).expect("valid configuration");
     service.limits.max_connections = max_connections;

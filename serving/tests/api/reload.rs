@@ -5,12 +5,14 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::version::TLS13;
-use serving::testing::{TestPki, handshake, loopback, server_cert, spawn, wait_until};
+use serving::testing::{
+    TestPki, handshake, loopback, server_cert, spawn, tls_serve_args, wait_until,
+};
 
 #[tokio::test]
 async fn serves_a_rotated_certificate_without_a_restart() {
     let pki = TestPki::new();
-    let args = crate::helpers::args(&pki, Some(&pki.ca_file));
+    let args = tls_serve_args(&pki, Some(&pki.ca_file));
     let mut service =
         crate::helpers::hello_service(loopback(), &args).expect("valid configuration");
     if let Some(tls) = service.tls.as_mut() {
@@ -55,7 +57,7 @@ async fn serves_a_rotated_certificate_without_a_restart() {
 #[tokio::test]
 async fn a_rotation_between_loading_and_serving_is_not_missed() {
     let pki = TestPki::new();
-    let args = crate::helpers::args(&pki, Some(&pki.ca_file));
+    let args = tls_serve_args(&pki, Some(&pki.ca_file));
     let mut service =
         crate::helpers::hello_service(loopback(), &args).expect("valid configuration");
     if let Some(tls) = service.tls.as_mut() {
