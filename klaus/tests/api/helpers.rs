@@ -133,15 +133,9 @@ pub(crate) async fn get_owned(url: String) -> (u16, String, String) {
     get(&url).await
 }
 
-/// An https URL where nothing listens: a port that was free on 127.0.0.3, an address no other
-/// test binds, so that no test running in parallel can take the port in the meantime.
+/// An https URL where nothing listens (a dead Petra): [`serving::testing::refused_addr`].
 pub(crate) fn refused_url() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.3:0")
-        .expect("bind 127.0.0.3")
-        .local_addr()
-        .expect("addr")
-        .port();
-    format!("https://127.0.0.3:{port}")
+    format!("https://{}", serving::testing::refused_addr())
 }
 
 /// A listener at `addr` that accepts TCP connections and never says a word (a peer that hangs

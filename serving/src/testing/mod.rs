@@ -13,5 +13,5 @@ pub use client::{
     Handshake, TlsStream, client, client_builder, handshake, plain_client, tls_connect,
 };
 pub use pki::{Files, TestPki, foreign_client, klaus_names, server_cert, write_pem};
-pub use spawn::{Running, loopback, serve_args, spawn, tls_serve_args};
+pub use spawn::{Running, loopback, refused_addr, serve_args, spawn, tls_serve_args};
 pub use wait::wait_until;

@@ -135,3 +135,13 @@ pub async fn spawn(service: Service) -> Running {
 pub fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
+
+/// An address where nothing listens, so that connections to it are refused: a port that was
+/// free on 127.0.0.3, an address no test binds a listener to, so that no test running in
+/// parallel can take the port in the meantime.
+pub fn refused_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.3:0")
+        .expect("bind 127.0.0.3")
+        .local_addr()
+        .expect("addr")
+}
