@@ -130,7 +130,15 @@ pub fn service_with(
     let admission = Admission::new(serve.admission(), &mut registry);
     let tracer = serve.tracer("klaus", &mut registry)?;
     let routes = router(client.clone(), metrics, Arc::clone(&admission), tracer);
-    let mut service = serve.service("klaus", listen_addr, routes, tls, registry, admission);
+    let mut service = Service::new(
+        "klaus",
+        serve,
+        listen_addr,
+        routes,
+        tls,
+        registry,
+        admission,
+    );
     // Discovery and the client's certificate reloads run while Klaus serves, on the same
     // interval as the listener's.
     let reload = (serve.tls_reload_interval_seconds > 0)

@@ -78,7 +78,15 @@ pub fn service(listen_addr: SocketAddr, serve: &ServeArgs) -> Result<Service, Co
     let admission = Admission::new(serve.admission(), &mut registry);
     let tracer = serve.tracer("petra", &mut registry)?;
     let routes = router(metrics, Arc::clone(&admission), tracer);
-    Ok(serve.service("petra", listen_addr, routes, Some(tls), registry, admission))
+    Ok(Service::new(
+        "petra",
+        serve,
+        listen_addr,
+        routes,
+        Some(tls),
+        registry,
+        admission,
+    ))
 }
 
 /// Runs the command line: serve, or one of the subcommands.

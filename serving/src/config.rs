@@ -3,13 +3,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 
-/// The exit status for invalid configuration, as for any usage error.
-pub const EXIT_CONFIG: u8 = 2;
+pub use crate::error::{ConfigError, EXIT_CONFIG};
 
 /// The default MAX_CONNECTIONS: 2,048 for the requests in flight at the concurrency ceiling
 /// and 1,024 more.
@@ -78,16 +76,18 @@ pub struct ServeArgs {
     /// The most requests the main listener works on at once. Below it the limit adapts to the
     /// service's queueing delay (CONCURRENCY_LIMIT=adaptive): it grows while the requests in
     /// flight wait on something else, such as a distant Petra, and shrinks when the CPU is
-    /// saturated. This ceiling bounds memory: the manifests' 128 MiB hold it with room.
+    /// saturated. This ceiling bounds memory: the Kubernetes manifests' memory limit holds it
+    /// with room.
     #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 2048,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
 
     /// The most connections the main listener holds open at once. Beyond it the listener stops
     /// accepting until one closes: new connections wait in the kernel's backlog, which costs
-    /// the service nothing. The default keeps a replica inside the manifests' 128 MiB: 2,000
-    /// connections busy at the concurrency ceiling peaked at 95 MiB (BENCHMARKS.md), and the
-    /// 1,072 more take about 20 MiB busy (waiting in the queue) or 6 MiB idle.
+    /// the service nothing. The default keeps a replica inside the Kubernetes manifests'
+    /// memory limit with every connection busy, at the concurrency ceiling or waiting in the
+    /// queue.
+    // The memory each connection costs, busy and idle, is measured in BENCHMARKS.md.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub max_connections: u32,
@@ -110,10 +110,11 @@ pub struct ServeArgs {
     pub max_connection_age_seconds: u64,
 
     /// Threads that serve requests. 1 (the default) runs everything on one thread, with no
-    /// work stealing between threads: on two cores that cut the CPU time per Klaus request by
-    /// about a third and raised throughput by 40 % (BENCHMARKS.md), and one core is what the
-    /// Kubernetes manifests give a replica; scale out with replicas. More threads share the
-    /// work of one process over several cores (tokio's multi-threaded runtime).
+    /// work stealing between threads, which costs less CPU per request and serves more
+    /// requests than several threads on the same cores, and one core is what the Kubernetes
+    /// manifests give a replica; scale out with replicas. More threads share the work of one
+    /// process over several cores (tokio's multi-threaded runtime).
+    // The CPU time and throughput of one thread against two are measured in BENCHMARKS.md.
     #[arg(long, env = "WORKER_THREADS", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: u16,
@@ -128,36 +129,6 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// The service these settings describe: `router` on `listen_addr`, with `tls` and the
-    /// metrics in `registry`.
-    pub fn service(
-        &self,
-        name: &'static str,
-        listen_addr: SocketAddr,
-        router: axum::Router,
-        tls: Option<crate::tls::ServerFiles>,
-        registry: prometheus_client::registry::Registry,
-        admission: std::sync::Arc<crate::admission::Admission>,
-    ) -> crate::Service {
-        crate::Service {
-            name,
-            router,
-            admission: Some(admission),
-            listen_addr,
-            admin_addr: self.admin_addr,
-            tls,
-            registry,
-            timing: self.shutdown_timing(),
-            limits: crate::server::Limits {
-                max_connection_age: (self.max_connection_age_seconds > 0)
-                    .then(|| Duration::from_secs(self.max_connection_age_seconds)),
-                max_connections: self.max_connections as usize,
-                ..crate::server::Limits::default()
-            },
-            tasks: crate::server::Tasks::default(),
-        }
-    }
-
     /// The span source for the service `name` (the default `service.name` of its traces),
     /// exporting when the OTEL_* variables ask for it; its export metrics go into `registry`.
     pub fn tracer(
@@ -259,32 +230,6 @@ pub enum LogFormat {
     Json,
     /// Human-readable lines, for a terminal.
     Text,
-}
-
-/// Invalid configuration: which variable to fix, and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{var}: {problem}")]
-pub struct ConfigError {
-    /// The environment variable (the flag has the same name in kebab case).
-    pub var: &'static str,
-    /// What is wrong, in words an operator can act on.
-    pub problem: String,
-}
-
-impl ConfigError {
-    /// An error about the variable `var`.
-    pub fn new(var: &'static str, problem: impl Into<String>) -> Self {
-        Self {
-            var,
-            problem: problem.into(),
-        }
-    }
-
-    /// Prints the error as one line on stderr and returns the configuration exit status.
-    pub fn exit(&self) -> ExitCode {
-        eprintln!("error: {self}");
-        ExitCode::from(EXIT_CONFIG)
-    }
 }
 
 /// Parses the command line and environment. `--help` and `--version` print and exit 0; any

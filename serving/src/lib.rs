@@ -12,6 +12,7 @@ pub mod admission;
 pub mod certs;
 pub mod config;
 pub mod contract;
+pub mod error;
 pub mod expiry;
 pub mod healthcheck;
 pub mod memory;
@@ -27,7 +28,8 @@ pub mod testing;
 pub mod tls;
 pub mod trace;
 
-pub use config::{ConfigError, ServeArgs};
+pub use config::ServeArgs;
+pub use error::ConfigError;
 pub use server::{Bound, Service};
 
 use std::process::ExitCode;

@@ -21,7 +21,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DistinguishedName, RootCertStore, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 /// The crypto provider both services use: ring, so that the build needs no C toolchain beyond
 /// what ring itself compiles, and never OpenSSL.
@@ -111,11 +111,6 @@ pub fn parse_certs(
         ));
     }
     Ok(certs)
-}
-
-/// Parses the first private key in a PEM file: PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
-pub fn load_key(var: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, ConfigError> {
-    parse_key(var, path, &read(var, path)?)
 }
 
 /// Parses the first private key in PEM text read from `path`: PKCS#8, PKCS#1 or SEC1.

@@ -37,7 +37,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::propagate::TRACEPARENT;
 
 pub use opentelemetry::trace::SpanRef;

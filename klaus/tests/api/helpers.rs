@@ -5,34 +5,13 @@ use std::time::Duration;
 
 use axum::Router;
 use klaus::PetraArgs;
-use serving::ServeArgs;
-use serving::config::{ConcurrencyLimit, LogFormat};
 use serving::server::{Limits, Service};
 use serving::shutdown::Timing;
-use serving::testing::{Files, Running, TestPki, loopback, spawn};
+use serving::testing::{Files, Running, TestPki, loopback, spawn, tls_serve_args};
 
-/// Serve settings on free loopback ports, plain HTTP.
-pub(crate) fn serve_args() -> ServeArgs {
-    ServeArgs {
-        admin_addr: loopback(),
-        tls_cert_file: None,
-        tls_key_file: None,
-        tls_client_ca_file: None,
-        tls_client_allowed_names: None,
-        tls_min_version: serving::tls::MinVersion::Tls13,
-        tls_reload_interval_seconds: 0,
-        shutdown_delay_seconds: 0,
-        shutdown_timeout_seconds: 5,
-        max_concurrent_requests: 1024,
-        concurrency_limit: ConcurrencyLimit::Adaptive,
-        request_queue_timeout_ms: 500,
-        max_connection_age_seconds: 0,
-        max_connections: 3072,
-        worker_threads: 1,
-        log_format: LogFormat::Text,
-        trace: Default::default(),
-    }
-}
+/// Serve settings on free loopback ports, plain HTTP: the one fixture Petra's and serving's
+/// tests use too.
+pub(crate) use serving::testing::serve_args;
 
 /// Klaus's settings for a Petra at `url`, trusting `pki`'s CA and presenting `identity`.
 pub(crate) fn petra_args(url: &str, ca: Option<PathBuf>, identity: Option<&Files>) -> PetraArgs {
@@ -51,10 +30,7 @@ pub(crate) async fn spawn_petra(pki: &TestPki) -> Running {
 
 /// [`spawn_petra`] listening on `addr`: a Petra that comes back where it was.
 pub(crate) async fn spawn_petra_at(pki: &TestPki, addr: std::net::SocketAddr) -> Running {
-    let mut args = serve_args();
-    args.tls_cert_file = Some(pki.petra.cert.clone());
-    args.tls_key_file = Some(pki.petra.key.clone());
-    args.tls_client_ca_file = Some(pki.ca_file.clone());
+    let args = tls_serve_args(pki, Some(&pki.ca_file));
     spawn(petra::service(addr, &args).expect("valid Petra configuration")).await
 }
 
@@ -157,15 +133,9 @@ pub(crate) async fn get_owned(url: String) -> (u16, String, String) {
     get(&url).await
 }
 
-/// An https URL where nothing listens: a port that was free on 127.0.0.3, an address no other
-/// test binds, so that no test running in parallel can take the port in the meantime.
+/// An https URL where nothing listens (a dead Petra): [`serving::testing::refused_addr`].
 pub(crate) fn refused_url() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.3:0")
-        .expect("bind 127.0.0.3")
-        .local_addr()
-        .expect("addr")
-        .port();
-    format!("https://127.0.0.3:{port}")
+    format!("https://{}", serving::testing::refused_addr())
 }
 
 /// A listener at `addr` that accepts TCP connections and never says a word (a peer that hangs

@@ -218,12 +218,8 @@ async fn an_unsampled_caller_is_not_recorded_yet_its_trace_id_reaches_both_logs(
 #[tokio::test]
 async fn a_collector_that_does_not_answer_costs_a_counter_and_a_warning_never_a_request() {
     let pki = TestPki::new();
-    // A port nothing listens on.
-    let closed = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.local_addr().expect("addr")
-    };
-    let endpoint = format!("http://{closed}");
+    // An address nothing listens on.
+    let endpoint = format!("http://{}", serving::testing::refused_addr());
     let otel = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_BSP_SCHEDULE_DELAY", "50"),
@@ -299,15 +295,11 @@ async fn a_failover_shows_in_the_trace_as_a_second_attempt_on_the_later_url() {
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
     ];
     let petra = start_petra(&pki, &otel);
-    // The first URL's port has nothing listening: the attempt there is refused, the call goes
-    // on to the second URL.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    // Nothing listens at the first URL: the attempt there is refused, the call goes on to the
+    // second URL.
     let urls = format!(
-        "https://localhost:{closed},https://localhost:{}",
+        "{},https://localhost:{}",
+        crate::helpers::refused_url(),
         petra.main_addr.port()
     );
     let klaus = start_klaus(&pki, &urls, &otel);

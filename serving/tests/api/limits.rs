@@ -8,6 +8,7 @@ use std::time::Duration;
 use rustls::version::TLS13;
 use serving::testing::{
     Files, Running, TestPki, TlsStream, client_builder, loopback, plain_client, spawn, tls_connect,
+    tls_serve_args,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -16,10 +17,11 @@ use tokio::net::TcpStream;
 /// can only be shown over a while; on a loaded machine a served connection takes a few ms.
 const NOT_SERVED_FOR: Duration = Duration::from_millis(500);
 
-/// Petra with mutual TLS and the given main listener cap.
+/// The hello service with mutual TLS and the given main listener cap.
 async fn start(pki: &TestPki, max_connections: usize, admin_max_connections: usize) -> Running {
-    let args = crate::helpers::args(pki, Some(&pki.ca_file));
-    let mut service = petra::service(loopback(), &args).expect("valid configuration");
+    let args = tls_serve_args(pki, Some(&pki.ca_file));
+    let mut service =
+        crate::helpers::hello_service(loopback(), &args).expect("valid configuration");
     service.limits.max_connections = max_connections;
     service.limits.admin_max_connections = admin_max_connections;
     spawn(service).await
@@ -58,8 +60,8 @@ fn metric(text: &str, series: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_over_the_cap_waits_until_one_closes() {
     let pki = TestPki::new();
-    let petra = start(&pki, 2, 64).await;
-    let addr = petra.main_addr;
+    let server = start(&pki, 2, 64).await;
+    let addr = server.main_addr;
     let first = served(addr, &pki).await;
     let _second = served(addr, &pki).await;
 
@@ -71,7 +73,7 @@ async fn a_connection_over_the_cap_waits_until_one_closes() {
             .is_err(),
         "a third connection was served while the cap of 2 was held"
     );
-    let text = petra.metrics().await;
+    let text = server.metrics().await;
     assert_eq!(
         metric(&text, r#"listener_connections_open{listener="main"}"#),
         2.0
@@ -89,32 +91,36 @@ async fn a_connection_over_the_cap_waits_until_one_closes() {
         .expect("the waiting connection was served once one closed")
         .expect("served");
     drop(third);
-    petra.stop().await;
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_listener_answers_while_the_main_one_is_at_its_cap() {
     let pki = TestPki::new();
-    let petra = start(&pki, 1, 64).await;
-    let _held = served(petra.main_addr, &pki).await;
-    let livez = format!("{}/livez", petra.admin_url());
+    let server = start(&pki, 1, 64).await;
+    let _held = served(server.main_addr, &pki).await;
+    let livez = format!("{}/livez", server.admin_url());
     let answer = tokio::time::timeout(Duration::from_secs(2), plain_client().get(&livez).send())
         .await
         .expect("/livez answered within 2 s")
         .expect("/livez");
     assert_eq!(answer.status().as_u16(), 200);
-    petra.stop().await;
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_listener_has_a_cap_of_its_own() {
     let pki = TestPki::new();
-    let petra = start(&pki, 16, 2).await;
+    let server = start(&pki, 16, 2).await;
     // Two idle connections hold the admin listener's cap (connections are accepted in the
     // order they came, so these two are).
-    let first = TcpStream::connect(petra.admin_addr).await.expect("connect");
-    let _second = TcpStream::connect(petra.admin_addr).await.expect("connect");
-    let livez = format!("{}/livez", petra.admin_url());
+    let first = TcpStream::connect(server.admin_addr)
+        .await
+        .expect("connect");
+    let _second = TcpStream::connect(server.admin_addr)
+        .await
+        .expect("connect");
+    let livez = format!("{}/livez", server.admin_url());
     let waiting = tokio::spawn(async move { plain_client().get(&livez).send().await });
     tokio::pin!(waiting);
     assert!(
@@ -130,7 +136,7 @@ async fn the_admin_listener_has_a_cap_of_its_own() {
         .expect("task")
         .expect("/livez");
     assert_eq!(answer.status().as_u16(), 200);
-    petra.stop().await;
+    server.stop().await;
 }
 
 /// `count` header fields named `x-hNN` whose values are `len` bytes long.
@@ -143,7 +149,7 @@ fn fields(count: usize, len: usize) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_just_under_the_application_limit_is_served_on_both_versions() {
     let pki = TestPki::new();
-    let petra = start(&pki, 16, 64).await;
+    let server = start(&pki, 16, 64).await;
     // 90 fields of 5 + 85 bytes, with `host`: 8,113 bytes of names and values, under the
     // application's 8,192; as HTTP/2 counts them (32 more a field) about 11 KiB.
     let fields = fields(90, 85);
@@ -152,7 +158,7 @@ async fn a_head_just_under_the_application_limit_is_served_on_both_versions() {
         if http1 {
             builder = builder.http1_only();
         }
-        let mut request = builder.build().expect("client").get(petra.https_url());
+        let mut request = builder.build().expect("client").get(server.https_url());
         for (name, value) in &fields {
             request = request.header(name, value);
         }
@@ -168,15 +174,15 @@ async fn a_head_just_under_the_application_limit_is_served_on_both_versions() {
         );
         assert_eq!(answer.text().await.expect("body"), "hello");
     }
-    petra.stop().await;
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http1_head_over_the_limit_is_refused_by_the_protocol_layer() {
     let pki = TestPki::new();
-    let petra = start(&pki, 16, 64).await;
+    let server = start(&pki, 16, 64).await;
     let mut tls = tls_connect(
-        petra.main_addr,
+        server.main_addr,
         &pki.ca_file,
         Some(&pki.klaus),
         &[&TLS13],
@@ -200,15 +206,15 @@ async fn an_http1_head_over_the_limit_is_refused_by_the_protocol_layer() {
         seen.is_empty() || (seen.starts_with("http/1.1 431") && !seen.contains("x-request-id")),
         "{seen}"
     );
-    petra.stop().await;
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_hpack_block_that_expands_past_the_limit_is_refused() {
     let pki = TestPki::new();
-    let petra = start(&pki, 16, 64).await;
+    let server = start(&pki, 16, 64).await;
     let tls = tls_connect(
-        petra.main_addr,
+        server.main_addr,
         &pki.ca_file,
         Some(&pki.klaus),
         &[&TLS13],
@@ -248,5 +254,5 @@ async fn a_small_hpack_block_that_expands_past_the_limit_is_refused() {
         )
         .expect("send");
     assert_eq!(answer.await.expect("answer").status().as_u16(), 200);
-    petra.stop().await;
+    server.stop().await;
 }

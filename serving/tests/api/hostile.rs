@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use rustls::version::TLS13;
-use serving::testing::{Running, TestPki, client, loopback, spawn, tls_connect};
+use serving::testing::{Running, TestPki, client, loopback, spawn, tls_connect, tls_serve_args};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -18,8 +18,9 @@ const SLACK: Duration = Duration::from_millis(1500);
 const NORMAL_REQUESTS: usize = 200;
 
 async fn start(pki: &TestPki) -> Running {
-    let args = crate::helpers::args(pki, Some(&pki.ca_file));
-    let mut service = petra::service(loopback(), &args).expect("valid configuration");
+    let args = tls_serve_args(pki, Some(&pki.ca_file));
+    let mut service =
+        crate::helpers::hello_service(loopback(), &args).expect("valid configuration");
     service.limits.tls_handshake_timeout = HANDSHAKE_TIMEOUT;
     service.limits.header_read_timeout = HEADER_TIMEOUT;
     spawn(service).await
@@ -27,13 +28,13 @@ async fn start(pki: &TestPki) -> Running {
 
 /// Sends `NORMAL_REQUESTS` requests one after the other; each must be `200 hello`. Returns
 /// the p99 latency.
-async fn normal_traffic(pki: &TestPki, petra: &Running) -> Duration {
+async fn normal_traffic(pki: &TestPki, server: &Running) -> Duration {
     let client = client(&pki.ca_file, Some(&pki.klaus));
     let mut latencies = Vec::with_capacity(NORMAL_REQUESTS);
     for _ in 0..NORMAL_REQUESTS {
         let started = Instant::now();
         let response = client
-            .get(petra.https_url())
+            .get(server.https_url())
             .send()
             .await
             .expect("normal request");
@@ -67,14 +68,14 @@ async fn until_closed<S: AsyncReadExt + Unpin>(stream: &mut S, within: Duration)
 /// Runs `attack` next to normal traffic and checks that both behave; prints the figures.
 async fn under_attack(name: &str, attack: impl AsyncFnOnce(std::net::SocketAddr, &TestPki)) {
     let pki = TestPki::new();
-    let petra = start(&pki).await;
-    let baseline = normal_traffic(&pki, &petra).await;
+    let server = start(&pki).await;
+    let baseline = normal_traffic(&pki, &server).await;
     let timed_attack = async {
         let started = Instant::now();
-        attack(petra.main_addr, &pki).await;
+        attack(server.main_addr, &pki).await;
         started.elapsed()
     };
-    let (took, during) = tokio::join!(timed_attack, normal_traffic(&pki, &petra));
+    let (took, during) = tokio::join!(timed_attack, normal_traffic(&pki, &server));
     println!(
         "hostile {name}: dealt with in {took:?}; normal p99 {during:?} during the attack, {baseline:?} without"
     );
@@ -83,7 +84,7 @@ async fn under_attack(name: &str, attack: impl AsyncFnOnce(std::net::SocketAddr,
         during < Duration::from_secs(1),
         "{name}: normal p99 {during:?} during the attack"
     );
-    petra.stop().await;
+    server.stop().await;
 }
 
 async fn mtls(addr: std::net::SocketAddr, pki: &TestPki) -> serving::testing::TlsStream {
@@ -201,7 +202,7 @@ async fn a_large_body_on_get_is_not_read() {
         }
         assert!(
             sent < size,
-            "Petra read all {size} bytes of a body it has no use for"
+            "the server read all {size} bytes of a body it has no use for"
         );
     })
     .await;
@@ -275,7 +276,7 @@ async fn a_handshake_that_never_finishes_is_cut_off() {
 #[tokio::test]
 async fn hostile_request_ids_are_replaced_and_every_answer_says_nosniff() {
     let pki = TestPki::new();
-    let petra = crate::helpers::spawn_petra(&pki).await;
+    let server = crate::helpers::spawn_hello(&pki).await;
     let client = client(&pki.ca_file, Some(&pki.klaus));
     let long = "a".repeat(129);
     for id in [
@@ -286,7 +287,7 @@ async fn hostile_request_ids_are_replaced_and_every_answer_says_nosniff() {
     ] {
         let value = reqwest::header::HeaderValue::from_bytes(id.as_bytes()).expect("header value");
         let response = client
-            .get(petra.https_url())
+            .get(server.https_url())
             .header("x-request-id", value)
             .send()
             .await
@@ -300,16 +301,16 @@ async fn hostile_request_ids_are_replaced_and_every_answer_says_nosniff() {
         assert_eq!(response.headers()["x-content-type-options"], "nosniff");
     }
     let not_found = client
-        .get(format!("{}/nope", petra.https_url()))
+        .get(format!("{}/nope", server.https_url()))
         .send()
         .await
         .expect("request");
     assert_eq!(not_found.headers()["x-content-type-options"], "nosniff");
     let livez = serving::testing::plain_client()
-        .get(format!("{}/livez", petra.admin_url()))
+        .get(format!("{}/livez", server.admin_url()))
         .send()
         .await
         .expect("request");
     assert_eq!(livez.headers()["x-content-type-options"], "nosniff");
-    petra.stop().await;
+    server.stop().await;
 }

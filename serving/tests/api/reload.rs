@@ -5,18 +5,21 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::version::TLS13;
-use serving::testing::{TestPki, handshake, loopback, server_cert, spawn, wait_until};
+use serving::testing::{
+    TestPki, handshake, loopback, server_cert, spawn, tls_serve_args, wait_until,
+};
 
 #[tokio::test]
 async fn serves_a_rotated_certificate_without_a_restart() {
     let pki = TestPki::new();
-    let args = crate::helpers::args(&pki, Some(&pki.ca_file));
-    let mut service = petra::service(loopback(), &args).expect("valid configuration");
+    let args = tls_serve_args(&pki, Some(&pki.ca_file));
+    let mut service =
+        crate::helpers::hello_service(loopback(), &args).expect("valid configuration");
     if let Some(tls) = service.tls.as_mut() {
         tls.reload_interval = Some(Duration::from_millis(50));
     }
-    let petra = spawn(service).await;
-    let leaf = || served_leaf(petra.main_addr, &pki);
+    let server = spawn(service).await;
+    let leaf = || served_leaf(server.main_addr, &pki);
     let first = leaf().await;
 
     // A half-written rotation (a key that does not match) keeps the old certificate.
@@ -26,7 +29,7 @@ async fn serves_a_rotated_certificate_without_a_restart() {
         "the mismatched pair is seen and refused",
         Duration::from_secs(5),
         || async {
-            petra
+            server
                 .metrics()
                 .await
                 .contains(r#"tls_reloads_total{result="error"}"#)
@@ -43,19 +46,20 @@ async fn serves_a_rotated_certificate_without_a_restart() {
     )
     .await;
     let response = serving::testing::client(&pki.ca_file, Some(&pki.klaus))
-        .get(petra.https_url())
+        .get(server.https_url())
         .send()
         .await
         .expect("request after rotation");
     assert_eq!(response.text().await.expect("body"), "hello");
-    petra.stop().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn a_rotation_between_loading_and_serving_is_not_missed() {
     let pki = TestPki::new();
-    let args = crate::helpers::args(&pki, Some(&pki.ca_file));
-    let mut service = petra::service(loopback(), &args).expect("valid configuration");
+    let args = tls_serve_args(&pki, Some(&pki.ca_file));
+    let mut service =
+        crate::helpers::hello_service(loopback(), &args).expect("valid configuration");
     if let Some(tls) = service.tls.as_mut() {
         tls.reload_interval = Some(Duration::from_millis(50));
     }
@@ -79,7 +83,7 @@ async fn a_rotation_between_loading_and_serving_is_not_missed() {
     serving.abort();
 }
 
-/// The leaf certificate Petra at `addr` serves now (mutual TLS 1.3).
+/// The leaf certificate the server at `addr` serves now (mutual TLS 1.3).
 async fn served_leaf(
     addr: std::net::SocketAddr,
     pki: &TestPki,

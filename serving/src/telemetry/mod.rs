@@ -1,0 +1,95 @@
+//! Logging: `tracing` to stdout, JSON or text, filtered by `RUST_LOG` (default `info`).
+//!
+//! JSON lines are written by [`JsonLine`], which writes each field straight into the line
+//! instead of going through tracing-subscriber's JSON formatter (a serde map per event): the
+//! per-request log line was the largest single cost in Petra's request path. Measured with
+//! callgrind over 1,000 HTTPS requests to Petra: 58.5k instructions per request with
+//! tracing-subscriber's JSON formatter, 48.3k with this one, 39.3k with no log line at all.
+//! Numbers are written with itoa and ryu, the timestamp digit by digit and strings escaped byte
+//! by byte: the line in Klaus went from 8.0k to 5.2k instructions.
+//! The lines keep the same shape: `timestamp`, `level`, the event's fields (the message
+//! under `message`), `target`.
+//!
+//! Logging never blocks serving: lines go to a bounded buffer that a thread of its own writes
+//! out (`batched`), and request lines with an error status are sampled (`sampler`). The JSON
+//! line is written in `json`, its timestamp in `timestamp`.
+
+mod batched;
+mod json;
+mod sampler;
+mod timestamp;
+
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+use crate::config::LogFormat;
+use crate::error::ConfigError;
+
+pub use batched::{BatchedLine, BatchedStdout, FLUSH_INTERVAL, MAX_PENDING_BYTES};
+pub use json::JsonLine;
+pub use sampler::{SAMPLED_LINES_PER_SECOND, StatusLabel};
+
+use batched::DROPPED;
+use sampler::Sampler;
+
+/// Installs the global subscriber. A `RUST_LOG` that does not parse is a configuration error.
+pub fn init(format: LogFormat) -> Result<(), ConfigError> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(&directives)
+            .map_err(|err| {
+                ConfigError::new(
+                    "RUST_LOG",
+                    format!("'{directives}' is not a valid filter: {err}"),
+                )
+            })?,
+        _ => EnvFilter::new("info"),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(BatchedStdout);
+    // A panic aborts the process (panic = "abort"): write out what the buffer holds first.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        batched::flush_stdout_after_panic(Duration::from_secs(1));
+        report(info);
+    }));
+    // A second initialisation (tests that start several services) keeps the first subscriber.
+    let sampler = Sampler::global();
+    let installed = match format {
+        LogFormat::Json => builder
+            .event_format(JsonLine)
+            .finish()
+            .with(sampler)
+            .try_init(),
+        LogFormat::Text => builder.with_ansi(false).finish().with(sampler).try_init(),
+    };
+    if installed.is_ok() {
+        sampler.start_summaries();
+    }
+    Ok(())
+}
+
+/// Registers the logging metrics in `registry`: `log_lines_dropped_total` and
+/// `log_lines_suppressed_total{status}`. They count for the whole process.
+pub fn register(registry: &mut Registry) {
+    registry.register(
+        "log_lines_dropped",
+        "Log lines dropped because stdout did not take them as fast as they came (the buffer was full)",
+        DROPPED.clone(),
+    );
+    registry.register(
+        "log_lines_suppressed",
+        "Request log lines with this status left out beyond the first few each second (a summary line counts them)",
+        Sampler::global().suppressed.clone(),
+    );
+}
+
+/// Writes out the log lines still held in the buffer, waiting at most a second for stdout.
+/// Call it before the process exits.
+pub fn flush() {
+    batched::flush_stdout(Duration::from_secs(1));
+}
