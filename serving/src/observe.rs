@@ -95,6 +95,7 @@ async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: 
     let elapsed = started.elapsed().as_secs_f64();
     let status = response.status().as_u16();
     end_span(&span, status);
+    let ids = span.hex_ids();
     tracing::info!(
         target: "http",
         method,
@@ -102,8 +103,8 @@ async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: 
         status,
         latency_ms = elapsed * 1000.0,
         request_id = request_id.to_str().unwrap_or_default(),
-        trace_id = %span.trace_id(),
-        span_id = %span.span_id(),
+        trace_id = ids.trace_id(),
+        span_id = ids.span_id(),
         "request"
     );
     state.metrics.record(route, method, status, elapsed);
