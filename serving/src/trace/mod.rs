@@ -35,6 +35,10 @@ pub use span::{HexIds, Span};
 
 use span::{new_trace_id, parse_traceparent};
 
+/// The name a span has until the sampler has decided to record it: [`Tracer::server`] and
+/// [`Span::child`] name only the spans they record.
+pub(crate) const UNNAMED: &str = "unnamed";
+
 /// The span source of a service: exporting through the OpenTelemetry SDK, or only making up
 /// ids. Cheap to clone.
 #[derive(Debug, Clone, Default)]
@@ -93,12 +97,17 @@ impl Tracer {
             Some(parent) => Context::new().with_remote_span_context(parent),
             None => Context::new(),
         };
+        // Named and given its attributes only once the sampler has chosen to record it, so
+        // that a request it leaves out allocates nothing for them.
         let span = sdk.build_with_context(
-            sdk.span_builder(name())
-                .with_kind(SpanKind::Server)
-                .with_attributes(attributes()),
+            sdk.span_builder(UNNAMED).with_kind(SpanKind::Server),
             &parent_cx,
         );
-        Span::from_sdk(sdk, span, &parent_cx)
+        let span = Span::from_sdk(sdk, span, &parent_cx);
+        span.record(|recorded| {
+            recorded.update_name(name());
+            recorded.set_attributes(attributes());
+        });
+        span
     }
 }

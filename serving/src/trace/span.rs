@@ -59,15 +59,17 @@ impl Span {
         match &self.recorded {
             None => Self::ids(self.context.trace_id(), self.context.trace_flags()),
             Some(recorded) => {
+                // As in `Tracer::server`: named once the sampler has chosen to record it.
                 let span = recorded.tracer.build_with_context(
-                    recorded
-                        .tracer
-                        .span_builder(name())
-                        .with_kind(kind)
-                        .with_attributes(attributes()),
+                    recorded.tracer.span_builder(super::UNNAMED).with_kind(kind),
                     &recorded.cx,
                 );
-                Self::from_sdk(&recorded.tracer, span, &recorded.cx)
+                let span = Self::from_sdk(&recorded.tracer, span, &recorded.cx);
+                span.record(|child| {
+                    child.update_name(name());
+                    child.set_attributes(attributes());
+                });
+                span
             }
         }
     }
