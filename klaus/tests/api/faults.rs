@@ -27,13 +27,10 @@ pub(crate) fn petra_exe() -> String {
 }
 
 fn start_petra(pki: &TestPki, listen: &str) -> Binary {
-    Binary::start(
-        &petra_exe(),
+    crate::traces::start_petra(
+        pki,
         &[
             ("LISTEN_ADDR", listen),
-            ("TLS_CERT_FILE", pki.petra.cert.to_str().expect("path")),
-            ("TLS_KEY_FILE", pki.petra.key.to_str().expect("path")),
-            ("TLS_CLIENT_CA_FILE", pki.ca_file.to_str().expect("path")),
             ("SHUTDOWN_DELAY_SECONDS", "1"),
             ("RUST_LOG", "warn,serving=info"),
         ],

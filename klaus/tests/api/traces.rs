@@ -29,8 +29,9 @@ pub(crate) fn path(p: &std::path::Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// A Petra binary with `extra` in its environment.
-fn start_petra(pki: &TestPki, extra: &[(&str, &str)]) -> Binary {
+/// A Petra binary with mutual TLS from `pki`, and `extra` in its environment (a variable set
+/// again in `extra` wins).
+pub(crate) fn start_petra(pki: &TestPki, extra: &[(&str, &str)]) -> Binary {
     let mut env = vec![
         ("TLS_CERT_FILE", path(&pki.petra.cert)),
         ("TLS_KEY_FILE", path(&pki.petra.key)),
