@@ -70,11 +70,6 @@ impl Tracer {
         })
     }
 
-    /// Whether spans are exported.
-    pub fn exports(&self) -> bool {
-        self.sdk.is_some()
-    }
-
     /// The span of a request this service serves, the child of the `traceparent` in `headers`
     /// when there is one (the middleware has already dropped one that is not valid), the root
     /// of a new trace otherwise. `name` and `attributes` are asked for only when the span is
