@@ -19,7 +19,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-use super::settings::{ExportSettings, TraceArgs, non_empty, resource_attributes};
+use super::settings::{ExportSettings, TraceArgs, non_empty};
 use crate::error::ConfigError;
 
 /// The exporting pipeline of the process, shut down (its last spans sent) by [`shutdown`].
@@ -53,7 +53,7 @@ pub(super) fn pipeline(
                 format!("cannot build the OTLP exporter: {err}"),
             )
         })?;
-    let mut resource = Resource::builder_empty()
+    let resource = Resource::builder_empty()
         .with_service_name(
             non_empty(&args.otel_service_name).map_or_else(|| service.to_owned(), str::to_owned),
         )
@@ -62,10 +62,8 @@ pub(super) fn pipeline(
             env!("CARGO_PKG_VERSION").to_owned(),
         ))
         .with_attribute(KeyValue::new("telemetry.sdk.language", "rust"))
-        .with_attribute(KeyValue::new("telemetry.sdk.name", "opentelemetry"));
-    if let Some(raw) = non_empty(&args.otel_resource_attributes) {
-        resource = resource.with_attributes(resource_attributes(raw)?);
-    }
+        .with_attribute(KeyValue::new("telemetry.sdk.name", "opentelemetry"))
+        .with_attributes(settings.resource.iter().cloned());
     let exporter = Counted {
         inner: exporter,
         url: settings.url.clone(),

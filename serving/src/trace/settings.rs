@@ -79,6 +79,8 @@ pub struct ExportSettings {
     pub sampler: SamplerSetting,
     /// CA certificates for an `https://` collector.
     pub ca_file: Option<PathBuf>,
+    /// OTEL_RESOURCE_ATTRIBUTES, decoded.
+    pub resource: Vec<KeyValue>,
 }
 
 /// OTEL_TRACES_SAMPLER and its argument.
@@ -175,9 +177,11 @@ impl TraceArgs {
             }
             (None, None) => return Ok(None),
         };
-        if let Some(attributes) = non_empty(&self.otel_resource_attributes) {
-            resource_attributes(attributes)?;
-        }
+        // Read (and checked) even when the export is off, so that a bad value fails at once.
+        let resource = match non_empty(&self.otel_resource_attributes) {
+            Some(raw) => resource_attributes(raw)?,
+            None => Vec::new(),
+        };
         if disabled || !exporter_on {
             return Ok(None);
         }
@@ -186,6 +190,7 @@ impl TraceArgs {
             json,
             sampler,
             ca_file: self.otel_exporter_otlp_certificate.clone(),
+            resource,
         }))
     }
 
@@ -252,7 +257,7 @@ fn checked_url(variable: &'static str, value: &str) -> Result<String, ConfigErro
 
 /// OTEL_RESOURCE_ATTRIBUTES as key-value pairs: `key=value` separated by commas, values
 /// percent-decoded (W3C Baggage's format, as the specification asks).
-pub(super) fn resource_attributes(raw: &str) -> Result<Vec<KeyValue>, ConfigError> {
+fn resource_attributes(raw: &str) -> Result<Vec<KeyValue>, ConfigError> {
     raw.split(',')
         .map(str::trim)
         .filter(|pair| !pair.is_empty())
