@@ -9,6 +9,7 @@
 //! Each topology runs under a project name of its own and is always torn down (`down -v --remove-orphans`),
 //! also when a check fails. Every wait polls a condition under a deadline; none is a fixed sleep.
 
+mod certs;
 mod containers;
 mod cut;
 mod distance;
@@ -133,6 +134,12 @@ pub(crate) fn e2e_parts(only: &[String]) -> anyhow::Result<()> {
     let compose = step("compose is installed", || compose_command(&sh))?;
     step("curl is installed", || ensure_curl(&sh))?;
     let oha = step("oha is installed", || Oha::find(&sh))?;
+    if wanted("one") {
+        step(
+            "the Petra image's certs subcommand writes an overlay's certificates (docker run)",
+            || certs::run(&sh),
+        )?;
+    }
     for topology in TOPOLOGIES.iter().filter(|t| wanted(t.name)) {
         step(&format!("e2e {}", topology.file), || {
             run_topology(&sh, &compose, &oha, topology)
@@ -167,7 +174,7 @@ pub(crate) fn e2e_parts(only: &[String]) -> anyhow::Result<()> {
 
 /// The compose command: `docker-compose` (1.29 here) or the `docker compose` plugin; installs
 /// `docker-compose` from Debian's packages when neither is there.
-fn compose_command(sh: &Shell) -> anyhow::Result<Vec<String>> {
+pub(crate) fn compose_command(sh: &Shell) -> anyhow::Result<Vec<String>> {
     let works = |program: &str, args: &[&str]| {
         sh.cmd(program)
             .args(args)

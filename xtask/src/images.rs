@@ -1,5 +1,5 @@
 //! `cargo xtask images`: builds `petra:dev`, `klaus:dev`, `slowlink:dev` and `tracesink:dev` from
-//! `Dockerfile.<name>` (slowlink is the link that docker-compose.split.yml puts between Klaus and
+//! the `Dockerfile` stage of that name (slowlink is the link that docker-compose.split.yml puts between Klaus and
 //! Petra; tracesink the trace receiver of docker-compose.observability.yml).
 //!
 //! No image can be pulled on our machines, so the Rust builder image that the Dockerfiles start from is made
@@ -21,7 +21,7 @@ mod builder;
 
 use self::builder::{describe_builder, ensure_rust_image};
 
-/// The services that get an image, each from `Dockerfile.<name>`, tagged `<name>:dev`.
+/// The services that get an image, each from the `Dockerfile` stage of that name, tagged `<name>:dev`.
 pub(crate) const SERVICES: [&str; 4] = ["petra", "klaus", "slowlink", "tracesink"];
 
 /// The size budget for each runtime image, in bytes as `docker image ls` counts them (1 MB = 10^6 bytes).
@@ -35,7 +35,7 @@ pub(crate) fn images() -> anyhow::Result<()> {
     let sh = shell()?;
     step("docker is reachable", || ensure_docker(&sh))?;
     let rust_image = step(
-        "Dockerfiles agree with rust-toolchain.toml",
+        "Dockerfile has every stage; Dockerfiles agree with rust-toolchain.toml",
         check_dockerfiles,
     )?;
     step(&format!("builder image {rust_image}"), || {
@@ -49,14 +49,13 @@ pub(crate) fn images() -> anyhow::Result<()> {
             .get(service)
             .with_context(|| format!("cargo metadata has no package {service}"))?;
         step(&format!("docker build {service}:dev"), || {
-            let dockerfile = format!("Dockerfile.{service}");
             let tag = format!("{service}:dev");
             cmd!(
                 sh,
-                "docker build --force-rm -f {dockerfile} -t {tag} --build-arg GIT_REVISION={revision} --build-arg VERSION={version} ."
+                "docker build --force-rm --target {service} -t {tag} --build-arg GIT_REVISION={revision} --build-arg VERSION={version} ."
             )
             .run()
-            .with_context(|| format!("building {tag} from {dockerfile} failed"))?;
+            .with_context(|| format!("building {tag} from the Dockerfile's stage {service} failed"))?;
             Ok(())
         })?;
     }
@@ -72,6 +71,14 @@ pub(crate) fn images() -> anyhow::Result<()> {
         eprintln!("warning: old images were not deleted: {err:#}");
     }
     Ok(())
+}
+
+/// Makes sure the Rust builder image the Dockerfiles start from is present (pulled, or made where no registry
+/// answers), for tasks that build with compose rather than through [`images`].
+pub(crate) fn ensure_builder_image(sh: &Shell) -> anyhow::Result<()> {
+    let rust_image = check_dockerfiles()?;
+    ensure_rust_image(sh, &rust_image)?;
+    describe_builder(sh, &rust_image)
 }
 
 /// What marks an image of the Dockerfiles' builder stage: its working directory and its RUSTFLAGS.
@@ -90,7 +97,7 @@ const PRUNE_ROUNDS: usize = 40;
 fn prune_old_builds(sh: &Shell) -> anyhow::Result<()> {
     const DESCRIBE: &str = "{{.Id}}|{{.Config.WorkingDir}}|{{json .Config.Env}}|{{with .Config.Labels}}{{index . \"org.opencontainers.image.title\"}}{{end}}";
     // All cached: this only names the builder stage that the build above used.
-    let current = cmd!(sh, "docker build -q --target builder -f Dockerfile.petra .")
+    let current = cmd!(sh, "docker build -q --target builder .")
         .read()
         .context("cannot identify the current builder stage")?;
     let (workdir, rustflags) = BUILDER_MARKS;
@@ -203,56 +210,51 @@ fn has_program(name: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Checks that the Dockerfiles share one builder stage whose default `RUST_IMAGE` is at the version that
-/// `rust-toolchain.toml` pins, and returns that image name.
+/// The Dockerfiles that start from the Rust builder image: `Dockerfile` (the builder stage and one runtime stage per
+/// service) and `Dockerfile.prometheus` (Debian's Prometheus for the observability compose file).
+const DOCKERFILES: [&str; 2] = ["Dockerfile", "Dockerfile.prometheus"];
+
+/// Checks that `Dockerfile` has a runtime stage for every service and that every Dockerfile's default `RUST_IMAGE`
+/// is at the version that `rust-toolchain.toml` pins, and returns that image name.
 fn check_dockerfiles() -> anyhow::Result<String> {
-    let mut builder_stages = Vec::new();
-    for service in SERVICES {
-        let path = root().join(format!("Dockerfile.{service}"));
+    let channel = toolchain_channel()?;
+    let mut images = Vec::new();
+    for name in DOCKERFILES {
+        let path = root().join(name);
         let text =
             fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        builder_stages.push((path, builder_stage(&text)?));
-    }
-    let (first_path, first) = &builder_stages[0];
-    for (path, stage) in &builder_stages[1..] {
+        let image = rust_image(&text).with_context(|| format!("in {}", path.display()))?;
         ensure!(
-            stage == first,
-            "the builder stages of {} and {} differ; keep them identical so one build warms the cache for all",
-            first_path.display(),
-            path.display()
+            image.starts_with(&format!("rust:{channel}-")),
+            "{name}'s default RUST_IMAGE is {image}, but rust-toolchain.toml pins {channel}: \
+             update `ARG RUST_IMAGE=rust:{channel}-...`"
         );
+        if name == "Dockerfile" {
+            for service in SERVICES {
+                ensure!(
+                    text.lines()
+                        .any(|line| line.trim() == format!("FROM scratch AS {service}")),
+                    "Dockerfile has no runtime stage `FROM scratch AS {service}`"
+                );
+            }
+        }
+        images.push(image);
     }
-    let rust_image = first
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("ARG RUST_IMAGE="))
-        .context("no `ARG RUST_IMAGE=` line before the builder stage")?
-        .trim()
-        .to_owned();
-    let channel = toolchain_channel()?;
     ensure!(
-        rust_image.starts_with(&format!("rust:{channel}-")),
-        "the Dockerfiles' default RUST_IMAGE is {rust_image}, but rust-toolchain.toml pins {channel}: \
-         update `ARG RUST_IMAGE=rust:{channel}-...` in every Dockerfile"
+        images.iter().all(|image| *image == images[0]),
+        "the Dockerfiles start from different builder images ({}): keep one, so one image serves all",
+        images.join(", ")
     );
-    Ok(rust_image)
+    Ok(images.swap_remove(0))
 }
 
-/// The text of a Dockerfile from `ARG RUST_IMAGE` up to the runtime stage (`FROM scratch`).
-fn builder_stage(dockerfile: &str) -> anyhow::Result<String> {
-    let lines: Vec<&str> = dockerfile.lines().collect();
-    let start = lines
-        .iter()
-        .position(|line| line.starts_with("ARG RUST_IMAGE="))
-        .context("no `ARG RUST_IMAGE=` line")?;
-    let end = lines
-        .iter()
-        .position(|line| line.starts_with("FROM scratch"))
-        .context("no `FROM scratch` runtime stage")?;
-    ensure!(
-        start < end,
-        "`ARG RUST_IMAGE=` must come before `FROM scratch`"
-    );
-    Ok(lines[start..end].join("\n"))
+/// The default of a Dockerfile's `ARG RUST_IMAGE=`.
+fn rust_image(dockerfile: &str) -> anyhow::Result<String> {
+    dockerfile
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("ARG RUST_IMAGE="))
+        .map(|image| image.trim().to_owned())
+        .context("no `ARG RUST_IMAGE=` line")
 }
 
 /// The `channel` that `rust-toolchain.toml` pins, such as `1.95.0`.

@@ -20,6 +20,7 @@ mod prometheus;
 mod sbom;
 mod testssl;
 mod tools;
+mod up;
 mod util;
 mod venv;
 
@@ -41,7 +42,10 @@ enum Task {
     Ci,
     /// The Rust tests only (cargo nextest, or cargo test where nextest is missing).
     Test,
-    /// Build petra:dev, klaus:dev, slowlink:dev and tracesink:dev from `Dockerfile.<name>`; check
+    /// Run the pair with docker-compose.yml (`compose up --build`), first making the Rust builder
+    /// image where no registry can be reached. Arguments after the flags go to `compose up`.
+    Up(up::UpArgs),
+    /// Build petra:dev, klaus:dev, slowlink:dev and tracesink:dev from the Dockerfile's stages; check
     /// their SBOMs and embedded dependency lists against Cargo.lock.
     Images,
     /// Build the images, bring up each compose topology and check it end to end, then the fault
@@ -71,6 +75,7 @@ impl Task {
         match self {
             Self::Ci => "ci",
             Self::Test => "test",
+            Self::Up(_) => "up",
             Self::Images => "images",
             Self::E2e(_) => "e2e",
             Self::K8s => "k8s",
@@ -87,6 +92,7 @@ impl Task {
         match self {
             Self::Ci => ci::ci(),
             Self::Test => ci::test(),
+            Self::Up(args) => up::up(&args),
             Self::Images => images::images(),
             Self::E2e(args) => e2e::e2e_parts(&args.parts),
             Self::K8s => k8s::k8s(),
