@@ -13,13 +13,13 @@ const FLOOR: usize = 16;
 
 /// What one adjustment window saw.
 #[derive(Debug, Clone, Copy)]
-struct Window {
+pub(super) struct Window {
     /// The mean queueing delay.
-    delay: Duration,
+    pub(super) delay: Duration,
     /// The share of the serving threads' time spent on the CPU.
-    busy: f64,
+    pub(super) busy: f64,
     /// Whether requests met the limit.
-    limited: bool,
+    pub(super) limited: bool,
 }
 
 /// The share of the serving threads' time on the CPU above which, with a queueing delay above
@@ -30,7 +30,7 @@ const BUSY: f64 = 0.9;
 /// delay alone also comes from a burst of new connections' requests, which the limit does not
 /// control (they are read before they meet it), and shrinking for it would leave the CPU idle
 /// with requests waiting.
-fn next_limit(limit: usize, window: Window, ceiling: usize) -> usize {
+pub(super) fn next_limit(limit: usize, window: Window, ceiling: usize) -> usize {
     let floor = FLOOR.min(ceiling);
     if window.delay > QUEUEING_TARGET && window.busy >= BUSY {
         (limit - limit / 10).max(floor)

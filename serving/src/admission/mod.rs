@@ -21,6 +21,8 @@
 //! `Connection: close`) only when its wait runs out or the queue is full; while the queue is
 //! full the listener stops accepting connections, so that TCP pushes back on new clients.
 
+mod limit;
+
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -31,6 +33,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+pub use limit::QUEUEING_TARGET;
+
+use limit::{Window, next_limit};
 
 /// How often the probe measures the queueing delay.
 pub const PROBE_EVERY: Duration = Duration::from_millis(10);

@@ -116,6 +116,7 @@ async fn the_limit_shrinks_when_the_runtime_is_saturated() {
     busy.abort();
     stop.cancel();
 }
+
 #[tokio::test]
 async fn a_client_that_goes_away_while_waiting_leaves_the_queue() {
     let admission = admission(Settings::adaptive(1, Duration::from_secs(10)));
