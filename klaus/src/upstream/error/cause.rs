@@ -4,8 +4,8 @@
 
 use rustls::AlertDescription;
 
-use super::super::transport::{BoxError, ConnectTimeout, Gone};
 use super::{PetraError, TlsProblem};
+use crate::upstream::transport::{BoxError, ConnectTimeout, Gone};
 
 /// Whether Petra refused the request unprocessed, so that it may be sent again at once: a
 /// stream Petra reset with `REFUSED_STREAM`, or one a graceful `GOAWAY` came before.
