@@ -386,7 +386,7 @@ impl PetraClient {
         let response = loop {
             match client.request(request(endpoint, incoming, span)).await {
                 Ok(response) => break response,
-                Err(err) if refused < MAX_REFUSED_RETRIES && error::is_refused(&err) => {
+                Err(err) if refused < MAX_REFUSED_RETRIES && error::cause::is_refused(&err) => {
                     refused += 1;
                 }
                 Err(err) => return Err(self.classify(endpoint, err.into())),
@@ -429,7 +429,7 @@ impl PetraClient {
     /// Sorts a client error; the problem names the URL's host and port, never the address,
     /// which is an internal detail (the log has it).
     fn classify(&self, endpoint: &Endpoint, err: transport::BoxError) -> PetraError {
-        let err = error::classify(err, endpoint.target.authority(), self.timeout_ms());
+        let err = error::cause::classify(err, endpoint.target.authority(), self.timeout_ms());
         tracing::debug!(endpoint = %endpoint.addr, error = %Chain(&err), "attempt to call Petra failed");
         err
     }
@@ -459,7 +459,7 @@ impl PetraClient {
         };
         PetraError::Unreachable {
             detail,
-            public: error::UNREACHABLE,
+            public: error::cause::UNREACHABLE,
             retryable: false,
             unexplained: false,
             source: "no endpoint".into(),

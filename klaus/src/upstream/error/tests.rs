@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
+use super::cause::classify;
 use super::*;
+use crate::upstream::transport::{ConnectTimeout, Gone};
 
 const TARGET: &str = "petra.internal.example:8443";
 

@@ -21,6 +21,8 @@
 //! `Connection: close`) only when its wait runs out or the queue is full; while the queue is
 //! full the listener stops accepting connections, so that TCP pushes back on new clients.
 
+mod limit;
+
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -32,19 +34,15 @@ use prometheus_client::registry::Registry;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+pub use limit::QUEUEING_TARGET;
+
+use limit::{Window, next_limit};
+
 /// How often the probe measures the queueing delay.
 pub const PROBE_EVERY: Duration = Duration::from_millis(10);
 
 /// How often the limit is adjusted.
 pub const WINDOW: Duration = Duration::from_millis(100);
-
-/// The queueing delay above which the service counts as saturated. A runtime with CPU to spare
-/// runs a woken task within tens of microseconds; a saturated one makes it wait for every task
-/// ahead of it, milliseconds at the request rates here.
-pub const QUEUEING_TARGET: Duration = Duration::from_millis(2);
-
-/// The smallest limit the adaptation goes to.
-const FLOOR: usize = 16;
 
 /// The settings of a listener's admission control.
 #[derive(Debug, Clone, Copy)]
@@ -412,36 +410,6 @@ impl Admission {
     }
 }
 
-/// What one adjustment window saw.
-#[derive(Debug, Clone, Copy)]
-struct Window {
-    /// The mean queueing delay.
-    delay: Duration,
-    /// The share of the serving threads' time spent on the CPU.
-    busy: f64,
-    /// Whether requests met the limit.
-    limited: bool,
-}
-
-/// The share of the serving threads' time on the CPU above which, with a queueing delay above
-/// [`QUEUEING_TARGET`], the service counts as saturated.
-const BUSY: f64 = 0.9;
-
-/// The limit after `window`. Both signals must say saturated for it to shrink: a long queueing
-/// delay alone also comes from a burst of new connections' requests, which the limit does not
-/// control (they are read before they meet it), and shrinking for it would leave the CPU idle
-/// with requests waiting.
-fn next_limit(limit: usize, window: Window, ceiling: usize) -> usize {
-    let floor = FLOOR.min(ceiling);
-    if window.delay > QUEUEING_TARGET && window.busy >= BUSY {
-        (limit - limit / 10).max(floor)
-    } else if window.limited {
-        (limit + limit / 5 + 1).min(ceiling)
-    } else {
-        limit
-    }
-}
-
 /// The CPU time of the process so far (all its threads).
 pub(crate) fn process_cpu() -> Duration {
     let now = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
@@ -487,159 +455,4 @@ impl Drop for Permit {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn admission(settings: Settings) -> Arc<Admission> {
-        Admission::new(settings, &mut Registry::default())
-    }
-
-    #[tokio::test]
-    async fn requests_over_the_limit_wait_in_order_and_get_room_as_it_frees() {
-        let admission = admission(Settings {
-            max_queued: 2,
-            ..Settings::adaptive(1, Duration::from_secs(5))
-        });
-        let first = admission.acquire().await.expect("room");
-        let second = tokio::spawn({
-            let admission = Arc::clone(&admission);
-            async move { admission.acquire().await }
-        });
-        let third = tokio::spawn({
-            let admission = Arc::clone(&admission);
-            async move { admission.acquire().await }
-        });
-        while admission.lock().queued < 2 {
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(admission.acquire().await.err(), Some(Shed::QueueFull));
-        drop(first);
-        let second = second.await.expect("task").expect("room after the first");
-        assert!(!third.is_finished());
-        drop(second);
-        third.await.expect("task").expect("room after the second");
-        assert_eq!(admission.lock().in_flight, 0);
-    }
-
-    #[tokio::test]
-    async fn a_wait_that_runs_out_is_refused_and_its_room_goes_to_the_next() {
-        let admission = admission(Settings::adaptive(1, Duration::from_millis(50)));
-        let held = admission.acquire().await.expect("room");
-        let started = Instant::now();
-        assert_eq!(admission.acquire().await.err(), Some(Shed::QueueTimeout));
-        assert!(started.elapsed() >= Duration::from_millis(50));
-        assert_eq!(admission.lock().queued, 0);
-        drop(held);
-        admission
-            .acquire()
-            .await
-            .expect("room once the holder is done");
-    }
-
-    #[tokio::test]
-    async fn a_fixed_limit_refuses_at_once() {
-        let admission = admission(Settings::fixed(1));
-        let _held = admission.acquire().await.expect("room");
-        assert_eq!(admission.acquire().await.err(), Some(Shed::OverLimit));
-    }
-
-    #[tokio::test]
-    async fn the_limit_grows_while_requests_wait_on_an_idle_runtime() {
-        let admission = admission(Settings {
-            initial: 4,
-            ..Settings::adaptive(64, Duration::from_secs(10))
-        });
-        let stop = CancellationToken::new();
-        admission.spawn_adaptation(stop.clone());
-        // Twenty requests held, as if waiting on a distant peer: only four fit at first.
-        let (release, _) = tokio::sync::broadcast::channel::<()>(1);
-        let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        for _ in 0..20 {
-            let (admission, held) = (Arc::clone(&admission), Arc::clone(&held));
-            let mut released = release.subscribe();
-            tokio::spawn(async move {
-                let _permit = admission.acquire().await;
-                held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let _ = released.recv().await;
-            });
-        }
-        let started = Instant::now();
-        while held.load(std::sync::atomic::Ordering::SeqCst) < 20 {
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "the limit stayed at {} with requests waiting",
-                admission.limit()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(admission.limit() >= 20);
-        stop.cancel();
-    }
-
-    #[tokio::test]
-    async fn the_limit_shrinks_when_the_runtime_is_saturated() {
-        let admission = admission(Settings::adaptive(1024, Duration::from_secs(1)));
-        let before = admission.limit();
-        let stop = CancellationToken::new();
-        admission.spawn_adaptation(stop.clone());
-        // A task that keeps the thread on the CPU 5 ms at a time, as a saturated service does.
-        let busy = tokio::spawn(async {
-            loop {
-                let started = Instant::now();
-                while started.elapsed() < Duration::from_millis(5) {
-                    std::hint::spin_loop();
-                }
-                tokio::task::yield_now().await;
-            }
-        });
-        let started = Instant::now();
-        while admission.limit() >= before {
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "the limit stayed at {before} on a saturated runtime"
-            );
-            tokio::task::yield_now().await;
-        }
-        busy.abort();
-        stop.cancel();
-    }
-
-    #[test]
-    fn the_limit_shrinks_when_saturated_and_grows_only_when_it_was_met() {
-        let window = |ms: u64, busy: f64, limited: bool| Window {
-            delay: Duration::from_micros(ms * 1000),
-            busy,
-            limited,
-        };
-        // Saturated: a long queueing delay on a busy thread.
-        assert_eq!(next_limit(100, window(5, 0.95, true), 1000), 90);
-        assert_eq!(next_limit(100, window(5, 0.95, false), 1000), 90);
-        // A long delay on a thread with time to spare (a burst of new connections): not
-        // saturated, so the limit grows when it was met.
-        assert_eq!(next_limit(100, window(20, 0.6, true), 1000), 121);
-        // A busy thread with no queue: requests wait on something else.
-        assert_eq!(next_limit(100, window(0, 0.99, true), 1000), 121);
-        assert_eq!(next_limit(100, window(0, 0.2, false), 1000), 100);
-        assert_eq!(next_limit(990, window(0, 0.2, true), 1000), 1000);
-        assert_eq!(next_limit(16, window(50, 1.0, true), 1000), 16);
-        assert_eq!(next_limit(4, window(50, 1.0, true), 4), 4);
-    }
-
-    #[tokio::test]
-    async fn a_client_that_goes_away_while_waiting_leaves_the_queue() {
-        let admission = admission(Settings::adaptive(1, Duration::from_secs(10)));
-        let held = admission.acquire().await.expect("room");
-        let waiting = tokio::spawn({
-            let admission = Arc::clone(&admission);
-            async move { admission.acquire().await }
-        });
-        while admission.lock().queued == 0 {
-            tokio::task::yield_now().await;
-        }
-        waiting.abort();
-        let _ = waiting.await;
-        assert_eq!(admission.lock().queued, 0);
-        drop(held);
-        admission.acquire().await.expect("room");
-    }
-}
+mod tests;

@@ -1,0 +1,136 @@
+//! Admission under load: waiting in order, running out of time, a fixed limit, and the limit
+//! adapting to an idle and to a saturated runtime.
+
+use super::*;
+
+fn admission(settings: Settings) -> Arc<Admission> {
+    Admission::new(settings, &mut Registry::default())
+}
+
+#[tokio::test]
+async fn requests_over_the_limit_wait_in_order_and_get_room_as_it_frees() {
+    let admission = admission(Settings {
+        max_queued: 2,
+        ..Settings::adaptive(1, Duration::from_secs(5))
+    });
+    let first = admission.acquire().await.expect("room");
+    let second = tokio::spawn({
+        let admission = Arc::clone(&admission);
+        async move { admission.acquire().await }
+    });
+    let third = tokio::spawn({
+        let admission = Arc::clone(&admission);
+        async move { admission.acquire().await }
+    });
+    while admission.lock().queued < 2 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(admission.acquire().await.err(), Some(Shed::QueueFull));
+    drop(first);
+    let second = second.await.expect("task").expect("room after the first");
+    assert!(!third.is_finished());
+    drop(second);
+    third.await.expect("task").expect("room after the second");
+    assert_eq!(admission.lock().in_flight, 0);
+}
+
+#[tokio::test]
+async fn a_wait_that_runs_out_is_refused_and_its_room_goes_to_the_next() {
+    let admission = admission(Settings::adaptive(1, Duration::from_millis(50)));
+    let held = admission.acquire().await.expect("room");
+    let started = Instant::now();
+    assert_eq!(admission.acquire().await.err(), Some(Shed::QueueTimeout));
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    assert_eq!(admission.lock().queued, 0);
+    drop(held);
+    admission
+        .acquire()
+        .await
+        .expect("room once the holder is done");
+}
+
+#[tokio::test]
+async fn a_fixed_limit_refuses_at_once() {
+    let admission = admission(Settings::fixed(1));
+    let _held = admission.acquire().await.expect("room");
+    assert_eq!(admission.acquire().await.err(), Some(Shed::OverLimit));
+}
+
+#[tokio::test]
+async fn the_limit_grows_while_requests_wait_on_an_idle_runtime() {
+    let admission = admission(Settings {
+        initial: 4,
+        ..Settings::adaptive(64, Duration::from_secs(10))
+    });
+    let stop = CancellationToken::new();
+    admission.spawn_adaptation(stop.clone());
+    // Twenty requests held, as if waiting on a distant peer: only four fit at first.
+    let (release, _) = tokio::sync::broadcast::channel::<()>(1);
+    let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for _ in 0..20 {
+        let (admission, held) = (Arc::clone(&admission), Arc::clone(&held));
+        let mut released = release.subscribe();
+        tokio::spawn(async move {
+            let _permit = admission.acquire().await;
+            held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = released.recv().await;
+        });
+    }
+    let started = Instant::now();
+    while held.load(std::sync::atomic::Ordering::SeqCst) < 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the limit stayed at {} with requests waiting",
+            admission.limit()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(admission.limit() >= 20);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn the_limit_shrinks_when_the_runtime_is_saturated() {
+    let admission = admission(Settings::adaptive(1024, Duration::from_secs(1)));
+    let before = admission.limit();
+    let stop = CancellationToken::new();
+    admission.spawn_adaptation(stop.clone());
+    // A task that keeps the thread on the CPU 5 ms at a time, as a saturated service does.
+    let busy = tokio::spawn(async {
+        loop {
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_millis(5) {
+                std::hint::spin_loop();
+            }
+            tokio::task::yield_now().await;
+        }
+    });
+    let started = Instant::now();
+    while admission.limit() >= before {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the limit stayed at {before} on a saturated runtime"
+        );
+        tokio::task::yield_now().await;
+    }
+    busy.abort();
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_while_waiting_leaves_the_queue() {
+    let admission = admission(Settings::adaptive(1, Duration::from_secs(10)));
+    let held = admission.acquire().await.expect("room");
+    let waiting = tokio::spawn({
+        let admission = Arc::clone(&admission);
+        async move { admission.acquire().await }
+    });
+    while admission.lock().queued == 0 {
+        tokio::task::yield_now().await;
+    }
+    waiting.abort();
+    let _ = waiting.await;
+    assert_eq!(admission.lock().queued, 0);
+    drop(held);
+    admission.acquire().await.expect("room");
+}
