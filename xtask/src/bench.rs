@@ -16,6 +16,7 @@
 //! [`nginx`] fills in the reference's configurations from `xtask/bench/`.
 
 mod ab;
+mod budget;
 mod cases;
 mod machine;
 mod measure;
@@ -36,12 +37,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use xshell::cmd;
 
+use self::budget::Check;
 use self::cases::{Mode, cases};
 use self::machine::{Machine, Tools};
 use self::measure::{measure, wait_for_quiet};
 pub(crate) use self::options::BenchArgs;
 use self::options::Options;
-use self::report::{Check, Report};
+use self::report::Report;
 use self::services::startup;
 use self::stack::Stack;
 use crate::util::{root, shell, step};

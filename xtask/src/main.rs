@@ -14,6 +14,7 @@ mod fuzz;
 mod http;
 mod images;
 mod k8s;
+mod modgraph;
 mod oha;
 mod procfs;
 mod prometheus;

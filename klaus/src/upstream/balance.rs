@@ -2,6 +2,9 @@
 //! priority that has one available, the less loaded of two picked at random (power of two
 //! choices over calls in flight, as Linkerd's and Finagle's balancers do). When every endpoint
 //! is ejected, they are all tried anyway rather than none (Envoy's panic mode).
+//!
+//! The set also runs discovery's loop ([`spawn_discovery`]): `discover` only turns a host name
+//! into addresses and knows nothing of the set, so the modules depend one way.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,6 +16,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::config::Target;
 use super::discover::{Resolution, Resolve};
@@ -446,6 +450,45 @@ where
         (Some(x), None) | (None, Some(x)) => Some(x),
         (None, None) => candidates().next(),
     }
+}
+
+/// Resolves every URL's host now, then every `interval` and whenever `endpoints` asks (a
+/// failed attempt), at most every 100 ms, until `stop`.
+pub(crate) fn spawn_discovery(
+    endpoints: Arc<Endpoints>,
+    resolver: Arc<dyn Resolve>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        // At most this often on demand, so that a flapping endpoint cannot flood the DNS.
+        const MIN_GAP: Duration = Duration::from_millis(100);
+        loop {
+            // Each URL's answer is taken as it comes: a slow name (another cloud's) does not
+            // hold up the others.
+            futures_util::future::join_all(endpoints.targets().iter().enumerate().map(
+                |(index, target)| {
+                    let (endpoints, resolver) = (&endpoints, &resolver);
+                    async move {
+                        let answer = resolver.resolve(&target.host).await;
+                        endpoints.update(index, answer);
+                    }
+                },
+            ))
+            .await;
+            endpoints.round_done();
+            let rested = tokio::time::sleep(MIN_GAP);
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = rested => {}
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(interval.saturating_sub(MIN_GAP)) => {}
+                () = endpoints.resolve_requested() => {}
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -6,12 +6,7 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
-
-use super::balance::Endpoints;
 
 /// What a host name resolves to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,45 +81,6 @@ fn is_not_found(err: &std::io::Error) -> bool {
     ]
     .iter()
     .any(|says| text.contains(says))
-}
-
-/// Resolves every URL's host now, then every `interval` and whenever `endpoints` asks (a
-/// failed attempt), at most every 100 ms, until `stop`.
-pub(crate) fn spawn(
-    endpoints: Arc<Endpoints>,
-    resolver: Arc<dyn Resolve>,
-    interval: Duration,
-    stop: CancellationToken,
-) {
-    tokio::spawn(async move {
-        // At most this often on demand, so that a flapping endpoint cannot flood the DNS.
-        const MIN_GAP: Duration = Duration::from_millis(100);
-        loop {
-            // Each URL's answer is taken as it comes: a slow name (another cloud's) does not
-            // hold up the others.
-            futures_util::future::join_all(endpoints.targets().iter().enumerate().map(
-                |(index, target)| {
-                    let (endpoints, resolver) = (&endpoints, &resolver);
-                    async move {
-                        let answer = resolver.resolve(&target.host).await;
-                        endpoints.update(index, answer);
-                    }
-                },
-            ))
-            .await;
-            endpoints.round_done();
-            let rested = tokio::time::sleep(MIN_GAP);
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = rested => {}
-            }
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(interval.saturating_sub(MIN_GAP)) => {}
-                () = endpoints.resolve_requested() => {}
-            }
-        }
-    });
 }
 
 #[cfg(test)]

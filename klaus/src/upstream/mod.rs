@@ -164,7 +164,7 @@ impl PetraClient {
     /// `stop` is cancelled. Calls made before discovery's first round wait for it.
     pub fn start(&self, tls_reload: Option<Duration>, stop: CancellationToken) {
         let inner = &self.inner;
-        discover::spawn(
+        balance::spawn_discovery(
             Arc::clone(&inner.endpoints),
             Arc::clone(inner.endpoints.resolver()),
             inner.resolve_interval,

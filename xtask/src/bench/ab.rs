@@ -13,16 +13,16 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde_json::{Value, json};
 use xshell::{Shell, cmd};
 
 use super::Binaries;
+use super::budget::{self, Check, median};
 use super::cases::{BUDGET_CONNECTIONS, Case, Mode, Target, target};
 use super::machine::{Machine, Tools};
 use super::measure::{Measured, measure, wait_for_quiet};
 use super::options::Options;
-use super::report::{Check, budget, case_json, median};
 use super::services::{klaus_env, petra_env};
 use super::stack::Stack;
 use crate::util::{root, step};
@@ -481,7 +481,7 @@ impl Ab {
             "rustc": b.toolchain.rustc,
             "rounds": self.rounds(),
             "runs": self.runs.iter().map(|r| {
-                let mut run = case_json(&r.measured);
+                let mut run = r.measured.json();
                 run["round"] = json!(r.round);
                 run["build"] = json!(if r.baseline { "baseline" } else { "current" });
                 run
@@ -498,15 +498,4 @@ fn shorten(text: &str, max: usize) -> String {
         Some((end, _)) => format!("{}…", &text[..end]),
         None => text.to_owned(),
     }
-}
-
-/// Refuses `--baseline` where the A/B rounds would not run.
-pub(super) fn check_options(options: &Options) -> anyhow::Result<()> {
-    if options.baseline.is_none() && options.rounds_given {
-        bail!("--rounds counts the rounds of --baseline; give a baseline too");
-    }
-    if options.baseline.is_some() && !options.measures("klaus") {
-        bail!("--baseline compares Klaus end to end; it does not go with --only petra");
-    }
-    Ok(())
 }

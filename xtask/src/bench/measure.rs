@@ -10,8 +10,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use serde_json::{Value, json};
 
-use super::cases::{Case, Mode};
+use super::cases::{Case, Mode, describe};
 use super::machine::{Machine, Tools};
 use super::options::Options;
 use super::stack::{Group, Stack};
@@ -36,6 +37,33 @@ pub(super) struct Measured {
     pub(super) peak_rss_mb: BTreeMap<&'static str, f64>,
     /// CPU used by other processes during the window, in % of all cores.
     pub(super) background_pct: f64,
+}
+
+impl Measured {
+    /// This case in `summary.json`.
+    pub(super) fn json(&self) -> Value {
+        json!({
+            "id": self.case.id,
+            "what": describe(&self.case),
+            "target": self.case.target.key,
+            "ours": self.case.target.ours,
+            "connections": self.case.conns,
+            "mode": format!("{:?}", self.case.mode),
+            "responses": self.responses,
+            "seconds": self.seconds,
+            "requests_per_second": self.rps,
+            "p50_ms": self.p50_ms,
+            "p99_ms": self.p99_ms,
+            "p99_9_ms": self.p999_ms,
+            "errors": self.errors,
+            "error_kinds": self.error_kinds,
+            "non_2xx": self.non_2xx,
+            "cpu_us_per_request": self.cpu_us_per_request,
+            "cpu_seconds": self.cpu_seconds,
+            "peak_rss_mb": self.peak_rss_mb,
+            "other_load_percent": self.background_pct,
+        })
+    }
 }
 
 impl Measured {

@@ -1,6 +1,7 @@
 //! The task's flags, declared for clap (`cargo xtask bench --help`), and the options a run reads
 //! from them.
 
+use anyhow::bail;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -122,7 +123,7 @@ impl Options {
             rounds_given: args.rounds.is_some(),
             quick,
         };
-        super::ab::check_options(&options)?;
+        check_options(&options)?;
         Ok(options)
     }
 
@@ -130,6 +131,17 @@ impl Options {
     pub(super) fn measures(&self, service: &str) -> bool {
         self.only.is_none_or(|only| only.name() == service)
     }
+}
+
+/// Refuses `--baseline` where the A/B rounds would not run.
+fn check_options(options: &Options) -> anyhow::Result<()> {
+    if options.baseline.is_none() && options.rounds_given {
+        bail!("--rounds counts the rounds of --baseline; give a baseline too");
+    }
+    if options.baseline.is_some() && !options.measures("klaus") {
+        bail!("--baseline compares Klaus end to end; it does not go with --only petra");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::budget::{self, Check, budget_table, median};
 use super::cases::{BUDGET_CONNECTIONS, Mode, describe};
 use super::machine::Machine;
 use super::measure::Measured;
@@ -17,77 +18,6 @@ use super::stack::{
     PETRA_WARN,
 };
 use super::{ab, placement};
-
-/// The performance budget (see BENCHMARKS.md).
-pub(super) mod budget {
-    /// Server CPU per Klaus request, Klaus and Petra together, at 64 connections, on the
-    /// machine the issue was written on.
-    pub(in crate::bench) const CPU_US_PER_KLAUS_REQUEST: f64 = 45.0;
-    /// What the nginx pair spent per request on that machine. The budget line scales 45 µs
-    /// by the nginx pair's figure in the same run over this one, so that it means the same
-    /// on a slower or faster machine: at most 45/53 = 0.85 of the nginx pair's CPU time.
-    pub(in crate::bench) const NGINX_CPU_US_AT_BUDGET: f64 = 53.0;
-    /// Klaus p99 at most this many times Petra-direct p99, at 64 connections.
-    pub(in crate::bench) const P99_RATIO: f64 = 2.0;
-    /// Resident memory of an idle service.
-    pub(in crate::bench) const IDLE_RSS_MB: f64 = 10.0;
-    /// CPU per Klaus request at most this many times a baseline revision's, A/B medians of
-    /// one run (`--baseline`).
-    pub(in crate::bench) const AB_CPU_RATIO: f64 = 1.10;
-    /// Resident memory of a service at 512 connections.
-    pub(in crate::bench) const LOADED_RSS_MB: f64 = 64.0;
-    /// Process start to the first 200 from `/readyz`.
-    pub(in crate::bench) const STARTUP_MS: f64 = 50.0;
-}
-
-/// The median of sorted values: the middle one, or the mean of the two middle ones.
-pub(super) fn median(sorted: &[f64]) -> f64 {
-    let n = sorted.len();
-    match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => sorted[n / 2],
-        _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
-
-/// Appends the budget lines `checks` to `md` as a markdown table.
-pub(super) fn budget_table(md: &mut String, checks: &[Check]) {
-    md.push_str("\n| budget | figure | limit | result |\n|---|---|---|---|\n");
-    for c in checks {
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {} |",
-            c.line,
-            c.figure,
-            c.limit,
-            c.result()
-        );
-    }
-}
-
-/// One line of the budget and how the run did against it.
-#[derive(Debug)]
-pub(super) struct Check {
-    pub(super) line: String,
-    pub(super) figure: String,
-    pub(super) limit: String,
-    /// `None` when the run did not measure it (`--only`).
-    pub(super) pass: Option<bool>,
-}
-
-impl Check {
-    pub(super) fn result(&self) -> &'static str {
-        match self.pass {
-            Some(true) => "pass",
-            Some(false) => "**MISS**",
-            None => "not measured",
-        }
-    }
-
-    pub(super) fn json(&self) -> Value {
-        json!({ "line": self.line, "figure": self.figure, "limit": self.limit, "pass": self.pass })
-    }
-}
 
 /// Everything a run found.
 #[derive(Debug)]
@@ -348,35 +278,10 @@ impl Report {
             "startup_ms": self.startup,
             "idle_rss_mb": self.idle,
             "peak_rss_mb": self.peak,
-            "cases": self.results.iter().map(case_json).collect::<Vec<_>>(),
+            "cases": self.results.iter().map(Measured::json).collect::<Vec<_>>(),
             "baseline": self.ab.as_ref().map(ab::Ab::json),
             "placement": self.placement.as_ref().map(placement::Placement::json),
             "budget": checks.iter().map(Check::json).collect::<Vec<_>>(),
         })
     }
-}
-
-/// One measured case in `summary.json`.
-pub(super) fn case_json(r: &Measured) -> Value {
-    json!({
-        "id": r.case.id,
-        "what": describe(&r.case),
-        "target": r.case.target.key,
-        "ours": r.case.target.ours,
-        "connections": r.case.conns,
-        "mode": format!("{:?}", r.case.mode),
-        "responses": r.responses,
-        "seconds": r.seconds,
-        "requests_per_second": r.rps,
-        "p50_ms": r.p50_ms,
-        "p99_ms": r.p99_ms,
-        "p99_9_ms": r.p999_ms,
-        "errors": r.errors,
-        "error_kinds": r.error_kinds,
-        "non_2xx": r.non_2xx,
-        "cpu_us_per_request": r.cpu_us_per_request,
-        "cpu_seconds": r.cpu_seconds,
-        "peak_rss_mb": r.peak_rss_mb,
-        "other_load_percent": r.background_pct,
-    })
 }

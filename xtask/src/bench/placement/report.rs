@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 use super::{
     LINK_CONNECTIONS, OVERLOAD_BASE_CONNECTIONS, OVERLOAD_CONNECTIONS, Placement, Point, budget,
 };
+use crate::bench::budget::{Check, budget_table};
 use crate::bench::plot;
-use crate::bench::report::{Check, budget_table};
 use crate::util::root;
 
 impl Placement {
