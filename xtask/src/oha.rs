@@ -235,6 +235,36 @@ impl Report {
         self.total() - self.count(200)
     }
 
+    /// The 200s per second of the run.
+    pub(crate) fn ok_rate(&self) -> f64 {
+        self.count(200) as f64 / self.seconds
+    }
+
+    /// Fails unless every request ended in 200; `what` names the run in the message.
+    pub(crate) fn ensure_all_ok(&self, what: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.failures() == 0,
+            "{what}: {} of {} requests did not end in 200 ({})",
+            self.failures(),
+            self.total(),
+            self.outcomes()
+        );
+        Ok(())
+    }
+
+    /// Fails unless oha sent at least half the requests `rate` per second would have: a load far
+    /// below its rate would make "nothing failed" mean little.
+    pub(crate) fn ensure_rate_kept(&self, rate: u32, what: &str) -> anyhow::Result<()> {
+        let planned = f64::from(rate) * self.seconds;
+        anyhow::ensure!(
+            self.total() as f64 >= planned / 2.0,
+            "{what}: oha sent {} requests in {:.1}s, under half the {rate}/s planned",
+            self.total(),
+            self.seconds
+        );
+        Ok(())
+    }
+
     /// The answers by status and the errors, on one line.
     pub(crate) fn outcomes(&self) -> String {
         let mut parts: Vec<String> = self

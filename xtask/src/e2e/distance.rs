@@ -280,12 +280,8 @@ fn load(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<(f64, f6
     let report = oha
         .run(&klaus.url(), &load_args(None, LOAD_CONNECTIONS, LOAD))
         .context("the load through the link")?;
-    ensure!(
-        report.failures() == 0,
-        "{LOAD_CONNECTIONS} connections for {LOAD:?}: not every answer was 200: {}",
-        report.outcomes()
-    );
-    let rate = report.count(200) as f64 / report.seconds;
+    report.ensure_all_ok(&format!("{LOAD_CONNECTIONS} connections for {LOAD:?}"))?;
+    let rate = report.ok_rate();
     pass(&format!(
         "{LOAD_CONNECTIONS} connections for {:.1} s: {} × 200 ({rate:.0}/s), no error, p99 {:.0} ms",
         report.seconds,

@@ -257,13 +257,7 @@ fn failover(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Result<()> 
     // Requests that failed: none may. A stopped replica first refuses connections (it drains
     // for a second), which Klaus's attempts leave at once for another endpoint, up to cloud B,
     // which answers throughout; Klaus's own test of the failover asserts no failed call too.
-    let planned = f64::from(RATE) * report.seconds;
-    ensure!(
-        report.total() as f64 >= planned / 2.0,
-        "failover: oha sent {} requests in {:.1}s, under half the {RATE}/s planned",
-        report.total(),
-        report.seconds
-    );
+    report.ensure_rate_kept(RATE, "failover")?;
     let failures = failure_window(&samples, moments.stop);
     ensure!(
         report.failures() == 0,

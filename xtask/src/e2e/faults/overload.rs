@@ -67,11 +67,7 @@ pub(super) fn run(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Resul
     let baseline = oha
         .run(&klaus.url(), &calm)
         .context("the calm run before the burst")?;
-    ensure!(
-        baseline.failures() == 0,
-        "the calm run before the burst had failures: {}",
-        baseline.outcomes()
-    );
+    baseline.ensure_all_ok("the calm run before the burst")?;
 
     // Measured just before the burst, so that both see the same machine.
     let cpu = Cpu::sample(before.pid);
@@ -81,12 +77,10 @@ pub(super) fn run(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Resul
             &load_args(None, REFERENCE_CONNECTIONS, REFERENCE),
         )
         .context("the reference run")?;
-    ensure!(
-        reference.failures() == 0,
-        "the reference run at {REFERENCE_CONNECTIONS} connections had failures: {}",
-        reference.outcomes()
-    );
-    let reference_rate = reference.count(200) as f64 / reference.seconds;
+    reference.ensure_all_ok(&format!(
+        "the reference run at {REFERENCE_CONNECTIONS} connections"
+    ))?;
+    let reference_rate = reference.ok_rate();
     let cpu = Cpu::sample(before.pid).since(&cpu, reference.count(200));
 
     let burst_cpu = Cpu::sample(before.pid);
@@ -156,11 +150,7 @@ pub(super) fn run(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Resul
     let recovered = oha
         .run(&klaus.url(), &calm)
         .context("the calm run after the burst")?;
-    ensure!(
-        recovered.failures() == 0,
-        "the calm run after the burst had failures: {}",
-        recovered.outcomes()
-    );
+    recovered.ensure_all_ok("the calm run after the burst")?;
     // The memory the burst took goes back to the system once its connections are gone (the
     // services trim glibc's heap every 2 s after a burst; without it Klaus stayed near its peak).
     let peak_kib = peak

@@ -71,21 +71,8 @@ pub(super) fn run(
     let attempted = retries("attempted")? - attempted_before;
     let skipped = retries("skipped")? - skipped_before;
 
-    ensure!(
-        report.failures() == 0,
-        "rolling restart: {} of {} requests failed ({})",
-        report.failures(),
-        report.total(),
-        report.outcomes()
-    );
-    // A load far below its rate would make "nothing failed" mean little.
-    let planned = f64::from(ROLLING_RATE) * report.seconds;
-    ensure!(
-        report.total() as f64 >= planned / 2.0,
-        "rolling restart: oha sent {} requests in {:.1}s, under half the {ROLLING_RATE}/s planned",
-        report.total(),
-        report.seconds
-    );
+    report.ensure_all_ok("rolling restart")?;
+    report.ensure_rate_kept(ROLLING_RATE, "rolling restart")?;
     let (stops, starts): (Vec<Duration>, Vec<Duration>) = restarts.into_iter().unzip();
     pass(&format!(
         "rolling restart, {} restarts of {REPLICAS} replicas (exit 0 after SIGTERM in {}, healthy {} after start) \
