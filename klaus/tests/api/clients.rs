@@ -296,12 +296,7 @@ async fn every_answer_says_nosniff() {
     let pki = TestPki::new();
     let petra = crate::helpers::spawn_petra(&pki).await;
     let klaus = crate::helpers::spawn_klaus_for(&pki, &petra).await;
-    let down = spawn_klaus(&petra_args(
-        &crate::helpers::refused_url(),
-        Some(pki.ca_file.clone()),
-        Some(&pki.klaus),
-    ))
-    .await;
+    let (_, down) = crate::helpers::spawn_klaus_without_petra(&pki).await;
     let urls = [
         klaus.http_url(),
         format!("{}/nope", klaus.http_url()),

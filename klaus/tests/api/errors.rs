@@ -33,14 +33,8 @@ async fn expect_problem(url: &str, status: u16, code: &str) -> serde_json::Value
 #[tokio::test]
 async fn petra_down_gives_502_in_well_under_a_second() {
     // A port that was just free: nothing listens there.
-    let url = crate::helpers::refused_url();
     let pki = TestPki::new();
-    let klaus = spawn_klaus(&petra_args(
-        &url,
-        Some(pki.ca_file.clone()),
-        Some(&pki.klaus),
-    ))
-    .await;
+    let (url, klaus) = crate::helpers::spawn_klaus_without_petra(&pki).await;
     let started = Instant::now();
     let problem = expect_problem(&klaus.http_url(), 502, "petra_unreachable").await;
     assert!(

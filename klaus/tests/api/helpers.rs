@@ -101,6 +101,19 @@ pub(crate) async fn spawn_klaus(petra: &PetraArgs) -> Running {
         .await
 }
 
+/// Klaus configured for a Petra that is down (nothing listens at [`refused_url`]), with `pki`'s
+/// CA and Klaus's client certificate: the URL it calls, and Klaus.
+pub(crate) async fn spawn_klaus_without_petra(pki: &TestPki) -> (String, Running) {
+    let url = refused_url();
+    let klaus = spawn_klaus(&petra_args(
+        &url,
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    ))
+    .await;
+    (url, klaus)
+}
+
 /// Klaus wired to `petra` with `pki`'s CA and Klaus's client certificate.
 pub(crate) async fn spawn_klaus_for(pki: &TestPki, petra: &Running) -> Running {
     spawn_klaus(&petra_args(
