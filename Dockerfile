@@ -67,32 +67,33 @@ RUN find serving/src petra/src klaus/src slowlink/src tracesink/src -name '*.rs'
  && chown 65532:65532 /out/certs \
  && for bin in petra klaus slowlink tracesink; do cp "target/$target/release/$bin" /out/; done
 
-FROM scratch AS tracesink
-COPY --from=builder /out/tracesink /tracesink
-# The CycloneDX SBOM of this binary's crates (from Cargo.lock, for this target), for scanners and auditors.
-COPY --from=builder /out/tracesink.cdx.json /sbom.cdx.json
+# What every runtime stage shares: an empty base, the numeric non-root user, and the labels that do not name the image.
+# Each stage below adds its binary, its SBOM (the CycloneDX list of the binary's crates, from Cargo.lock, for this
+# target, at /sbom.cdx.json for scanners and auditors), its ports, entry point, health check, title and description.
+FROM scratch AS runtime
 USER 65532:65532
+ARG VERSION=dev
+ARG GIT_REVISION=unknown
+LABEL org.opencontainers.image.source="https://example.invalid/petra-klaus" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${GIT_REVISION}"
+
+FROM runtime AS tracesink
+COPY --from=builder /out/tracesink /tracesink
+COPY --from=builder /out/tracesink.cdx.json /sbom.cdx.json
 EXPOSE 4318
 # Configured by TRACESINK_LISTEN (default 0.0.0.0:4318) and TRACESINK_SPANS; stops on SIGTERM.
 ENTRYPOINT ["/tracesink"]
 # For `docker run`; compose sets its own. The flag connects to the sink's own listening address, since the image has
 # no shell and no curl.
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 CMD ["/tracesink", "--healthcheck"]
-# Labels last, so that a new revision does not invalidate the layers above.
-ARG VERSION=dev
-ARG GIT_REVISION=unknown
 LABEL org.opencontainers.image.title="tracesink" \
-      org.opencontainers.image.description="A small OTLP/HTTP trace receiver for looking at traces locally." \
-      org.opencontainers.image.source="https://example.invalid/petra-klaus" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${GIT_REVISION}"
+      org.opencontainers.image.description="A small OTLP/HTTP trace receiver for looking at traces locally."
 
-FROM scratch AS slowlink
+FROM runtime AS slowlink
 COPY --from=builder /out/slowlink /slowlink
-# The CycloneDX SBOM of this binary's crates (from Cargo.lock, for this target), for scanners and auditors.
 COPY --from=builder /out/slowlink.cdx.json /sbom.cdx.json
-USER 65532:65532
 EXPOSE 8443
 # Configured by SLOWLINK_LISTEN, SLOWLINK_UPSTREAM, SLOWLINK_RTT_MS and SLOWLINK_JITTER_MS (or the flags); stops on
 # SIGTERM.
@@ -100,42 +101,26 @@ ENTRYPOINT ["/slowlink"]
 # For `docker run`; compose sets its own. The flag connects to the link's own listening address, since the image has
 # no shell and no curl.
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 CMD ["/slowlink", "--healthcheck"]
-# Labels last, so that a new revision does not invalidate the layers above.
-ARG VERSION=dev
-ARG GIT_REVISION=unknown
 LABEL org.opencontainers.image.title="slowlink" \
-      org.opencontainers.image.description="A TCP proxy that adds a round trip with jitter, as a link between two clouds." \
-      org.opencontainers.image.source="https://example.invalid/petra-klaus" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${GIT_REVISION}"
+      org.opencontainers.image.description="A TCP proxy that adds a round trip with jitter, as a link between two clouds."
 
-FROM scratch AS klaus
+FROM runtime AS klaus
 # Debian's CA bundle, for any TLS client that loads the system roots; our private CA comes from /certs.
 COPY --from=builder /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 # An empty /certs owned by the runtime user: a fresh named volume mounted here copies this ownership, so the
 # non-root `petra certs` job can write into it.
 COPY --from=builder --chown=65532:65532 /out/certs /certs
 COPY --from=builder /out/klaus /klaus
-# The CycloneDX SBOM of this binary's crates (from Cargo.lock, for this target), for scanners and auditors.
 COPY --from=builder /out/klaus.cdx.json /sbom.cdx.json
-USER 65532:65532
 EXPOSE 8080 9090
 ENTRYPOINT ["/klaus"]
 # For `docker run`; compose files and Kubernetes set their own probes. The subcommand probes /livez on the
 # admin port (ADMIN_ADDR), since the image has no shell and no curl.
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 CMD ["/klaus", "healthcheck"]
-# Labels last, so that a new revision does not invalidate the layers above.
-ARG VERSION=dev
-ARG GIT_REVISION=unknown
 LABEL org.opencontainers.image.title="klaus" \
-      org.opencontainers.image.description="Klaus calls Petra over HTTPS with mutual TLS and answers hello world." \
-      org.opencontainers.image.source="https://example.invalid/petra-klaus" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${GIT_REVISION}"
+      org.opencontainers.image.description="Klaus calls Petra over HTTPS with mutual TLS and answers hello world."
 
-FROM scratch AS petra
+FROM runtime AS petra
 # No CA bundle: Petra makes no outgoing TLS calls, and the only CA it trusts (for client certificates) is the private
 # one in TLS_CLIENT_CA_FILE.
 # Empty /certs, /certs/petra and /certs/klaus owned by the runtime user: a fresh named volume mounted at one of them
@@ -145,20 +130,11 @@ COPY --from=builder --chown=65532:65532 /out/certs /certs
 COPY --from=builder --chown=65532:65532 /out/certs /certs/petra
 COPY --from=builder --chown=65532:65532 /out/certs /certs/klaus
 COPY --from=builder /out/petra /petra
-# The CycloneDX SBOM of this binary's crates (from Cargo.lock, for this target), for scanners and auditors.
 COPY --from=builder /out/petra.cdx.json /sbom.cdx.json
-USER 65532:65532
 EXPOSE 8443 9090
 ENTRYPOINT ["/petra"]
 # For `docker run`; compose files and Kubernetes set their own probes. The subcommand probes /livez on the
 # admin port (ADMIN_ADDR), since the image has no shell and no curl.
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 CMD ["/petra", "healthcheck"]
-# Labels last, so that a new revision does not invalidate the layers above.
-ARG VERSION=dev
-ARG GIT_REVISION=unknown
 LABEL org.opencontainers.image.title="petra" \
-      org.opencontainers.image.description="Petra answers GET / with hello, over HTTPS with mutual TLS." \
-      org.opencontainers.image.source="https://example.invalid/petra-klaus" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${GIT_REVISION}"
+      org.opencontainers.image.description="Petra answers GET / with hello, over HTTPS with mutual TLS."
