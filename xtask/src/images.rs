@@ -231,10 +231,11 @@ fn check_dockerfiles() -> anyhow::Result<String> {
         );
         if name == "Dockerfile" {
             for service in SERVICES {
+                let stage = format!(" AS {service}");
                 ensure!(
                     text.lines()
-                        .any(|line| line.trim() == format!("FROM scratch AS {service}")),
-                    "Dockerfile has no runtime stage `FROM scratch AS {service}`"
+                        .any(|line| line.starts_with("FROM ") && line.trim_end().ends_with(&stage)),
+                    "Dockerfile has no stage `FROM ... AS {service}`"
                 );
             }
         }
