@@ -192,6 +192,15 @@ impl HeldPetra {
         (klaus, url, in_flight)
     }
 
+    /// Lets the held calls go, and checks that each was answered `hello world`.
+    async fn release_all(&self, in_flight: Vec<tokio::task::JoinHandle<(u16, String, String)>>) {
+        self.release.notify_waiters();
+        for request in in_flight {
+            let (status, _, body) = request.await.expect("task");
+            assert_eq!((status, body.as_str()), (200, "hello world"));
+        }
+    }
+
     /// Klaus with a fixed limit of two requests in flight, waiting up to `queue_ms` for room.
     async fn klaus(&self, pki: &TestPki, queue_ms: u64) -> serving::testing::Running {
         let mut args = serve_args();
@@ -208,33 +217,33 @@ impl HeldPetra {
     }
 }
 
+/// One request to a Klaus whose limit is full: its status and headers, and how long it took.
+async fn over_the_limit(url: &str) -> (u16, axum::http::HeaderMap, Duration) {
+    let started = Instant::now();
+    let answer = serving::testing::plain_client()
+        .get(url)
+        .send()
+        .await
+        .expect("request");
+    let took = started.elapsed();
+    (answer.status().as_u16(), answer.headers().clone(), took)
+}
+
 #[tokio::test]
 async fn requests_over_the_concurrency_limit_get_a_fast_503_when_waiting_is_off() {
     let pki = TestPki::new();
     let petra = HeldPetra::spawn(&pki).await;
     let (klaus, url, in_flight) = petra.full_klaus(&pki, 0).await;
 
-    let started = Instant::now();
-    let shed = serving::testing::plain_client()
-        .get(&url)
-        .send()
-        .await
-        .expect("request");
-    assert!(
-        started.elapsed() < Duration::from_millis(200),
-        "shedding took {:?}",
-        started.elapsed()
-    );
-    assert_eq!(shed.status().as_u16(), 503);
-    assert_eq!(shed.headers()["retry-after"], "1");
+    let (status, headers, took) = over_the_limit(&url).await;
+    assert!(took < Duration::from_millis(200), "shedding took {took:?}");
+    assert_eq!(status, 503);
+    assert_eq!(headers["retry-after"], "1");
     // HTTP/1.1: the connection is closed, so that a client ignoring Retry-After reconnects.
-    assert_eq!(shed.headers()["connection"], "close");
+    assert_eq!(headers["connection"], "close");
 
     // Releasing Petra lets the held requests finish, and the limit frees up again.
-    petra.release.notify_waiters();
-    for request in in_flight {
-        assert_eq!(request.await.expect("task").2, "hello world");
-    }
+    petra.release_all(in_flight).await;
     let again = tokio::spawn(crate::helpers::get_owned(url.clone()));
     petra.wait_held(3).await;
     petra.release.notify_waiters();
@@ -286,23 +295,14 @@ async fn a_request_whose_wait_runs_out_gets_a_503() {
     let petra = HeldPetra::spawn(&pki).await;
     let (klaus, url, in_flight) = petra.full_klaus(&pki, 150).await;
 
-    let started = Instant::now();
-    let shed = serving::testing::plain_client()
-        .get(&url)
-        .send()
-        .await
-        .expect("request");
-    let waited = started.elapsed();
-    assert_eq!(shed.status().as_u16(), 503);
+    let (status, headers, waited) = over_the_limit(&url).await;
+    assert_eq!(status, 503);
     assert!(
         waited >= Duration::from_millis(150) && waited < Duration::from_secs(2),
         "refused after {waited:?}, for a 150 ms wait"
     );
-    assert_eq!(shed.headers()["retry-after"], "1");
-    petra.release.notify_waiters();
-    for request in in_flight {
-        assert_eq!(request.await.expect("task").0, 200);
-    }
+    assert_eq!(headers["retry-after"], "1");
+    petra.release_all(in_flight).await;
     let text = klaus.metrics().await;
     assert!(
         text.contains(r#"requests_shed_total{reason="queue_timeout"} 1"#),
