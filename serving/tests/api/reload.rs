@@ -12,12 +12,7 @@ use serving::testing::{
 #[tokio::test]
 async fn serves_a_rotated_certificate_without_a_restart() {
     let pki = TestPki::new();
-    let args = tls_serve_args(&pki, Some(&pki.ca_file));
-    let mut service =
-        crate::helpers::hello_service(loopback(), &args).expect("valid configuration");
-    if let Some(tls) = service.tls.as_mut() {
-        tls.reload_interval = Some(Duration::from_millis(50));
-    }
+    let service = reloading_service(&pki);
     let server = spawn(service).await;
     let leaf = || served_leaf(server.main_addr, &pki);
     let first = leaf().await;
@@ -57,12 +52,7 @@ async fn serves_a_rotated_certificate_without_a_restart() {
 #[tokio::test]
 async fn a_rotation_between_loading_and_serving_is_not_missed() {
     let pki = TestPki::new();
-    let args = tls_serve_args(&pki, Some(&pki.ca_file));
-    let mut service =
-        crate::helpers::hello_service(loopback(), &args).expect("valid configuration");
-    if let Some(tls) = service.tls.as_mut() {
-        tls.reload_interval = Some(Duration::from_millis(50));
-    }
+    let service = reloading_service(&pki);
     // The files are read when the service binds; the reloader starts when it serves. A
     // rotation in between must still be picked up.
     let bound = service.bind().await.expect("binds");
@@ -98,4 +88,15 @@ async fn served_leaf(
     .await
     .expect("handshake")
     .leaf
+}
+
+/// The stand-in service with mutual TLS from `pki`, re-reading its files every 50 ms.
+fn reloading_service(pki: &TestPki) -> serving::server::Service {
+    let args = tls_serve_args(pki, Some(&pki.ca_file));
+    let mut service =
+        crate::helpers::hello_service(loopback(), &args).expect("valid configuration");
+    if let Some(tls) = service.tls.as_mut() {
+        tls.reload_interval = Some(Duration::from_millis(50));
+    }
+    service
 }
