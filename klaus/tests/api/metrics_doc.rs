@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serving::testing::{Binary, TestPki, plain_client};
+use serving::testing::TestPki;
 
 use crate::traces::{path, start_pair};
 
@@ -118,17 +118,6 @@ fn render(families: &BTreeMap<String, Family>) -> String {
     out
 }
 
-async fn metrics(binary: &Binary) -> String {
-    plain_client()
-        .get(binary.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body")
-}
-
 #[tokio::test]
 async fn docs_metrics_md_lists_every_metric_the_binaries_export() {
     let pki = TestPki::new();
@@ -150,8 +139,8 @@ async fn docs_metrics_md_lists_every_metric_the_binaries_export() {
     assert_eq!(response.status(), 200);
 
     let mut families = BTreeMap::new();
-    read(&metrics(&petra).await, "petra", &mut families);
-    read(&metrics(&klaus).await, "klaus", &mut families);
+    read(&petra.metrics().await, "petra", &mut families);
+    read(&klaus.metrics().await, "klaus", &mut families);
     assert!(families.len() > 30, "{families:?}");
     let table = render(&families);
 

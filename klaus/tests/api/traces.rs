@@ -229,19 +229,11 @@ async fn a_collector_that_does_not_answer_costs_a_counter_and_a_warning_never_a_
     for _ in 0..20 {
         hello_world(&klaus, None).await;
     }
-    let metrics = klaus.admin_url("/metrics");
     wait_until(
         "failed exports are counted",
         Duration::from_secs(15),
         || async {
-            let text = plain_client()
-                .get(&metrics)
-                .send()
-                .await
-                .expect("metrics")
-                .text()
-                .await
-                .expect("body");
+            let text = klaus.metrics().await;
             text.lines()
                 .find_map(|l| l.strip_prefix("trace_spans_exported_total{outcome=\"failed\"} "))
                 .and_then(|n| n.parse::<u64>().ok())

@@ -308,19 +308,13 @@ async fn memory_a_burst_of_connections_freed_goes_back_to_the_system() {
     drop(clients);
 
     // Once the connections are gone, the trimmer gives the memory back (it looks every 2 s).
-    let metrics = plain_client();
     let started = std::time::Instant::now();
     let mut now = loaded;
     while now > idle + (loaded - idle) / 3 {
         if started.elapsed() > Duration::from_secs(20) {
-            let text = metrics
-                .get(petra.admin_url("/metrics"))
-                .send()
-                .await
-                .expect("metrics");
             panic!(
                 "resident memory stayed at {now} KiB after the connections closed (idle {idle}, loaded {loaded}): {}",
-                text.text().await.unwrap_or_default()
+                petra.metrics().await
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -333,15 +327,9 @@ async fn memory_a_burst_of_connections_freed_goes_back_to_the_system() {
             started.elapsed() < Duration::from_secs(25),
             "memory_trims_total stayed 0"
         );
-        let text = metrics
-            .get(petra.admin_url("/metrics"))
-            .send()
+        trims = petra
+            .metrics()
             .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        trims = text
             .lines()
             .find_map(|line| line.strip_prefix("memory_trims_total "))
             .and_then(|n| n.trim().parse::<u64>().ok())
@@ -431,14 +419,7 @@ async fn memory_stays_bounded_at_four_times_the_connection_cap() {
     .await;
     let served_over = served_over.load(std::sync::atomic::Ordering::Relaxed);
     let rss_over = rss_kib(pid);
-    let metrics = plain_client()
-        .get(petra.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = petra.metrics().await;
     println!(
         "resident memory: idle {idle} KiB, {CAP} connections {rss_at_cap} KiB, {} attempted {rss_over} KiB",
         4 * CAP

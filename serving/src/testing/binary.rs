@@ -98,6 +98,18 @@ impl Binary {
         format!("http://{}{path}", self.admin_addr)
     }
 
+    /// The text of `/metrics` on the admin port.
+    pub async fn metrics(&self) -> String {
+        plain_client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
     /// Waits up to 5 s until `/readyz` answers 503, as it does from the moment shutdown begins.
     pub async fn wait_unready(&self) {
         let readyz = self.admin_url("/readyz");
