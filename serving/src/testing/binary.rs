@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::client::plain_client;
+use super::client::{metrics_at, plain_client};
 use super::wait::wait_until;
 
 /// A service binary started by a test, with the addresses it logged when it began serving.
@@ -100,14 +100,7 @@ impl Binary {
 
     /// The text of `/metrics` on the admin port.
     pub async fn metrics(&self) -> String {
-        plain_client()
-            .get(self.admin_url("/metrics"))
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics body")
+        metrics_at(self.admin_addr).await
     }
 
     /// Waits up to 5 s until `/readyz` answers 503, as it does from the moment shutdown begins.

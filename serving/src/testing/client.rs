@@ -61,6 +61,18 @@ pub struct Handshake {
 /// A TLS client stream.
 pub type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
+/// The text of `/metrics` on the admin listener at `admin`.
+pub(super) async fn metrics_at(admin: SocketAddr) -> String {
+    plain_client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body")
+}
+
 /// Opens a TLS connection to `addr` as `localhost` with only the given protocol versions and
 /// ALPN protocols, trusting `ca` and presenting `identity`.
 pub async fn tls_connect(

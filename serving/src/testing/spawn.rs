@@ -12,7 +12,7 @@ use crate::config::{ConcurrencyLimit, LogFormat, ServeArgs};
 use crate::server::Service;
 use crate::tls::MinVersion;
 
-use super::client::plain_client;
+use super::client::metrics_at;
 use super::pki::TestPki;
 
 /// Serve settings for a test: the admin listener on a free loopback port, plain HTTP, no
@@ -97,14 +97,7 @@ impl Running {
 
     /// The admin listener's `/metrics` text.
     pub async fn metrics(&self) -> String {
-        plain_client()
-            .get(format!("{}/metrics", self.admin_url()))
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics body")
+        metrics_at(self.admin_addr).await
     }
 }
 
