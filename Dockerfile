@@ -74,7 +74,9 @@ FROM scratch AS runtime
 USER 65532:65532
 ARG VERSION=dev
 ARG GIT_REVISION=unknown
-LABEL org.opencontainers.image.source="https://example.invalid/petra-klaus" \
+LABEL org.opencontainers.image.title="petra-klaus-runtime" \
+      org.opencontainers.image.description="The base of the Petra and Klaus images; each stage below names its image." \
+      org.opencontainers.image.source="https://example.invalid/petra-klaus" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${GIT_REVISION}"
