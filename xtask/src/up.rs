@@ -35,6 +35,19 @@ pub(crate) fn up(args: &UpArgs) -> anyhow::Result<()> {
     step("the Rust builder image", || {
         crate::images::ensure_builder_image(&sh)
     })?;
+    let mut command = compose_up(&compose, args)?;
+    println!("running {}", describe(&command));
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {}", compose.join(" ")))?;
+    if !status.success() {
+        bail!("{} ended with {status}", describe(&command));
+    }
+    Ok(())
+}
+
+/// `compose [-f FILE]... up --build UP_ARGS...`, run from the workspace root.
+fn compose_up(compose: &[String], args: &UpArgs) -> anyhow::Result<Command> {
     let (program, subcommand) = compose.split_first().context("an empty compose command")?;
     let mut command = Command::new(program);
     command.current_dir(root()).args(subcommand);
@@ -42,14 +55,7 @@ pub(crate) fn up(args: &UpArgs) -> anyhow::Result<()> {
         command.args(["-f", file]);
     }
     command.args(["up", "--build"]).args(&args.up_args);
-    println!("running {}", describe(&command));
-    let status = command
-        .status()
-        .with_context(|| format!("cannot run {program}"))?;
-    if !status.success() {
-        bail!("{} ended with {status}", describe(&command));
-    }
-    Ok(())
+    Ok(command)
 }
 
 /// A command as one would type it.
@@ -59,4 +65,49 @@ fn describe(command: &Command) -> String {
         .map(|part| part.to_string_lossy())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        up: UpArgs,
+    }
+
+    fn typed(compose: &[&str], line: &[&str]) -> String {
+        let cli = Cli::try_parse_from(std::iter::once("up").chain(line.iter().copied()))
+            .expect("valid flags");
+        let compose: Vec<String> = compose.iter().map(|part| (*part).to_owned()).collect();
+        describe(&compose_up(&compose, &cli.up).expect("a command"))
+    }
+
+    #[test]
+    fn files_go_before_up_and_everything_after_the_flags_goes_to_up() {
+        assert_eq!(typed(&["docker-compose"], &[]), "docker-compose up --build");
+        assert_eq!(
+            typed(
+                &["docker", "compose"],
+                &[
+                    "-f",
+                    "docker-compose.yml",
+                    "-f",
+                    "docker-compose.observability.yml",
+                    "-d",
+                    "--wait"
+                ]
+            ),
+            "docker compose -f docker-compose.yml -f docker-compose.observability.yml up --build -d --wait"
+        );
+    }
+
+    #[test]
+    fn an_empty_compose_command_is_an_error() {
+        let cli = Cli::try_parse_from(["up"]).expect("no flags");
+        assert!(compose_up(&[], &cli.up).is_err());
+    }
 }
