@@ -34,14 +34,10 @@ const DOCKERD_START_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) fn images() -> anyhow::Result<()> {
     let sh = shell()?;
     step("docker is reachable", || ensure_docker(&sh))?;
-    let rust_image = step(
-        "Dockerfile has every stage; Dockerfiles agree with rust-toolchain.toml",
-        check_dockerfiles,
+    step(
+        "the Dockerfiles' stages and the Rust builder image they start from",
+        || ensure_builder_image(&sh),
     )?;
-    step(&format!("builder image {rust_image}"), || {
-        ensure_rust_image(&sh, &rust_image)?;
-        describe_builder(&sh, &rust_image)
-    })?;
     let revision = git_revision(&sh);
     let versions = package_versions(&sh)?;
     for service in SERVICES {
