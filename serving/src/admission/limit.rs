@@ -16,13 +16,13 @@ const FLOOR: usize = 16;
 pub(super) struct Window {
     /// The mean queueing delay.
     pub(super) delay: Duration,
-    /// The share of the serving threads' time spent on the CPU.
+    /// The share of the serving threads' time spent on a CPU or waiting for one.
     pub(super) busy: f64,
     /// Whether requests met the limit.
     pub(super) limited: bool,
 }
 
-/// The share of the serving threads' time on the CPU above which, with a queueing delay above
+/// The share of the serving threads' time on a CPU or waiting for one above which, with a queueing delay above
 /// [`QUEUEING_TARGET`], the service counts as saturated.
 const BUSY: f64 = 0.9;
 

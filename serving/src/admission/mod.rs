@@ -9,8 +9,9 @@
 //! Breakwater uses). A probe measures it every [`PROBE_EVERY`]; every [`WINDOW`] the limit
 //!
 //! - shrinks by a tenth when the delay exceeds [`QUEUEING_TARGET`] while the serving threads
-//!   were on the CPU at least 90 % of the window (saturated: more requests in flight only make
-//!   each one slower), and
+//!   were on a CPU or waiting for one at least 90 % of the window (saturated: more requests in
+//!   flight only make each one slower; the waiting counts because on shared cores the threads
+//!   get less CPU than they ask for, and more requests in flight would not get them more), and
 //! - grows by a fifth when requests had to wait for the limit and it is not saturated (the
 //!   requests in flight are waiting on something else, such as a distant Petra),
 //!
@@ -21,6 +22,7 @@
 //! `Connection: close`) only when its wait runs out or the queue is full; while the queue is
 //! full the listener stops accepting connections, so that TCP pushes back on new clients.
 
+mod demand;
 mod limit;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -147,8 +149,8 @@ struct State {
     delay_sum: Duration,
     delay_samples: u32,
     adjusted: Instant,
-    /// The process's CPU time at the last adjustment.
-    cpu_at_adjustment: Duration,
+    /// The process's CPU demand ([`demand::cpu_demand`]) at the last adjustment.
+    demand_at_adjustment: Duration,
 }
 
 impl Admission {
@@ -206,7 +208,7 @@ impl Admission {
                 delay_sum: Duration::ZERO,
                 delay_samples: 0,
                 adjusted: Instant::now(),
-                cpu_at_adjustment: process_cpu(),
+                demand_at_adjustment: demand::cpu_demand(),
             }),
             room: Notify::new(),
             accept: Notify::new(),
@@ -368,12 +370,17 @@ impl Admission {
                 // takes to come back is what a woken request waits for the thread.
                 let yielded = Instant::now();
                 tokio::task::yield_now().await;
-                this.observe_delay(yielded.elapsed(), Instant::now(), process_cpu(), workers);
+                this.observe_delay(
+                    yielded.elapsed(),
+                    Instant::now(),
+                    demand::cpu_demand(),
+                    workers,
+                );
             }
         });
     }
 
-    fn observe_delay(&self, delay: Duration, now: Instant, cpu: Duration, workers: usize) {
+    fn observe_delay(&self, delay: Duration, now: Instant, demand: Duration, workers: usize) {
         let mut state = self.lock();
         state.delay_sum += delay;
         state.delay_samples += 1;
@@ -382,7 +389,9 @@ impl Admission {
             return;
         }
         let mean = state.delay_sum / state.delay_samples.max(1);
-        let busy = cpu.saturating_sub(state.cpu_at_adjustment).as_secs_f64()
+        let busy = demand
+            .saturating_sub(state.demand_at_adjustment)
+            .as_secs_f64()
             / (wall.as_secs_f64() * workers as f64);
         let before = state.limit;
         state.limit = next_limit(
@@ -398,7 +407,7 @@ impl Admission {
         state.delay_samples = 0;
         state.limited = false;
         state.adjusted = now;
-        state.cpu_at_adjustment = cpu;
+        state.demand_at_adjustment = demand;
         self.metrics
             .limit
             .set(i64::try_from(state.limit).unwrap_or(i64::MAX));

@@ -117,6 +117,75 @@ async fn the_limit_shrinks_when_the_runtime_is_saturated() {
     stop.cancel();
 }
 
+/// Pins the calling thread to the first CPU it may run on.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn pin_to_one_cpu() {
+    // SAFETY: the set is a plain bitmask owned by this frame; the call reads it and affects
+    // only the calling thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set),
+            0
+        );
+        let first = (0..libc::CPU_SETSIZE as usize)
+            .find(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .expect("a CPU this thread may run on");
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(first, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+}
+
+/// A runtime that gets only half a CPU because another process spins on the same one is as
+/// saturated as one that has the CPU to itself: more requests in flight would not get it more.
+/// (With the CPU time alone as the measure, it looks half idle and the limit never shrinks.)
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_limit_shrinks_when_the_runtime_waits_for_a_cpu_it_shares() {
+    pin_to_one_cpu();
+    // The neighbour inherits this thread's single CPU.
+    let mut neighbour = std::process::Command::new("yes")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("yes, the spinning neighbour");
+    let admission = admission(Settings::adaptive(1024, Duration::from_secs(1)));
+    let before = admission.limit();
+    let stop = CancellationToken::new();
+    admission.spawn_adaptation(stop.clone());
+    let busy = tokio::spawn(async {
+        loop {
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_millis(5) {
+                std::hint::spin_loop();
+            }
+            tokio::task::yield_now().await;
+        }
+    });
+    let started = Instant::now();
+    let shrunk = loop {
+        if admission.limit() < before {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            break false;
+        }
+        tokio::task::yield_now().await;
+    };
+    busy.abort();
+    stop.cancel();
+    let _ = neighbour.kill();
+    let _ = neighbour.wait();
+    assert!(
+        shrunk,
+        "the limit stayed at {before} on a runtime sharing its CPU"
+    );
+}
+
 #[tokio::test]
 async fn a_client_that_goes_away_while_waiting_leaves_the_queue() {
     let admission = admission(Settings::adaptive(1, Duration::from_secs(10)));
