@@ -109,7 +109,7 @@ pub(super) fn run(sh: &Shell, project: &Project<'_>, oha: &Oha) -> anyhow::Resul
         "the burst got other answers than 200 and 503, or errors: {}",
         burst.outcomes()
     );
-    let goodput = ok as f64 / burst.seconds;
+    let goodput = burst.ok_rate();
     let p99_ok_ms = burst
         .p99_ok_ms
         .context("oha's report has no p99 of the 200s")?;
