@@ -21,6 +21,12 @@
 //! `Retry-After`, another request at once. It is refused (503, `Retry-After`, and on HTTP/1.1
 //! `Connection: close`) only when its wait runs out or the queue is full; while the queue is
 //! full the listener stops accepting connections, so that TCP pushes back on new clients.
+//!
+//! Before a request is even read, an HTTP/1.1 connection asks [`Admission::may_read`]: while
+//! the limit is reached, its next request stays unread in the kernel (the server's read gate),
+//! where it costs nothing, instead of being parsed into a queued request whose memory and
+//! connection state are touched twice. The gate holds a connection for at most `max_wait` and
+//! lets the oldest through first as room frees.
 
 mod demand;
 mod limit;
@@ -124,6 +130,7 @@ struct Metrics {
     queueing_delay: Gauge<f64, std::sync::atomic::AtomicU64>,
     shed: Family<ShedLabels, Counter>,
     accept_pauses: Counter,
+    reads_paused: Gauge,
 }
 
 /// The admission control of one listener, shared by its requests and its accept loop.
@@ -135,6 +142,9 @@ pub struct Admission {
     room: Notify,
     /// Wakes a paused accept loop when the queue has room again.
     accept: Notify,
+    /// Wakes connections whose next request is left unread, oldest first, when room frees up
+    /// and no read request waits for it.
+    readers: Arc<Notify>,
     metrics: Metrics,
 }
 
@@ -190,6 +200,11 @@ impl Admission {
             metrics.shed.clone(),
         );
         registry.register(
+            "connections_read_paused",
+            "Plain HTTP/1.1 connections whose next request is left unread in the kernel until the concurrency limit has room",
+            metrics.reads_paused.clone(),
+        );
+        registry.register(
             "accept_pauses",
             "Times the main listener stopped accepting connections because the queue was full",
             metrics.accept_pauses.clone(),
@@ -212,6 +227,7 @@ impl Admission {
             }),
             room: Notify::new(),
             accept: Notify::new(),
+            readers: Arc::new(Notify::new()),
             metrics,
         })
     }
@@ -223,6 +239,27 @@ impl Admission {
     /// The limit in force.
     pub fn limit(&self) -> usize {
         self.lock().limit
+    }
+
+    /// Whether a connection may read its next request now: waiting is allowed (a fixed limit
+    /// refuses instead), nothing waits in the queue and the limit has room.
+    pub fn may_read(&self) -> bool {
+        if self.settings.max_wait.is_zero() {
+            return true;
+        }
+        let state = self.lock();
+        state.queued == 0 && state.in_flight < state.limit
+    }
+
+    /// What wakes a connection that [`Self::may_read`] held back, and the longest it is held.
+    pub fn read_gate(&self) -> (Arc<Notify>, Duration) {
+        (Arc::clone(&self.readers), self.settings.max_wait)
+    }
+
+    /// Counts a connection held back by the read gate, until the returned guard is dropped.
+    pub fn read_paused(&self) -> ReadPaused {
+        self.metrics.reads_paused.inc();
+        ReadPaused(self.metrics.reads_paused.clone())
     }
 
     /// Room for one request: at once when there is room and nobody is waiting, else after a
@@ -316,8 +353,12 @@ impl Admission {
         let mut state = self.lock();
         state.in_flight -= 1;
         self.metrics.in_flight.dec();
-        if state.queued > 0 && state.in_flight < state.limit {
-            self.room.notify_one();
+        if state.in_flight < state.limit {
+            if state.queued > 0 {
+                self.room.notify_one();
+            } else {
+                self.readers.notify_one();
+            }
         }
     }
 
@@ -413,8 +454,12 @@ impl Admission {
             .set(i64::try_from(state.limit).unwrap_or(i64::MAX));
         self.metrics.queueing_delay.set(mean.as_secs_f64());
         // Room the larger limit makes goes to the requests waiting for it.
-        for _ in 0..state.limit.saturating_sub(before).min(state.queued) {
+        let grown = state.limit.saturating_sub(before);
+        for _ in 0..grown.min(state.queued) {
             self.room.notify_one();
+        }
+        for _ in 0..grown.saturating_sub(state.queued) {
+            self.readers.notify_one();
         }
     }
 }
@@ -450,6 +495,16 @@ impl Drop for Queued<'_> {
                 admission.room.notify_one();
             }
         }
+    }
+}
+
+/// A connection held back by the read gate; counted in `connections_read_paused` while alive.
+#[derive(Debug)]
+pub struct ReadPaused(Gauge);
+
+impl Drop for ReadPaused {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

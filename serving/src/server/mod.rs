@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod conn;
+mod gate;
 mod limits;
 
 pub use limits::{ADMIN_MAX_CONNECTIONS, Limits, MAX_HEAD_BYTES};
@@ -336,6 +337,7 @@ async fn accept_loop(
         let stop = stop.clone();
         let tls = tls.as_ref().map(|tls| tls.current());
         let metrics = metrics.clone();
+        let admission = admission.clone();
         let open = cap.open.clone();
         tracker.spawn(async move {
             open.inc();
@@ -347,7 +349,13 @@ async fn accept_loop(
                     .fetch_max(open, std::sync::atomic::Ordering::Relaxed);
             }
             match tls {
-                None => serve_http1(stream, service, &limits, &stop, peer).await,
+                None => match admission {
+                    Some(admission) => {
+                        let gated = gate::Gated::new(stream, admission);
+                        serve_http1(gated, service, &limits, &stop, peer).await;
+                    }
+                    None => serve_http1(stream, service, &limits, &stop, peer).await,
+                },
                 Some(config) => {
                     if serve_tls(stream, peer, config, service, &limits, &stop)
                         .await
