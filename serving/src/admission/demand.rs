@@ -47,17 +47,18 @@ mod tests {
     }
 
     #[test]
-    fn demand_grows_with_work_and_is_at_least_the_cpu_time() {
+    fn demand_grows_with_work() {
         let before = cpu_demand();
         let started = std::time::Instant::now();
         while started.elapsed() < Duration::from_millis(20) {
             std::hint::spin_loop();
         }
         let after = cpu_demand();
+        // The scheduler accounts a running thread's time at each tick, so a few milliseconds of
+        // the spin may not show yet.
         assert!(
             after >= before + Duration::from_millis(10),
             "{before:?} -> {after:?}"
         );
-        assert!(after >= super::super::process_cpu());
     }
 }
