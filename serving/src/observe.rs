@@ -54,7 +54,8 @@ struct Observe {
 }
 
 async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: Next) -> Response {
-    let started = Instant::now();
+    // From when the request arrived: a wait behind the read gate counts.
+    let started = crate::admission::take_arrival().unwrap_or_else(Instant::now);
     // Measured before the request id and trace context are checked, which may drop some.
     let too_large = header_bytes(request.headers()) > MAX_HEADER_BYTES;
     // Only a request id and trace context that are safe to log and pass on are kept.

@@ -31,6 +31,7 @@
 mod demand;
 mod limit;
 
+use std::cell::Cell;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -506,6 +507,30 @@ impl Drop for ReadPaused {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+tokio::task_local! {
+    /// When the request a connection is about to read arrived, where the read gate held it
+    /// unread: the request's latency counts from then, so that the time it waited in the kernel
+    /// is in the latency histogram, the log line and the latency alerts, as a wait in the queue
+    /// is.
+    static ARRIVED: Cell<Option<Instant>>;
+}
+
+/// Runs a connection whose read gate may record arrivals (an HTTP/1.1 connection polls its
+/// requests' futures in its own task, where [`take_arrival`] finds them).
+pub async fn with_arrivals<F: std::future::Future>(connection: F) -> F::Output {
+    ARRIVED.scope(Cell::new(None), connection).await
+}
+
+/// Records that the request about to be read arrived at `at` (the read gate held it since).
+pub fn note_arrival(at: Instant) {
+    let _ = ARRIVED.try_with(|arrived| arrived.set(Some(at)));
+}
+
+/// When the request being served arrived, if the read gate held it; once per request.
+pub fn take_arrival() -> Option<Instant> {
+    ARRIVED.try_with(Cell::take).ok().flatten()
 }
 
 /// Room for one request, given back when dropped.

@@ -8,7 +8,9 @@
 //! Only the read that begins a request is gated (the first on a connection, and the first
 //! after each response was written), and only once its bytes have arrived: the reads hyper
 //! makes while a request is in progress (its body, or a look for the client's close) pass, so
-//! that a request never waits on its own connection. HTTP/2 is not gated: its connection
+//! that a request never waits on its own connection. The request's latency counts from when
+//! its bytes were there ([`admission::note_arrival`]), so that the wait is in the service's
+//! latency metrics and log line. HTTP/2 is not gated: its connection
 //! carries pings and window updates that must be read whatever the load. Nor is TLS: rustls
 //! may hold a request's bytes already decrypted, which the socket's readiness cannot show.
 
@@ -17,13 +19,14 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::futures::OwnedNotified;
 use tokio::time::Sleep;
 
-use crate::admission::{Admission, ReadPaused};
+use crate::admission::{self, Admission, ReadPaused};
 
 /// A plain TCP connection behind the read gate.
 pub(super) struct Gated<IO = TcpStream> {
@@ -37,6 +40,8 @@ pub(super) struct Gated<IO = TcpStream> {
 
 /// A connection held back: what wakes it, and when it stops waiting.
 struct Held {
+    /// When the request's first bytes were there.
+    since: Instant,
     notified: Pin<Box<OwnedNotified>>,
     deadline: Pin<Box<Sleep>>,
     _counted: ReadPaused,
@@ -71,6 +76,7 @@ impl<IO> Gated<IO> {
                     return Poll::Ready(());
                 }
                 self.held.insert(Held {
+                    since: Instant::now(),
                     notified,
                     deadline: Box::pin(tokio::time::sleep(max_wait)),
                     _counted: self.admission.read_paused(),
@@ -79,6 +85,7 @@ impl<IO> Gated<IO> {
         };
         if held.notified.as_mut().poll(cx).is_ready() || held.deadline.as_mut().poll(cx).is_ready()
         {
+            admission::note_arrival(held.since);
             self.held = None;
             return Poll::Ready(());
         }
@@ -178,13 +185,15 @@ mod tests {
     }
 
     /// Reads from `server` in a task, handing back what it read and the connection.
-    fn read(mut server: Gated) -> tokio::task::JoinHandle<(Vec<u8>, Gated)> {
-        tokio::spawn(async move {
-            let mut buf = vec![0; 1024];
-            let n = server.read(&mut buf).await.expect("read");
-            buf.truncate(n);
-            (buf, server)
-        })
+    fn read(server: Gated) -> tokio::task::JoinHandle<(Vec<u8>, Gated)> {
+        tokio::spawn(read_once(server))
+    }
+
+    async fn read_once(mut server: Gated) -> (Vec<u8>, Gated) {
+        let mut buf = vec![0; 1024];
+        let n = server.read(&mut buf).await.expect("read");
+        buf.truncate(n);
+        (buf, server)
     }
 
     async fn until(what: &str, mut done: impl FnMut() -> bool) {
@@ -201,16 +210,25 @@ mod tests {
         let permit = admission.acquire().await.expect("room");
         let (mut client, server) = connection(&admission).await;
         client.write_all(REQUEST).await.expect("write");
-        let reading = read(server);
+        let sent = Instant::now();
+        // As the server does, in a scope where the gate records when the request arrived.
+        let reading = tokio::spawn(admission::with_arrivals(async move {
+            let (read, _) = read_once(server).await;
+            (read, admission::take_arrival())
+        }));
         until("the connection was never held", || {
             paused(&registry) == "connections_read_paused 1"
         })
         .await;
         assert!(!reading.is_finished(), "read while the limit was reached");
+        let released = Instant::now();
         drop(permit);
-        let (read, _) = reading.await.expect("task");
+        let (read, arrived) = reading.await.expect("task");
         assert_eq!(read, REQUEST);
         assert_eq!(paused(&registry), "connections_read_paused 0");
+        // The request's latency counts from its arrival, not from when it was read.
+        let arrived = arrived.expect("the gate recorded the arrival");
+        assert!(arrived >= sent && arrived < released, "{arrived:?}");
     }
 
     #[tokio::test]

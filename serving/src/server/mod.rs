@@ -352,7 +352,10 @@ async fn accept_loop(
                 None => match admission {
                     Some(admission) => {
                         let gated = gate::Gated::new(stream, admission);
-                        serve_http1(gated, service, &limits, &stop, peer).await;
+                        crate::admission::with_arrivals(serve_http1(
+                            gated, service, &limits, &stop, peer,
+                        ))
+                        .await;
                     }
                     None => serve_http1(stream, service, &limits, &stop, peer).await,
                 },
