@@ -27,12 +27,12 @@ const REFERENCE_CONNECTIONS: u32 = 64;
 const REFERENCE: Duration = Duration::from_secs(5);
 
 /// The share of the reference rate of 200s that Klaus must keep answering during the burst.
-/// Issue 12 asks for 0.7, and `cargo xtask bench` holds that line; it is not met yet (0.53–0.55
-/// in the last runs, BENCHMARKS.md and RELIABILITY.md): what remains is Klaus's CPU per request
-/// at 2,000 connections, 1.9 times that at 64 with every request admitted and no 503 at all,
-/// not refusals. This bound is the regression guard until then: the fixed limit that refused
-/// instead of waiting kept a twelfth of the rate, and 0.4 fails anything near that.
-const GOODPUT_SHARE: f64 = 0.4;
+/// Issue 12 asks for 0.7, which `cargo xtask bench` holds natively (0.67 in its last run,
+/// BENCHMARKS.md "Placement"); here, in containers, the last runs kept 0.73 (before the read
+/// gate) and 0.79 (RELIABILITY.md, "Overload"). 0.6 leaves room for a busy CI machine and still
+/// fails a real regression: the limit that climbed to its ceiling kept 0.46 in the bench, the
+/// fixed limit that refused instead of waiting a twelfth.
+const GOODPUT_SHARE: f64 = 0.6;
 
 /// The bound on the p99 latency of the burst's 200s, in ms.
 const GOODPUT_P99_MS: f64 = 1000.0;
