@@ -97,7 +97,8 @@ pub struct ServeArgs {
     pub concurrency_limit: ConcurrencyLimit,
 
     /// How long a request over the concurrency limit may wait for room before it is answered
-    /// 503 with `Retry-After`; 0 answers at once. Waiting costs no CPU, refusing does.
+    /// 503 with `Retry-After` (on plain HTTP/1.1 it may first wait as long unread, behind the
+    /// read gate); 0 answers at once. Waiting costs no CPU, refusing does.
     #[arg(long, env = "REQUEST_QUEUE_TIMEOUT_MS", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub request_queue_timeout_ms: u64,
