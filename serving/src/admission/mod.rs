@@ -154,6 +154,8 @@ struct State {
     limit: usize,
     in_flight: usize,
     queued: usize,
+    /// Connections the read gate holds back.
+    held: usize,
     /// Whether a request waited (or was refused) since the last adjustment.
     limited: bool,
     /// The queueing delays the probe measured since the last adjustment.
@@ -220,6 +222,7 @@ impl Admission {
                 limit: initial,
                 in_flight: 0,
                 queued: 0,
+                held: 0,
                 limited: false,
                 delay_sum: Duration::ZERO,
                 delay_samples: 0,
@@ -243,13 +246,14 @@ impl Admission {
     }
 
     /// Whether a connection may read its next request now: waiting is allowed (a fixed limit
-    /// refuses instead), nothing waits in the queue and the limit has room.
+    /// refuses instead), nothing waits in the queue or behind the read gate (the oldest go
+    /// first) and the limit has room.
     pub fn may_read(&self) -> bool {
         if self.settings.max_wait.is_zero() {
             return true;
         }
         let state = self.lock();
-        state.queued == 0 && state.in_flight < state.limit
+        state.queued == 0 && state.held == 0 && state.in_flight < state.limit
     }
 
     /// What wakes a connection that [`Self::may_read`] held back, and the longest it is held.
@@ -258,9 +262,30 @@ impl Admission {
     }
 
     /// Counts a connection held back by the read gate, until the returned guard is dropped.
-    pub fn read_paused(&self) -> ReadPaused {
+    pub fn read_paused(self: &Arc<Self>) -> ReadPaused {
+        self.lock().held += 1;
         self.metrics.reads_paused.inc();
-        ReadPaused(self.metrics.reads_paused.clone())
+        ReadPaused(Arc::clone(self))
+    }
+
+    /// Hands room the limit has to whoever waits for it: the oldest queued request, else the
+    /// oldest connection the read gate holds. Called wherever room may have appeared.
+    fn hand_on(&self, state: &State) {
+        if state.in_flight >= state.limit {
+            return;
+        }
+        if state.queued > 0 {
+            self.room.notify_one();
+        } else if state.held > 0 {
+            self.readers.notify_one();
+        }
+    }
+
+    /// Passes on room that a connection let through the read gate did not take (its client
+    /// had gone).
+    pub fn read_unused(&self) {
+        let state = self.lock();
+        self.hand_on(&state);
     }
 
     /// Room for one request: at once when there is room and nobody is waiting, else after a
@@ -308,7 +333,11 @@ impl Admission {
                 let mut state = self.lock();
                 if state.in_flight < state.limit {
                     queued.leave(&mut state);
-                    return Ok(self.admit(&mut state));
+                    let permit = self.admit(&mut state);
+                    // Two releases may have come before this request ran: the second's room
+                    // goes on.
+                    self.hand_on(&state);
+                    return Ok(permit);
                 }
             }
             tokio::select! {
@@ -317,9 +346,7 @@ impl Admission {
                     let mut state = self.lock();
                     queued.leave(&mut state);
                     // Room that freed up as this wait ended goes to the next in line.
-                    if state.queued > 0 && state.in_flight < state.limit {
-                        self.room.notify_one();
-                    }
+                    self.hand_on(&state);
                     return Err(self.refuse(Shed::QueueTimeout));
                 }
             }
@@ -354,13 +381,7 @@ impl Admission {
         let mut state = self.lock();
         state.in_flight -= 1;
         self.metrics.in_flight.dec();
-        if state.in_flight < state.limit {
-            if state.queued > 0 {
-                self.room.notify_one();
-            } else {
-                self.readers.notify_one();
-            }
-        }
+        self.hand_on(&state);
     }
 
     /// Waits until the queue has room for more requests, so that the accept loop stops
@@ -415,14 +436,20 @@ impl Admission {
                 this.observe_delay(
                     yielded.elapsed(),
                     Instant::now(),
-                    demand::cpu_demand(),
+                    demand::cpu_demand,
                     workers,
                 );
             }
         });
     }
 
-    fn observe_delay(&self, delay: Duration, now: Instant, demand: Duration, workers: usize) {
+    fn observe_delay(
+        &self,
+        delay: Duration,
+        now: Instant,
+        demand: impl FnOnce() -> Duration,
+        workers: usize,
+    ) {
         let mut state = self.lock();
         state.delay_sum += delay;
         state.delay_samples += 1;
@@ -430,6 +457,8 @@ impl Admission {
         if wall < WINDOW {
             return;
         }
+        // Read once a window, not at every probe: it reads a file per thread.
+        let demand = demand();
         let mean = state.delay_sum / state.delay_samples.max(1);
         let busy = demand
             .saturating_sub(state.demand_at_adjustment)
@@ -459,7 +488,7 @@ impl Admission {
         for _ in 0..grown.min(state.queued) {
             self.room.notify_one();
         }
-        for _ in 0..grown.saturating_sub(state.queued) {
+        for _ in 0..grown.saturating_sub(state.queued).min(state.held) {
             self.readers.notify_one();
         }
     }
@@ -492,20 +521,20 @@ impl Drop for Queued<'_> {
             let mut state = admission.lock();
             self.leave(&mut state);
             // A wake-up this request took goes to the next in line.
-            if state.queued > 0 && state.in_flight < state.limit {
-                admission.room.notify_one();
-            }
+            admission.hand_on(&state);
         }
     }
 }
 
-/// A connection held back by the read gate; counted in `connections_read_paused` while alive.
+/// A connection held back by the read gate; counted in `held` and `connections_read_paused`
+/// while alive.
 #[derive(Debug)]
-pub struct ReadPaused(Gauge);
+pub struct ReadPaused(Arc<Admission>);
 
 impl Drop for ReadPaused {
     fn drop(&mut self) {
-        self.0.dec();
+        self.0.lock().held -= 1;
+        self.0.metrics.reads_paused.dec();
     }
 }
 

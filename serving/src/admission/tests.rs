@@ -1,6 +1,8 @@
 //! Admission under load: waiting in order, running out of time, a fixed limit, and the limit
 //! adapting to an idle and to a saturated runtime.
 
+use std::future::Future;
+
 use super::*;
 
 fn admission(settings: Settings) -> Arc<Admission> {
@@ -160,13 +162,22 @@ fn pin_to_one_cpu() {
 async fn the_limit_shrinks_when_the_runtime_waits_for_a_cpu_it_shares() {
     pin_to_one_cpu();
     // The neighbour inherits this thread's single CPU.
-    let mut neighbour = std::process::Command::new("yes")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("yes, the spinning neighbour");
+    /// Killed however the test ends, so that a failure leaves no spinning process behind.
+    struct Neighbour(std::process::Child);
+    impl Drop for Neighbour {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let neighbour = Neighbour(
+        std::process::Command::new("yes")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("yes, the spinning neighbour"),
+    );
     let shrunk = the_limit_shrinks_under_a_busy_runtime().await;
-    let _ = neighbour.kill();
-    let _ = neighbour.wait();
+    drop(neighbour);
     assert!(
         shrunk,
         "the limit stayed where it was on a runtime sharing its CPU"
@@ -189,4 +200,61 @@ async fn a_client_that_goes_away_while_waiting_leaves_the_queue() {
     assert_eq!(admission.lock().queued, 0);
     drop(held);
     admission.acquire().await.expect("room");
+}
+
+#[tokio::test]
+async fn room_left_when_the_queue_drains_goes_to_a_held_connection() {
+    let admission = admission(Settings::adaptive(2, Duration::from_secs(30)));
+    let first = admission.acquire().await.expect("room");
+    let second = admission.acquire().await.expect("room");
+    let queued = tokio::spawn({
+        let admission = Arc::clone(&admission);
+        async move { admission.acquire().await }
+    });
+    while admission.lock().queued < 1 {
+        tokio::task::yield_now().await;
+    }
+    // A connection behind the read gate, after the queued request.
+    let (readers, _) = admission.read_gate();
+    let _held = admission.read_paused();
+    let notified = readers.notified_owned();
+    tokio::pin!(notified);
+    notified.as_mut().enable();
+    // Both releases come before the queued request runs: one room is its, the other the held
+    // connection's.
+    drop(first);
+    drop(second);
+    let _queued = queued.await.expect("task").expect("room");
+    tokio::time::timeout(Duration::from_secs(5), notified)
+        .await
+        .expect("room was left and the held connection was never woken");
+}
+
+#[tokio::test]
+async fn a_release_with_nobody_held_leaves_no_wake_up_behind() {
+    let admission = admission(Settings::adaptive(1, Duration::from_secs(30)));
+    drop(admission.acquire().await.expect("room"));
+    let _in_flight = admission.acquire().await.expect("room");
+    assert!(!admission.may_read());
+    let (readers, _) = admission.read_gate();
+    let notified = readers.notified_owned();
+    tokio::pin!(notified);
+    notified.as_mut().enable();
+    let woken =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(notified.as_mut().poll(cx).is_ready()))
+            .await;
+    assert!(
+        !woken,
+        "a connection held while the limit was reached was let through by an old wake-up"
+    );
+}
+
+#[tokio::test]
+async fn a_new_connection_does_not_pass_one_already_held() {
+    let admission = admission(Settings::adaptive(1, Duration::from_secs(30)));
+    let permit = admission.acquire().await.expect("room");
+    let _held = admission.read_paused();
+    drop(permit);
+    // Room, but it is the held connection's.
+    assert!(!admission.may_read());
 }

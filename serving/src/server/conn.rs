@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -95,9 +96,10 @@ fn max_age(limits: &Limits, peer: SocketAddr) -> Option<Duration> {
     Some(Duration::try_from_secs_f64(age.as_secs_f64() * (1.0 + spread)).unwrap_or(Duration::MAX))
 }
 
-/// Runs a connection to its end; when `stop` fires or the connection reaches `max_age`, lets
-/// the requests in flight finish and closes it.
-async fn drive<C>(conn: C, stop: &CancellationToken, max_age: Option<Duration>)
+/// Runs a connection to its end; when `closing` fires (the server stops: it is a child of the
+/// server's stop token) or the connection reaches `max_age` (which cancels `closing`), lets the
+/// requests in flight finish and closes it.
+async fn drive<C>(conn: C, closing: &CancellationToken, max_age: Option<Duration>)
 where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
@@ -109,21 +111,35 @@ where
             None => std::future::pending().await,
         }
     };
+    let aged = async {
+        aged.await;
+        tracing::debug!("connection reached its maximum age; closing it gracefully");
+        closing.cancel();
+    };
     let result = tokio::select! {
         result = conn.as_mut() => result,
-        () = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-        () = aged => {
-            tracing::debug!("connection reached its maximum age; closing it gracefully");
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
+        () = closing.cancelled() => close(conn).await,
+        () = aged => close(conn).await,
     };
     if let Err(err) = result {
         tracing::debug!(error = %err, "connection ended with an error");
     }
+}
+
+/// Closes a connection gracefully, after one more turn: a request that has arrived but was left
+/// unread (the read gate opens once `closing` is cancelled) is read now, so that it is answered
+/// before the connection closes instead of being dropped with a connection that looked idle.
+async fn close<C>(mut conn: std::pin::Pin<&mut C>) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
+    if let Poll::Ready(result) =
+        std::future::poll_fn(|cx| Poll::Ready(conn.as_mut().poll(cx))).await
+    {
+        return result;
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
 }
 
 #[cfg(test)]

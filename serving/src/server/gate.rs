@@ -19,12 +19,13 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::futures::OwnedNotified;
 use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
 
 use crate::admission::{self, Admission, ReadPaused};
 
@@ -32,10 +33,18 @@ use crate::admission::{self, Admission, ReadPaused};
 pub(super) struct Gated<IO = TcpStream> {
     io: IO,
     admission: Arc<Admission>,
-    /// Whether the next read begins a request.
-    between_requests: bool,
+    /// Cancelled when the server stops: the gate opens, so that requests already sent are read
+    /// and answered while the connection drains, instead of being closed unread as idle.
+    stop: CancellationToken,
+    /// hyper's header-read timeout, which runs from when it starts waiting for a request: a
+    /// request held longer would be cut off unanswered, so the gate lets it through before.
+    header_timeout: Duration,
+    /// Whether the next read begins a request, and since when the connection waits for it.
+    between_requests: Option<Instant>,
     /// Set while the connection is held back.
     held: Option<Held>,
+    /// Whether the read in progress was let through by a wake-up, which is room handed to it.
+    woken: bool,
 }
 
 /// A connection held back: what wakes it, and when it stops waiting.
@@ -47,21 +56,38 @@ struct Held {
     _counted: ReadPaused,
 }
 
+/// How long before hyper's header-read timeout the gate lets a held request through, so that
+/// hyper reads it in time.
+const BEFORE_HEADER_TIMEOUT: Duration = Duration::from_millis(100);
+
 impl<IO> Gated<IO> {
-    pub(super) fn new(io: IO, admission: Arc<Admission>) -> Self {
+    pub(super) fn new(
+        io: IO,
+        admission: Arc<Admission>,
+        stop: CancellationToken,
+        header_timeout: Duration,
+    ) -> Self {
         Self {
             io,
             admission,
-            between_requests: true,
+            stop,
+            header_timeout,
+            between_requests: Some(Instant::now()),
             held: None,
+            woken: false,
         }
     }
 
     /// Ready when the connection may read the request it is about to begin: at once while the
-    /// limit has room, else when room frees up and this connection is the oldest held (a
-    /// wake-up is a grant: admission gives one only when the limit has room and no read
-    /// request waits for it), or when [`Held::deadline`] passes.
-    fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// limit has room and nobody is held before it, else when room frees up and this
+    /// connection is the oldest held (admission wakes a held connection only when it has room
+    /// for it), when the server stops, or when [`Held::deadline`] passes: `max_wait`, or
+    /// shortly before hyper's header-read timeout, whichever comes first.
+    fn poll_open(&mut self, cx: &mut Context<'_>, idle_since: Instant) -> Poll<()> {
+        if self.stop.is_cancelled() {
+            self.held = None;
+            return Poll::Ready(());
+        }
         let held = match &mut self.held {
             Some(held) => held,
             None => {
@@ -72,20 +98,23 @@ impl<IO> Gated<IO> {
                 let mut notified = Box::pin(readers.notified_owned());
                 // Registered before the second look, so that room freed in between wakes it.
                 notified.as_mut().enable();
-                if self.admission.may_read() {
-                    return Poll::Ready(());
-                }
+                let counted = self.admission.read_paused();
+                let now = Instant::now();
+                let cut_off =
+                    idle_since + self.header_timeout.saturating_sub(BEFORE_HEADER_TIMEOUT);
+                let deadline = (now + max_wait).min(cut_off);
                 self.held.insert(Held {
-                    since: Instant::now(),
+                    since: now,
                     notified,
-                    deadline: Box::pin(tokio::time::sleep(max_wait)),
-                    _counted: self.admission.read_paused(),
+                    deadline: Box::pin(tokio::time::sleep_until(deadline.into())),
+                    _counted: counted,
                 })
             }
         };
-        if held.notified.as_mut().poll(cx).is_ready() || held.deadline.as_mut().poll(cx).is_ready()
-        {
+        let woken = held.notified.as_mut().poll(cx).is_ready();
+        if woken || held.deadline.as_mut().poll(cx).is_ready() {
             admission::note_arrival(held.since);
+            self.woken = woken;
             self.held = None;
             return Poll::Ready(());
         }
@@ -100,17 +129,23 @@ impl AsyncRead for Gated<TcpStream> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.between_requests {
+        if let Some(idle_since) = this.between_requests {
             // The gate is asked when the request's first bytes are there, not when hyper
             // starts to look for them: a client that waits for each answer sends its next
             // request only after it, by when the answer's own room has long been given back.
             if let Err(err) = ready!(this.io.poll_read_ready(cx)) {
                 return Poll::Ready(Err(err));
             }
-            ready!(this.poll_open(cx));
-            this.between_requests = false;
+            ready!(this.poll_open(cx, idle_since));
+            this.between_requests = None;
         }
-        Pin::new(&mut this.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let result = ready!(Pin::new(&mut this.io).poll_read(cx, buf));
+        if std::mem::take(&mut this.woken) && (result.is_err() || buf.filled().len() == before) {
+            // The client had gone: the room it was handed goes to the next.
+            this.admission.read_unused();
+        }
+        Poll::Ready(result)
     }
 }
 
@@ -120,7 +155,7 @@ impl AsyncWrite for Gated<TcpStream> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.between_requests = true;
+        self.between_requests.get_or_insert_with(Instant::now);
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -129,7 +164,7 @@ impl AsyncWrite for Gated<TcpStream> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.between_requests = true;
+        self.between_requests.get_or_insert_with(Instant::now);
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
@@ -153,6 +188,7 @@ mod tests {
     use prometheus_client::registry::Registry;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+    use tokio_util::sync::CancellationToken;
 
     use super::*;
     use crate::admission::Settings;
@@ -181,7 +217,13 @@ mod tests {
             .await
             .expect("connect");
         let (server, _) = listener.accept().await.expect("accept");
-        (client, Gated::new(server, Arc::clone(admission)))
+        let gated = Gated::new(
+            server,
+            Arc::clone(admission),
+            CancellationToken::new(),
+            Duration::from_secs(10),
+        );
+        (client, gated)
     }
 
     /// Reads from `server` in a task, handing back what it read and the connection.
@@ -271,5 +313,73 @@ mod tests {
         assert!(!reading.is_finished());
         drop(permit);
         assert_eq!(reading.await.expect("task").0, REQUEST);
+    }
+
+    /// A held request on a connection served by hyper, as the server serves it; returns the
+    /// client, the server's stop token and the permit that fills the limit.
+    async fn served(
+        admission: &Arc<Admission>,
+        header_read_timeout: Duration,
+    ) -> (TcpStream, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, peer) = listener.accept().await.expect("accept");
+        let stop = CancellationToken::new();
+        let gated = Gated::new(
+            server,
+            Arc::clone(admission),
+            stop.clone(),
+            header_read_timeout,
+        );
+        let limits = super::super::Limits {
+            header_read_timeout,
+            ..super::super::Limits::default()
+        };
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let service = hyper_util::service::TowerToHyperService::new(router);
+        let serving = stop.clone();
+        tokio::spawn(async move {
+            super::super::conn::serve_http1(gated, service, &limits, &serving, peer).await;
+        });
+        (client, stop)
+    }
+
+    async fn answer(client: &mut TcpStream) -> String {
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut answer))
+            .await
+            .expect("an answer within 5 s")
+            .expect("read");
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_held_request_is_read_before_hypers_header_timeout_cuts_it_off() {
+        let (admission, _registry) = admission(Duration::from_secs(30));
+        let _permit = admission.acquire().await.expect("room");
+        let (mut client, _stop) = served(&admission, Duration::from_millis(300)).await;
+        client.write_all(REQUEST).await.expect("write");
+        // Let through before hyper's 300 ms run out (this router has no admission of its own),
+        // the request is answered; held past them, it would be dropped with the connection.
+        let answer = answer(&mut client).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    }
+
+    #[tokio::test]
+    async fn a_held_request_is_answered_when_the_server_stops() {
+        let (admission, registry) = admission(Duration::from_secs(30));
+        let permit = admission.acquire().await.expect("room");
+        let (mut client, stop) = served(&admission, Duration::from_secs(10)).await;
+        client.write_all(REQUEST).await.expect("write");
+        until("the request was never held", || {
+            paused(&registry) == "connections_read_paused 1"
+        })
+        .await;
+        stop.cancel();
+        drop(permit);
+        let answer = answer(&mut client).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
     }
 }

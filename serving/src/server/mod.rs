@@ -334,7 +334,9 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let service = service.clone();
-        let stop = stop.clone();
+        // This connection's own token: cancelled when the server stops, or when the connection
+        // reaches its maximum age.
+        let stop = stop.child_token();
         let tls = tls.as_ref().map(|tls| tls.current());
         let metrics = metrics.clone();
         let admission = admission.clone();
@@ -351,7 +353,12 @@ async fn accept_loop(
             match tls {
                 None => match admission {
                     Some(admission) => {
-                        let gated = gate::Gated::new(stream, admission);
+                        let gated = gate::Gated::new(
+                            stream,
+                            admission,
+                            stop.clone(),
+                            limits.header_read_timeout,
+                        );
                         crate::admission::with_arrivals(serve_http1(
                             gated, service, &limits, &stop, peer,
                         ))
