@@ -156,7 +156,8 @@ struct State {
     queued: usize,
     /// Connections the read gate holds back.
     held: usize,
-    /// Whether a request waited (or was refused) since the last adjustment.
+    /// Whether a request waited (in the queue or behind the read gate) or was refused since the
+    /// last adjustment.
     limited: bool,
     /// The queueing delays the probe measured since the last adjustment.
     delay_sum: Duration,
@@ -263,7 +264,12 @@ impl Admission {
 
     /// Counts a connection held back by the read gate, until the returned guard is dropped.
     pub fn read_paused(self: &Arc<Self>) -> ReadPaused {
-        self.lock().held += 1;
+        let mut state = self.lock();
+        state.held += 1;
+        // A request held back met the limit, as one that waits in the queue does: the limit
+        // may grow (over a distant link the requests in flight are waiting, not working).
+        state.limited = true;
+        drop(state);
         self.metrics.reads_paused.inc();
         ReadPaused(Arc::clone(self))
     }

@@ -258,3 +258,30 @@ async fn a_new_connection_does_not_pass_one_already_held() {
     // Room, but it is the held connection's.
     assert!(!admission.may_read());
 }
+
+#[tokio::test]
+async fn a_connection_held_by_the_read_gate_lets_the_limit_grow() {
+    let admission = admission(Settings {
+        initial: 4,
+        ..Settings::adaptive(64, Duration::from_secs(10))
+    });
+    let stop = CancellationToken::new();
+    admission.spawn_adaptation(stop.clone());
+    // Three requests in flight (as if waiting on a distant peer) and a connection held behind
+    // the gate: the limit was met, though at the end of a window one permit may be between a
+    // request that ended and the held connection it went to.
+    let mut in_flight = Vec::new();
+    for _ in 0..3 {
+        in_flight.push(admission.acquire().await.expect("room"));
+    }
+    let _held = admission.read_paused();
+    let started = Instant::now();
+    while admission.limit() <= 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the limit stayed at 4 with a connection held"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+}
