@@ -27,8 +27,8 @@ const REFERENCE_CONNECTIONS: u32 = 64;
 const REFERENCE: Duration = Duration::from_secs(5);
 
 /// The share of the reference rate of 200s that Klaus must keep answering during the burst.
-/// Issue 12 asks for 0.7, which `cargo xtask bench` holds natively (0.67 in its last run,
-/// BENCHMARKS.md "Placement"); here, in containers, the last runs kept 0.73 (before the read
+/// Issue 12 asks for 0.7, which `cargo xtask bench` measures natively (0.67–0.77 in the
+/// runs of 2026-12-01, BENCHMARKS.md "Placement"); here, in containers, the last runs kept 0.73 (before the read
 /// gate) and 0.79 (RELIABILITY.md, "Overload"). 0.6 leaves room for a busy CI machine and still
 /// fails a real regression: the limit that climbed to its ceiling kept 0.46 in the bench, the
 /// fixed limit that refused instead of waiting a twelfth.
