@@ -30,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::{self, Admission, ReadPaused};
 
 /// A plain TCP connection behind the read gate.
-pub(super) struct Gated<IO = TcpStream> {
-    io: IO,
+pub(super) struct Gated {
+    io: TcpStream,
     admission: Arc<Admission>,
     /// Cancelled when the server stops: the gate opens, so that requests already sent are read
     /// and answered while the connection drains, instead of being closed unread as idle.
@@ -60,9 +60,9 @@ struct Held {
 /// hyper reads it in time.
 const BEFORE_HEADER_TIMEOUT: Duration = Duration::from_millis(100);
 
-impl<IO> Gated<IO> {
+impl Gated {
     pub(super) fn new(
-        io: IO,
+        io: TcpStream,
         admission: Arc<Admission>,
         stop: CancellationToken,
         header_timeout: Duration,
@@ -122,7 +122,7 @@ impl<IO> Gated<IO> {
     }
 }
 
-impl AsyncRead for Gated<TcpStream> {
+impl AsyncRead for Gated {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -133,9 +133,7 @@ impl AsyncRead for Gated<TcpStream> {
             // The gate is asked when the request's first bytes are there, not when hyper
             // starts to look for them: a client that waits for each answer sends its next
             // request only after it, by when the answer's own room has long been given back.
-            if let Err(err) = ready!(this.io.poll_read_ready(cx)) {
-                return Poll::Ready(Err(err));
-            }
+            ready!(this.io.poll_read_ready(cx))?;
             ready!(this.poll_open(cx, idle_since));
             this.between_requests = None;
         }
@@ -149,7 +147,7 @@ impl AsyncRead for Gated<TcpStream> {
     }
 }
 
-impl AsyncWrite for Gated<TcpStream> {
+impl AsyncWrite for Gated {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -211,12 +209,18 @@ mod tests {
             .to_owned()
     }
 
-    async fn connection(admission: &Arc<Admission>) -> (TcpStream, Gated) {
+    /// Both ends of a loopback connection: the client's, and the server's with the peer.
+    async fn pair() -> (TcpStream, TcpStream, std::net::SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let client = TcpStream::connect(listener.local_addr().expect("addr"))
             .await
             .expect("connect");
-        let (server, _) = listener.accept().await.expect("accept");
+        let (server, peer) = listener.accept().await.expect("accept");
+        (client, server, peer)
+    }
+
+    async fn connection(admission: &Arc<Admission>) -> (TcpStream, Gated) {
+        let (client, server, _) = pair().await;
         let gated = Gated::new(
             server,
             Arc::clone(admission),
@@ -315,17 +319,14 @@ mod tests {
         assert_eq!(reading.await.expect("task").0, REQUEST);
     }
 
-    /// A held request on a connection served by hyper, as the server serves it; returns the
-    /// client, the server's stop token and the permit that fills the limit.
+    /// A gated connection served by hyper, as the server serves it (a router without admission
+    /// of its own, hyper's header-read timeout `header_read_timeout`); returns the client and
+    /// the server's stop token.
     async fn served(
         admission: &Arc<Admission>,
         header_read_timeout: Duration,
     ) -> (TcpStream, CancellationToken) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let client = TcpStream::connect(listener.local_addr().expect("addr"))
-            .await
-            .expect("connect");
-        let (server, peer) = listener.accept().await.expect("accept");
+        let (client, server, peer) = pair().await;
         let stop = CancellationToken::new();
         let gated = Gated::new(
             server,
