@@ -12,6 +12,7 @@ use prometheus_client::metrics::counter::Counter;
 use super::config::Target;
 use super::discover::Resolve;
 use super::metrics::{AttemptLabel, EndpointLabel, OUTCOMES, PetraMetrics};
+use super::solo::{Lease, Solo};
 use super::tls::{ClientTls, Profile};
 use super::transport::{self, Dial, HttpClient};
 
@@ -52,6 +53,8 @@ pub(crate) struct Endpoint {
     /// The pooled client's connections: one HTTP/2 connection each, more opened as the open
     /// ones fill up.
     pooled: Lanes,
+    /// The HTTP/1.1 connection for calls that come one at a time.
+    solo: Solo,
     fresh: HttpClient,
     in_flight: AtomicUsize,
     outlier: Outlier,
@@ -94,6 +97,7 @@ impl Endpoint {
         Self {
             addr,
             pooled: Lanes::new(dial.clone()),
+            solo: Solo::new(dial.clone(), target.uri.clone()),
             fresh: client(Profile::Fresh),
             target,
             in_flight: AtomicUsize::new(0),
@@ -112,6 +116,16 @@ impl Endpoint {
     /// The pooled client's lane for one call.
     pub(crate) fn lane(&self) -> LaneCall {
         self.pooled.pick(self.addr)
+    }
+
+    /// The solo connection, for a call that is the only one in flight on this endpoint (it
+    /// counts itself, [`Endpoint::start`]), when it is warm.
+    pub(crate) fn solo(&self) -> Option<Lease> {
+        if self.load() != 1 {
+            self.solo.crowded();
+            return None;
+        }
+        self.solo.take()
     }
 
     /// The client that opens a fresh connection for each call.

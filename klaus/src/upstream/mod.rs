@@ -16,6 +16,7 @@ pub mod discover;
 mod endpoint;
 pub mod error;
 mod metrics;
+mod solo;
 mod tls;
 mod transport;
 
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::http::header::USER_AGENT;
+use axum::http::header::{HOST, USER_AGENT};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -374,6 +375,24 @@ impl PetraClient {
         incoming: &HeaderMap,
         span: &Span,
     ) -> Result<String, PetraError> {
+        if profile == Profile::Pooled
+            && let Some(mut solo) = endpoint.solo()
+        {
+            // Sending failed before an answer came: not the call's failure, which goes over
+            // HTTP/2 as if this had not been tried (see `solo`).
+            match solo.send(solo_request(endpoint, incoming, span)).await {
+                Ok(response) => {
+                    let answer = self.answer(endpoint, response).await;
+                    if answer.is_ok() {
+                        solo.give_back();
+                    }
+                    return answer;
+                }
+                Err(err) => {
+                    tracing::debug!(endpoint = %endpoint.addr, error = %Chain(&err), "a call over the solo connection to Petra failed; sending it over HTTP/2")
+                }
+            }
+        }
         let lane = (profile == Profile::Pooled).then(|| endpoint.lane());
         let client = match &lane {
             Some(lane) => {
@@ -392,6 +411,15 @@ impl PetraClient {
                 Err(err) => return Err(self.classify(endpoint, err.into())),
             }
         };
+        self.answer(endpoint, response).await
+    }
+
+    /// Petra's answer: its body as text, or the error its status means.
+    async fn answer(
+        &self,
+        endpoint: &Endpoint,
+        response: hyper::Response<hyper::body::Incoming>,
+    ) -> Result<String, PetraError> {
         let status = response.status();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             return Err(PetraError::Overloaded {
@@ -401,6 +429,15 @@ impl PetraClient {
         if !status.is_success() {
             return Err(PetraError::Status(status));
         }
+        self.read_body(endpoint, response).await
+    }
+
+    /// Reads a successful answer's body, at most [`MAX_BODY_BYTES`], as text.
+    async fn read_body(
+        &self,
+        endpoint: &Endpoint,
+        response: hyper::Response<hyper::body::Incoming>,
+    ) -> Result<String, PetraError> {
         let mut body = response.into_body();
         if hyper::body::Body::size_hint(&body)
             .exact()
@@ -481,7 +518,30 @@ fn record_attempts(call: &Span, attempts: usize, priority: usize) {
 fn request(endpoint: &Endpoint, incoming: &HeaderMap, span: &Span) -> Request<Empty<Bytes>> {
     let mut request = Request::new(Empty::new());
     *request.uri_mut() = endpoint.target.uri.clone();
-    let headers = request.headers_mut();
+    add_headers(request.headers_mut(), incoming, span);
+    request
+}
+
+/// [`request`] for the solo connection, which is a connection and not a client: the URI in
+/// origin form (the path) and the URL's authority in `host`.
+fn solo_request(endpoint: &Endpoint, incoming: &HeaderMap, span: &Span) -> Request<Empty<Bytes>> {
+    let uri = &endpoint.target.uri;
+    let mut request = Request::new(Empty::new());
+    if let Some(path) = uri.path_and_query() {
+        *request.uri_mut() = path.as_str().parse().unwrap_or_default();
+    }
+    if let Some(authority) = uri.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        request.headers_mut().insert(HOST, host);
+    }
+    add_headers(request.headers_mut(), incoming, span);
+    request
+}
+
+/// Klaus's user agent, `span` as the parent of Petra's span, and the headers passed on from
+/// `incoming`.
+fn add_headers(headers: &mut HeaderMap, incoming: &HeaderMap, span: &Span) {
     headers.insert(USER_AGENT, KLAUS_AGENT);
     headers.insert(TRACEPARENT, span.traceparent());
     for name in FORWARDED {
@@ -489,5 +549,4 @@ fn request(endpoint: &Endpoint, incoming: &HeaderMap, span: &Span) -> Request<Em
             headers.insert(name, observe::unique(value));
         }
     }
-    request
 }

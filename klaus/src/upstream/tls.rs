@@ -29,6 +29,7 @@ pub(crate) enum Profile {
     /// first, and HTTP/1.1 only, where a certificate alert after the handshake always arrives
     /// as the answer to the request (over HTTP/2 the connection can end first, and the call
     /// then only says "closed"). Retries are rare, so this costs nothing on the hot path.
+    /// The solo connection ([`super::solo`]) is HTTP/1.1 too and uses the same configuration.
     Fresh,
 }
 

@@ -76,22 +76,7 @@ pub(crate) fn client(
     profile: Profile,
     on_connected: Option<OnConnected>,
 ) -> HttpClient {
-    let ip = dial.ip;
-    let mut tcp = HttpConnector::new_with_resolver(Fixed(ip));
-    // TLS is added below; the request's scheme is https.
-    tcp.enforce_http(false);
-    tcp.set_nodelay(true);
-    // TCP keep-alive as reqwest set it, which Klaus used before: probes after 15 s idle,
-    // every 15 s, 3 unanswered close the connection.
-    tcp.set_keepalive(Some(Duration::from_secs(15)));
-    tcp.set_keepalive_interval(Some(Duration::from_secs(15)));
-    tcp.set_keepalive_retries(Some(3));
-    let connector = EndpointConnector {
-        tcp,
-        dial: Arc::new(dial),
-        profile,
-        on_connected,
-    };
+    let connector = connector(dial, profile, on_connected);
     let pooled = profile == Profile::Pooled;
     let mut builder = Client::builder(TokioExecutor::new());
     builder
@@ -112,6 +97,30 @@ pub(crate) fn client(
     // No proxy (service-to-service calls go straight to Petra, whatever HTTPS_PROXY says) and
     // no redirects: this client follows neither.
     builder.build(connector)
+}
+
+/// The connector of `profile` for one endpoint: TCP (no delay, keep-alive) to its address,
+/// then TLS; `on_connected` is told of each connection made.
+pub(crate) fn connector(
+    dial: Dial,
+    profile: Profile,
+    on_connected: Option<OnConnected>,
+) -> EndpointConnector {
+    let mut tcp = HttpConnector::new_with_resolver(Fixed(dial.ip));
+    // TLS is added below; the request's scheme is https.
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    // TCP keep-alive as reqwest set it, which Klaus used before: probes after 15 s idle,
+    // every 15 s, 3 unanswered close the connection.
+    tcp.set_keepalive(Some(Duration::from_secs(15)));
+    tcp.set_keepalive_interval(Some(Duration::from_secs(15)));
+    tcp.set_keepalive_retries(Some(3));
+    EndpointConnector {
+        tcp,
+        dial: Arc::new(dial),
+        profile,
+        on_connected,
+    }
 }
 
 /// A "resolver" that always answers with the endpoint's address: the URL's host was resolved

@@ -11,5 +11,6 @@ mod helpers;
 mod metrics_doc;
 mod resilience;
 mod rotation;
+mod solo;
 mod traces;
 mod upstream;

@@ -1,0 +1,215 @@
+//! The solo connection: one HTTP/1.1 connection per endpoint for calls that come one at a time.
+//!
+//! HTTP/2 is the better protocol for calls that overlap: one connection carries them all and
+//! batches their frames. A call that is alone on its endpoint gets nothing from that and pays
+//! for it: HTTP/2 framing and HPACK on both ends and a hop through the connection's task, about
+//! a quarter of the instructions of Klaus and Petra together per call (BENCHMARKS.md, "Where
+//! one request's time goes"). So a call that finds no other call in flight to its endpoint goes
+//! over this connection when it is warm, and every other call over the HTTP/2 lanes.
+//!
+//! The connection never costs a call anything:
+//! - It is opened in the background, never on a call's path, once [`OPEN_AFTER`] lone calls
+//!   in a row each followed the one before within [`WARM_FOR`]: calls are coming one at a time
+//!   and it pays to have it. A call that overlaps another starts the count again, so a burst
+//!   does not open it, and calls that come less often never do; until it is up they go over
+//!   HTTP/2.
+//! - It is used only while it was last used within [`WARM_FOR`], which is far shorter than the
+//!   idle timeouts that close HTTP/1.1 keep-alive connections (Petra's is its 10 s header read
+//!   timeout). A colder one is closed and the call goes over HTTP/2, whose pings keep its
+//!   connection open over any distance.
+//! - When sending a call over it fails before an answer comes (Petra closed it at that moment,
+//!   its age ended), the call is sent over HTTP/2 as if it had never been tried, so what a
+//!   call's errors say, and what outlier detection counts, comes from the HTTP/2 lanes. An
+//!   answer that came over it is the call's answer, an error status too.
+//! - After a connection could not be opened, or a call over it failed, none is opened for
+//!   [`RETRY_AFTER`].
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::http::Uri;
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http1::{self, SendRequest};
+use tower_service::Service;
+
+use super::tls::Profile;
+use super::transport::{self, Dial};
+
+/// How recently the connection must have been used, and the previous lone call have started,
+/// for a lone call to go over it, or to open it.
+pub(crate) const WARM_FOR: Duration = Duration::from_secs(1);
+
+/// Lone calls in a row, each within [`WARM_FOR`] of the one before, that open the connection.
+pub(crate) const OPEN_AFTER: u32 = 8;
+
+/// How long after a failed attempt to open the connection, or a failed call over it, no other
+/// is opened.
+pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// One endpoint's solo connection.
+#[derive(Debug)]
+pub(crate) struct Solo {
+    dial: Arc<Dial>,
+    /// The endpoint's URL, which the connector reads the port from.
+    uri: Uri,
+    /// Lone calls in a row, each within [`WARM_FOR`] of the one before.
+    streak: AtomicU32,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The connection's sender, while no call uses it.
+    idle: Option<SendRequest<Empty<Bytes>>>,
+    /// When it was put back by the last call that used it.
+    idle_since: Option<Instant>,
+    /// A call has it, or it is being opened.
+    busy: bool,
+    /// When the last lone call started.
+    last_lone: Option<Instant>,
+    /// No attempt to open it before this.
+    retry_at: Option<Instant>,
+}
+
+impl Solo {
+    pub(crate) fn new(dial: Dial, uri: Uri) -> Self {
+        Self {
+            dial: Arc::new(dial),
+            uri,
+            streak: AtomicU32::new(0),
+            state: Arc::default(),
+        }
+    }
+
+    /// A call started while another was in flight: lone calls count from the start again.
+    pub(crate) fn crowded(&self) {
+        if self.streak.load(Ordering::Relaxed) != 0 {
+            self.streak.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// For a call that is alone on its endpoint: the connection when it is warm, which the
+    /// call holds until [`Lease::give_back`]. Otherwise `None`, and the call goes over HTTP/2;
+    /// when lone calls are coming one after another and there is no connection, one is opened
+    /// for the next.
+    pub(crate) fn take(&self) -> Option<Lease> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let follows = state
+            .last_lone
+            .is_some_and(|last| now.saturating_duration_since(last) < WARM_FOR);
+        state.last_lone = Some(now);
+        let streak = if follows {
+            self.streak
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1)
+        } else {
+            self.streak.store(1, Ordering::Relaxed);
+            1
+        };
+        if state.busy {
+            return None;
+        }
+        if let Some(sender) = state.idle.take() {
+            let warm = state
+                .idle_since
+                .is_some_and(|since| now.saturating_duration_since(since) < WARM_FOR);
+            if warm && !sender.is_closed() {
+                state.busy = true;
+                return Some(Lease {
+                    sender: Some(sender),
+                    state: Arc::clone(&self.state),
+                });
+            }
+            // Cold or closed: dropping the sender closes it.
+        }
+        if streak >= OPEN_AFTER && state.retry_at.is_none_or(|at| now >= at) {
+            state.busy = true;
+            drop(state);
+            self.open();
+        }
+        None
+    }
+
+    /// Opens the connection in the background: TCP and TLS with ALPN `http/1.1` and the
+    /// configuration in use now, within the connect deadline.
+    fn open(&self) {
+        let mut connector = transport::connector((*self.dial).clone(), Profile::Fresh, None);
+        let (uri, state) = (self.uri.clone(), Arc::clone(&self.state));
+        let endpoint = self.dial.ip;
+        tokio::spawn(async move {
+            let opened = async {
+                let io = connector.call(uri).await?;
+                let (sender, connection) = http1::handshake(io).await?;
+                tokio::spawn(async move {
+                    if let Err(err) = connection.await {
+                        tracing::debug!(%endpoint, error = %err, "Petra's solo connection ended");
+                    }
+                });
+                Ok::<_, transport::BoxError>(sender)
+            };
+            let opened = opened.await;
+            let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.busy = false;
+            match opened {
+                Ok(sender) => {
+                    state.idle = Some(sender);
+                    state.idle_since = Some(Instant::now());
+                }
+                Err(err) => {
+                    tracing::debug!(%endpoint, error = %err, "could not open the solo connection to Petra");
+                    state.retry_at = Some(Instant::now() + RETRY_AFTER);
+                }
+            }
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The solo connection, held by one call. Dropped without [`Lease::give_back`], it is closed.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    sender: Option<SendRequest<Empty<Bytes>>>,
+    state: Arc<Mutex<State>>,
+}
+
+impl Lease {
+    /// Sends `request` (an origin-form URI and a `host` header: this is a connection, not a
+    /// client) once the connection takes one.
+    pub(crate) async fn send(
+        &mut self,
+        request: hyper::Request<Empty<Bytes>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, hyper::Error> {
+        let sender = self
+            .sender
+            .as_mut()
+            .expect("a lease holds its sender until dropped");
+        sender.ready().await?;
+        sender.send_request(request).await
+    }
+
+    /// Gives the connection back for the next lone call, once this call has read the answer
+    /// to its end.
+    pub(crate) fn give_back(mut self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.idle = self.sender.take();
+        state.idle_since = Some(Instant::now());
+    }
+}
+
+impl Drop for Lease {
+    /// Not given back: the call failed or was cut short, and the connection closes with the
+    /// sender. None is opened for [`RETRY_AFTER`].
+    fn drop(&mut self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.busy = false;
+        if self.sender.is_some() {
+            state.retry_at = Some(Instant::now() + RETRY_AFTER);
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The solo connection: calls that come one at a time go over one HTTP/1.1 connection, calls
+//! that overlap over HTTP/2, and a call whose solo connection fails is answered over HTTP/2.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::Version;
+use axum::routing::get;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use serving::testing::{Running, TestPki, loopback, wait_until};
+use tokio::io::AsyncReadExt;
+
+use crate::helpers::{get as http_get, spawn_fake_petra, spawn_klaus_for};
+
+/// A Petra stand-in that answers `hello` and keeps the protocol version of every request.
+async fn version_recording_petra(pki: &TestPki) -> (Running, Arc<Mutex<Vec<Version>>>) {
+    let seen: Arc<Mutex<Vec<Version>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    let router = Router::new().route(
+        "/",
+        get(move |request: Request| {
+            record.lock().expect("lock").push(request.version());
+            async { "hello" }
+        }),
+    );
+    (spawn_fake_petra(pki, &pki.petra, router).await, seen)
+}
+
+fn taken(seen: &Mutex<Vec<Version>>) -> Vec<Version> {
+    std::mem::take(&mut *seen.lock().expect("lock"))
+}
+
+#[tokio::test]
+async fn calls_one_at_a_time_go_over_one_http11_connection_and_overlapping_calls_over_http2() {
+    let pki = TestPki::new();
+    let (petra, seen) = version_recording_petra(&pki).await;
+    let klaus = spawn_klaus_for(&pki, &petra).await;
+    let url = klaus.http_url();
+    // The solo connection opens in the background after a few lone calls in a row; until it
+    // is up they go over HTTP/2.
+    wait_until(
+        "a call reaches Petra over HTTP/1.1",
+        Duration::from_secs(10),
+        || async {
+            assert_eq!(http_get(&url).await.2, "hello world");
+            seen.lock().expect("lock").contains(&Version::HTTP_11)
+        },
+    )
+    .await;
+    let before = taken(&seen);
+    assert_eq!(
+        before[0],
+        Version::HTTP_2,
+        "the first call goes over HTTP/2: {before:?}"
+    );
+
+    for _ in 0..20 {
+        assert_eq!(http_get(&url).await.2, "hello world");
+    }
+    assert_eq!(
+        taken(&seen),
+        vec![Version::HTTP_11; 20],
+        "calls one at a time, each over the solo connection"
+    );
+
+    let calls: Vec<_> = (0..19)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { http_get(&url).await.2 })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.expect("call"), "hello world");
+    }
+    let overlapping = taken(&seen);
+    let http2 = overlapping
+        .iter()
+        .filter(|&&version| version == Version::HTTP_2)
+        .count();
+    assert!(
+        overlapping.len() == 19 && http2 >= 18,
+        "only one call at a time holds the solo connection: {overlapping:?}"
+    );
+    let text = petra.metrics().await;
+    assert!(
+        text.contains("connections_accepted_total 2\n"),
+        "one HTTP/2 and one HTTP/1.1 connection: {text}"
+    );
+    klaus.stop().await;
+    petra.stop().await;
+}
+
+/// A Petra whose HTTP/1.1 connections end on their first request, unanswered, and whose HTTP/2
+/// connections answer `hello`: where it listens, and how many HTTP/1.1 requests it dropped.
+async fn petra_dropping_http11(pki: &TestPki) -> (String, Arc<AtomicUsize>) {
+    let files = serving::tls::ServerFiles {
+        cert: pki.petra.cert.clone(),
+        key: pki.petra.key.clone(),
+        client_ca: Some(pki.ca_file.clone()),
+        allowed_clients: None,
+        min_version: serving::tls::MinVersion::Tls13,
+        reload_interval: None,
+    };
+    let config = serving::tls::server_config(&files).expect("server configuration");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(loopback())
+        .await
+        .expect("bind");
+    let url = format!(
+        "https://localhost:{}",
+        listener.local_addr().expect("addr").port()
+    );
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&dropped);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, count) = (acceptor.clone(), Arc::clone(&count));
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    let router = Router::new().route("/", get(|| async { "hello" }));
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), TowerToHyperService::new(router))
+                        .await;
+                } else {
+                    let mut head = [0; 1024];
+                    if tls.read(&mut head).await.is_ok_and(|read| read > 0) {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    (url, dropped)
+}
+
+#[tokio::test]
+async fn a_call_whose_solo_connection_fails_is_answered_over_http2_and_the_connection_waits() {
+    let pki = TestPki::new();
+    let (petra_url, dropped) = petra_dropping_http11(&pki).await;
+    let klaus = crate::helpers::spawn_klaus(&crate::helpers::petra_args(
+        &petra_url,
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    ))
+    .await;
+    let url = klaus.http_url();
+    let started = Instant::now();
+    let calls = AtomicUsize::new(0);
+    // Every call is answered, whatever happens to the solo connection under it.
+    wait_until(
+        "two calls went over the solo connection",
+        Duration::from_secs(15),
+        || async {
+            let (status, _, body) = http_get(&url).await;
+            assert_eq!((status, body.as_str()), (200, "hello world"));
+            calls.fetch_add(1, Ordering::SeqCst);
+            dropped.load(Ordering::SeqCst) >= 2
+        },
+    )
+    .await;
+    let elapsed = started.elapsed();
+    // After a failed call the connection is not opened again for a second: without that, every
+    // eighth call would try it.
+    let (tries, calls) = (dropped.load(Ordering::SeqCst), calls.load(Ordering::SeqCst));
+    assert!(
+        elapsed >= Duration::from_secs(1) && tries as u64 <= elapsed.as_secs() + 2,
+        "{tries} calls over a failing solo connection in {elapsed:?} ({calls} calls)"
+    );
+    let text = klaus.metrics().await;
+    assert!(
+        text.contains(&format!(r#"petra_calls_total{{outcome="ok"}} {calls}"#)),
+        "every call succeeded: {text}"
+    );
+    klaus.stop().await;
+}
