@@ -414,7 +414,8 @@ impl PetraClient {
         self.answer(endpoint, response).await
     }
 
-    /// Petra's answer: its body as text, or the error its status means.
+    /// Petra's answer: its body as text (at most [`MAX_BODY_BYTES`]), or the error its status
+    /// means.
     async fn answer(
         &self,
         endpoint: &Endpoint,
@@ -429,15 +430,6 @@ impl PetraClient {
         if !status.is_success() {
             return Err(PetraError::Status(status));
         }
-        self.read_body(endpoint, response).await
-    }
-
-    /// Reads a successful answer's body, at most [`MAX_BODY_BYTES`], as text.
-    async fn read_body(
-        &self,
-        endpoint: &Endpoint,
-        response: hyper::Response<hyper::body::Incoming>,
-    ) -> Result<String, PetraError> {
         let mut body = response.into_body();
         if hyper::body::Body::size_hint(&body)
             .exact()

@@ -3,7 +3,9 @@
 use axum::http::HeaderMap;
 use serving::testing::{TestPki, client_builder};
 
-use crate::helpers::{get as http_get, recording_petra, spawn_klaus_for, spawn_petra};
+use crate::helpers::{
+    concurrent_gets, get as http_get, recording_petra, spawn_klaus_for, spawn_petra,
+};
 
 #[tokio::test]
 async fn says_hello_world_through_petra_over_mutual_tls() {
@@ -42,15 +44,8 @@ async fn multiplexes_concurrent_calls_on_one_http2_connection_to_petra() {
     // A first call opens the connection; 19 at once then share it as HTTP/2 streams, where an
     // HTTP/1.1 pool would open a connection for each call in flight.
     assert_eq!(http_get(&klaus.http_url()).await.2, "hello world");
-    let url = klaus.http_url();
-    let calls: Vec<_> = (0..19)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { http_get(&url).await.2 })
-        })
-        .collect();
-    for call in calls {
-        assert_eq!(call.await.expect("call"), "hello world");
+    for body in concurrent_gets(&klaus.http_url(), 19).await {
+        assert_eq!(body, "hello world");
     }
     let petra_metrics = petra.metrics().await;
     assert!(

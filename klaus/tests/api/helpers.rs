@@ -167,3 +167,33 @@ pub(crate) async fn silent_listener(
     });
     (bound, held)
 }
+
+/// A TLS acceptor with Petra's certificate from `pki`, requiring client certificates from its
+/// CA and offering `h2` and `http/1.1`: for stand-ins that misbehave below HTTP.
+pub(crate) fn petra_acceptor(pki: &TestPki) -> tokio_rustls::TlsAcceptor {
+    let files = serving::tls::ServerFiles {
+        cert: pki.petra.cert.clone(),
+        key: pki.petra.key.clone(),
+        client_ca: Some(pki.ca_file.clone()),
+        allowed_clients: None,
+        min_version: serving::tls::MinVersion::Tls13,
+        reload_interval: None,
+    };
+    let config = serving::tls::server_config(&files).expect("TLS config");
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}
+
+/// `calls` GETs of `url` at once; their bodies.
+pub(crate) async fn concurrent_gets(url: &str, calls: usize) -> Vec<String> {
+    let calls: Vec<_> = (0..calls)
+        .map(|_| {
+            let url = url.to_owned();
+            tokio::spawn(async move { get(&url).await.2 })
+        })
+        .collect();
+    let mut bodies = Vec::with_capacity(calls.len());
+    for call in calls {
+        bodies.push(call.await.expect("call"));
+    }
+    bodies
+}

@@ -24,21 +24,12 @@ enum FirstConnection {
 
 /// A Petra whose first connection fails as `first` says; later connections answer `hello`.
 async fn spawn_flaky_petra(pki: &TestPki, first: FirstConnection) -> std::net::SocketAddr {
-    let files = serving::tls::ServerFiles {
-        cert: pki.petra.cert.clone(),
-        key: pki.petra.key.clone(),
-        client_ca: Some(pki.ca_file.clone()),
-        allowed_clients: None,
-        min_version: serving::tls::MinVersion::Tls13,
-        reload_interval: None,
-    };
-    let config = Arc::new(serving::tls::server_config(&files).expect("TLS config"));
+    let acceptor = crate::helpers::petra_acceptor(pki);
     let listener = tokio::net::TcpListener::bind(loopback())
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let mut first_one = true;
         loop {
             let Ok((tcp, _)) = listener.accept().await else {

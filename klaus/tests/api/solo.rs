@@ -14,7 +14,9 @@ use hyper_util::service::TowerToHyperService;
 use serving::testing::{Running, TestPki, loopback, wait_until};
 use tokio::io::AsyncReadExt;
 
-use crate::helpers::{get as http_get, spawn_fake_petra, spawn_klaus_for};
+use crate::helpers::{
+    concurrent_gets, get as http_get, petra_acceptor, spawn_fake_petra, spawn_klaus_for,
+};
 
 /// A Petra stand-in that answers `hello` and keeps the protocol version of every request.
 async fn version_recording_petra(pki: &TestPki) -> (Running, Arc<Mutex<Vec<Version>>>) {
@@ -67,14 +69,8 @@ async fn calls_one_at_a_time_go_over_one_http11_connection_and_overlapping_calls
         "calls one at a time, each over the solo connection"
     );
 
-    let calls: Vec<_> = (0..19)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { http_get(&url).await.2 })
-        })
-        .collect();
-    for call in calls {
-        assert_eq!(call.await.expect("call"), "hello world");
+    for body in concurrent_gets(&url, 19).await {
+        assert_eq!(body, "hello world");
     }
     let overlapping = taken(&seen);
     let http2 = overlapping
@@ -97,16 +93,7 @@ async fn calls_one_at_a_time_go_over_one_http11_connection_and_overlapping_calls
 /// A Petra whose HTTP/1.1 connections end on their first request, unanswered, and whose HTTP/2
 /// connections answer `hello`: where it listens, and how many HTTP/1.1 requests it dropped.
 async fn petra_dropping_http11(pki: &TestPki) -> (String, Arc<AtomicUsize>) {
-    let files = serving::tls::ServerFiles {
-        cert: pki.petra.cert.clone(),
-        key: pki.petra.key.clone(),
-        client_ca: Some(pki.ca_file.clone()),
-        allowed_clients: None,
-        min_version: serving::tls::MinVersion::Tls13,
-        reload_interval: None,
-    };
-    let config = serving::tls::server_config(&files).expect("server configuration");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = petra_acceptor(pki);
     let listener = tokio::net::TcpListener::bind(loopback())
         .await
         .expect("bind");
