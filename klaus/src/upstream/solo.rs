@@ -17,12 +17,17 @@
 //!   idle timeouts that close HTTP/1.1 keep-alive connections (Petra's is its 10 s header read
 //!   timeout). A colder one is closed and the call goes over HTTP/2, whose pings keep its
 //!   connection open over any distance.
+//! - Every [`LANE_REFRESH`] one lone call goes over HTTP/2 all the same, so that the HTTP/2
+//!   connection stays in use: left unused, the pool's idle timeout would close it, and the
+//!   next burst would open connections on its calls' path.
 //! - When sending a call over it fails before an answer comes (Petra closed it at that moment,
-//!   its age ended), the call is sent over HTTP/2 as if it had never been tried, so what a
-//!   call's errors say, and what outlier detection counts, comes from the HTTP/2 lanes. An
-//!   answer that came over it is the call's answer, an error status too.
-//! - After a connection could not be opened, or a call over it failed, none is opened for
-//!   [`RETRY_AFTER`].
+//!   its age ended), the call is sent over HTTP/2, so what a call's errors say, and what
+//!   outlier detection counts, comes from the HTTP/2 lanes. When Petra had already read the
+//!   request, that sends the idempotent `GET /` a second time, as the retry of a call whose
+//!   connection closed under it does; the pause below bounds it to once per [`RETRY_AFTER`].
+//!   An answer that came over it is the call's answer, an error status too.
+//! - After a connection could not be opened, closed before a call used it, or failed under a
+//!   call, none is opened for [`RETRY_AFTER`].
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -40,6 +45,10 @@ use super::transport::{self, Dial};
 /// How recently the connection must have been used, and the previous lone call have started,
 /// for a lone call to go over it, or to open it.
 pub(crate) const WARM_FOR: Duration = Duration::from_secs(1);
+
+/// How often a lone call goes over HTTP/2 although the solo connection is warm: well inside the
+/// HTTP/2 pool's idle timeout (50 s, `transport::client`).
+pub(crate) const LANE_REFRESH: Duration = Duration::from_secs(5);
 
 /// Lone calls in a row, each within [`WARM_FOR`] of the one before, that open the connection.
 pub(crate) const OPEN_AFTER: u32 = 8;
@@ -69,6 +78,8 @@ struct State {
     busy: bool,
     /// When the last lone call started.
     last_lone: Option<Instant>,
+    /// When a lone call last went over HTTP/2.
+    http2_at: Option<Instant>,
     /// No attempt to open it before this.
     retry_at: Option<Instant>,
 }
@@ -110,13 +121,26 @@ impl Solo {
             1
         };
         if state.busy {
+            state.http2_at = Some(now);
             return None;
         }
+        let refresh = state
+            .http2_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= LANE_REFRESH);
         if let Some(sender) = state.idle.take() {
             let warm = state
                 .idle_since
                 .is_some_and(|since| now.saturating_duration_since(since) < WARM_FOR);
-            if warm && !sender.is_closed() {
+            if sender.is_closed() {
+                // Closed before a call used it (Petra's idle close or age, a refused
+                // certificate, something between that drops HTTP/1.1): wait before the next.
+                state.retry_at = Some(now + RETRY_AFTER);
+            } else if warm && refresh {
+                // This call keeps the HTTP/2 connection in use; the next one takes this.
+                state.idle = Some(sender);
+                state.http2_at = Some(now);
+                return None;
+            } else if warm {
                 state.busy = true;
                 return Some(Lease {
                     sender: Some(sender),
@@ -125,6 +149,7 @@ impl Solo {
             }
             // Cold or closed: dropping the sender closes it.
         }
+        state.http2_at = Some(now);
         if streak >= OPEN_AFTER && state.retry_at.is_none_or(|at| now >= at) {
             state.busy = true;
             drop(state);
@@ -139,6 +164,9 @@ impl Solo {
         let mut connector = transport::connector((*self.dial).clone(), Profile::Fresh, None);
         let (uri, state) = (self.uri.clone(), Arc::clone(&self.state));
         let endpoint = self.dial.ip;
+        let opening = Opening {
+            state: Some(Arc::clone(&state)),
+        };
         tokio::spawn(async move {
             let opened = async {
                 let io = connector.call(uri).await?;
@@ -151,6 +179,7 @@ impl Solo {
                 Ok::<_, transport::BoxError>(sender)
             };
             let opened = opened.await;
+            opening.finish();
             let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
             state.busy = false;
             match opened {
@@ -168,6 +197,30 @@ impl Solo {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The opening of the solo connection, until it ends: dropped before (the task was dropped
+/// with the runtime, or cancelled), it lets the next lone calls open another after
+/// [`RETRY_AFTER`] instead of leaving the connection marked busy for good.
+struct Opening {
+    state: Option<Arc<Mutex<State>>>,
+}
+
+impl Opening {
+    /// The opening ended: what it found is recorded by its task.
+    fn finish(mut self) {
+        self.state = None;
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        if let Some(state) = self.state.take() {
+            let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.busy = false;
+            state.retry_at = Some(Instant::now() + RETRY_AFTER);
+        }
     }
 }
 

@@ -86,6 +86,62 @@ async fn calls_one_at_a_time_go_over_one_http11_connection_and_overlapping_calls
         text.contains("connections_accepted_total 2\n"),
         "one HTTP/2 and one HTTP/1.1 connection: {text}"
     );
+
+    // Unused for longer than it counts as warm, it is closed and the next call goes over
+    // HTTP/2: the time passing is what is tested.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(http_get(&url).await.2, "hello world");
+    assert_eq!(
+        taken(&seen),
+        vec![Version::HTTP_2],
+        "a cold solo connection is not used"
+    );
+    klaus.stop().await;
+    petra.stop().await;
+}
+
+#[tokio::test]
+async fn lone_calls_keep_the_http2_connection_in_use() {
+    let pki = TestPki::new();
+    let (petra, seen) = version_recording_petra(&pki).await;
+    let klaus = spawn_klaus_for(&pki, &petra).await;
+    let url = klaus.http_url();
+    wait_until(
+        "a call reaches Petra over HTTP/1.1",
+        Duration::from_secs(10),
+        || async {
+            assert_eq!(http_get(&url).await.2, "hello world");
+            seen.lock().expect("lock").contains(&Version::HTTP_11)
+        },
+    )
+    .await;
+    taken(&seen);
+    // Without a call now and then, the HTTP/2 connection would idle out of its pool (50 s)
+    // while every lone call went over HTTP/1.1, and the next burst would open connections on
+    // its calls' path.
+    let started = Instant::now();
+    wait_until(
+        "a lone call goes over HTTP/2 again",
+        Duration::from_secs(15),
+        || async {
+            assert_eq!(http_get(&url).await.2, "hello world");
+            seen.lock().expect("lock").contains(&Version::HTTP_2)
+        },
+    )
+    .await;
+    let elapsed = started.elapsed();
+    let versions = taken(&seen);
+    let http11 = versions.iter().filter(|&&v| v == Version::HTTP_11).count();
+    assert!(
+        elapsed >= Duration::from_secs(3) && http11 + 1 == versions.len(),
+        "one lone call over HTTP/2 after {elapsed:?}, the {} before it over HTTP/1.1: {http11}",
+        versions.len() - 1
+    );
+    let text = petra.metrics().await;
+    assert!(
+        text.contains("connections_accepted_total 2\n"),
+        "the same two connections: {text}"
+    );
     klaus.stop().await;
     petra.stop().await;
 }
@@ -164,6 +220,69 @@ async fn a_call_whose_solo_connection_fails_is_answered_over_http2_and_the_conne
     assert!(
         text.contains(&format!(r#"petra_calls_total{{outcome="ok"}} {calls}"#)),
         "every call succeeded: {text}"
+    );
+    klaus.stop().await;
+}
+
+/// A Petra whose HTTP/1.1 connections close right after the TLS handshake, before any request,
+/// and whose HTTP/2 connections answer `hello`: where it listens, and how many HTTP/1.1
+/// connections it took.
+async fn petra_closing_http11_at_once(pki: &TestPki) -> (String, Arc<AtomicUsize>) {
+    let acceptor = petra_acceptor(pki);
+    let listener = tokio::net::TcpListener::bind(loopback())
+        .await
+        .expect("bind");
+    let url = format!(
+        "https://localhost:{}",
+        listener.local_addr().expect("addr").port()
+    );
+    let opened = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&opened);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, count) = (acceptor.clone(), Arc::clone(&count));
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    let router = Router::new().route("/", get(|| async { "hello" }));
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), TowerToHyperService::new(router))
+                        .await;
+                } else {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (url, opened)
+}
+
+#[tokio::test]
+async fn a_solo_connection_closed_before_its_first_call_waits_before_the_next() {
+    let pki = TestPki::new();
+    let (petra_url, opened) = petra_closing_http11_at_once(&pki).await;
+    let klaus = crate::helpers::spawn_klaus(&crate::helpers::petra_args(
+        &petra_url,
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    ))
+    .await;
+    let url = klaus.http_url();
+    // Lone calls for 2 s: without the wait, every call after the eighth opened one (124 in
+    // 2 s, seen in review).
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        let (status, _, body) = http_get(&url).await;
+        assert_eq!((status, body.as_str()), (200, "hello world"));
+        calls += 1;
+    }
+    let opened = opened.load(Ordering::SeqCst);
+    assert!(
+        (1..=4).contains(&opened),
+        "{opened} solo connections opened in 2 s of lone calls ({calls} calls)"
     );
     klaus.stop().await;
 }
