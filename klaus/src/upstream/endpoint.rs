@@ -234,10 +234,12 @@ pub(crate) const MAX_CONNECTIONS: usize = 16;
 /// HTTP/2 pools open connections when the streams of the open ones are in use). A lane left
 /// idle keeps its client and loses its connection to the pool's idle timeout.
 ///
-/// Until a lane's first connection is up, the calls that pick it wait for the call that opens
-/// it: the client learns from ALPN whether a connection multiplexes, so without the wait a
-/// burst on a cold lane would open a connection per call (158 connections for 300 calls, seen
-/// in `resilience::calls_beyond_one_connections_streams_open_more_connections...`).
+/// Until a lane's connection is up (its first, or a new one once the last has gone: closed at
+/// its age, idled out, failed), the calls that pick it wait for the call that opens it: the
+/// client learns from ALPN whether a connection multiplexes, so without the wait a burst on a
+/// cold lane would open a connection per call (158 connections for 300 calls, seen in
+/// `resilience::calls_beyond_one_connections_streams_open_more_connections...`; 19 for 19
+/// after a connection's age, `resilience::a_burst_after_the_connection_reached_its_age...`).
 #[derive(Debug)]
 struct Lanes {
     dial: Dial,
@@ -260,21 +262,37 @@ struct Opening {
     busy: std::sync::atomic::AtomicBool,
     /// Wakes the calls waiting for the opening call.
     opened: tokio::sync::Notify,
+    /// The lane's connections that are up.
+    live: AtomicUsize,
+}
+
+impl transport::Watch for Opening {
+    fn connected(&self) {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        if !self.warm.swap(true, Ordering::AcqRel) {
+            self.opened.notify_waiters();
+        }
+    }
+
+    /// The lane's last connection gone (closed by Petra at its age, idled out of the pool, or
+    /// failed), the lane is cold again: the next call opens a connection and the calls with
+    /// it wait for that one, instead of each opening its own (19 calls opened 19 connections
+    /// after a connection's age ended, before this).
+    fn closed(&self) {
+        if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.busy.store(false, Ordering::Release);
+            self.warm.store(false, Ordering::Release);
+            self.opened.notify_waiters();
+        }
+    }
 }
 
 impl Lane {
     fn new(dial: &Dial) -> Arc<Self> {
         let opening = Arc::new(Opening::default());
-        let on_connected = {
-            let opening = Arc::clone(&opening);
-            Arc::new(move || {
-                if !opening.warm.swap(true, Ordering::AcqRel) {
-                    opening.opened.notify_waiters();
-                }
-            })
-        };
+        let watch: transport::OnConnected = Arc::clone(&opening) as _;
         Arc::new(Self {
-            client: transport::client(dial.clone(), Profile::Pooled, Some(on_connected)),
+            client: transport::client(dial.clone(), Profile::Pooled, Some(watch)),
             calls: AtomicUsize::new(0),
             opening,
         })

@@ -66,8 +66,16 @@ pub(crate) struct Dial {
 }
 
 /// Told when a connection is up (TCP and TLS done), so that calls waiting for a lane's first
-/// connection can go on.
-pub(crate) type OnConnected = Arc<dyn Fn() + Send + Sync>;
+/// connection can go on, and when it is gone (its client dropped it: closed by Petra, by age,
+/// by the pool's idle timeout, or failed), so that the next burst waits for one new
+/// connection instead of opening one per call.
+pub(crate) trait Watch: Send + Sync {
+    fn connected(&self);
+    fn closed(&self);
+}
+
+/// A client's [`Watch`], if it has one.
+pub(crate) type OnConnected = Arc<dyn Watch>;
 
 /// Builds the client of `profile` for one endpoint, for requests whose URI names the
 /// endpoint's URL; `on_connected` is told of each connection made.
@@ -164,7 +172,7 @@ impl std::fmt::Debug for EndpointConnector {
 }
 
 impl tower_service::Service<Uri> for EndpointConnector {
-    type Response = MaybeHttpsStream<TokioIo<TcpStream>>;
+    type Response = Watched;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -197,11 +205,14 @@ impl tower_service::Service<Uri> for EndpointConnector {
             };
             let connected = tokio::time::timeout(timeout, connecting)
                 .await
-                .unwrap_or_else(|_| Err(ConnectTimeout(timeout).into()));
-            if let (Ok(_), Some(on_connected)) = (&connected, on_connected) {
-                on_connected();
+                .unwrap_or_else(|_| Err(ConnectTimeout(timeout).into()))?;
+            if let Some(watch) = &on_connected {
+                watch.connected();
             }
-            connected
+            Ok(Watched {
+                io: connected,
+                watch: on_connected,
+            })
         })
     }
 }
@@ -219,4 +230,64 @@ where
     let tcp = tcp.await.map_err(Into::into)?;
     let stream = tls.connect(name, TokioIo::new(tcp)).await?;
     Ok(MaybeHttpsStream::from(stream))
+}
+
+/// A connection's stream that tells its client's [`Watch`] when it is dropped.
+pub(crate) struct Watched {
+    io: MaybeHttpsStream<TokioIo<TcpStream>>,
+    watch: Option<OnConnected>,
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Some(watch) = &self.watch {
+            watch.closed();
+        }
+    }
+}
+
+impl hyper::rt::Read for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for Watched {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.io.connected()
+    }
 }

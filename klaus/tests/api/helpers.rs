@@ -70,6 +70,17 @@ pub(crate) async fn spawn_fake_petra_at(
     router: Router,
     addr: std::net::SocketAddr,
 ) -> Running {
+    spawn_fake_petra_with(pki, cert, router, addr, Limits::default()).await
+}
+
+/// [`spawn_fake_petra_at`] with the server limits `limits`.
+pub(crate) async fn spawn_fake_petra_with(
+    pki: &TestPki,
+    cert: &Files,
+    router: Router,
+    addr: std::net::SocketAddr,
+    limits: Limits,
+) -> Running {
     spawn(Service {
         name: "fake-petra",
         router,
@@ -88,7 +99,7 @@ pub(crate) async fn spawn_fake_petra_at(
             delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(1),
         },
-        limits: Limits::default(),
+        limits,
         admission: None,
         tasks: Default::default(),
     })

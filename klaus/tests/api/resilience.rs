@@ -358,3 +358,37 @@ fn metric(text: &str, name: &str) -> usize {
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in {text}"))
 }
+
+#[tokio::test]
+async fn a_burst_after_the_connection_reached_its_age_opens_one_connection_not_one_per_call() {
+    let pki = TestPki::new();
+    let router = Router::new().route("/", get(|| async { "hello" }));
+    let limits = serving::server::Limits {
+        max_connection_age: Some(Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let petra =
+        crate::helpers::spawn_fake_petra_with(&pki, &pki.petra, router, loopback(), limits).await;
+    let klaus = crate::helpers::spawn_klaus_for(&pki, &petra).await;
+    let url = klaus.http_url();
+    assert_eq!(http_get(&url).await.2, "hello world");
+    // Petra closes the connection at its age (give or take 10 %), while no call uses it.
+    wait_until(
+        "Petra closed the connection at its age",
+        Duration::from_secs(10),
+        || async { petra.metrics().await.contains("connections_open 0\n") },
+    )
+    .await;
+    for body in crate::helpers::concurrent_gets(&url, 19).await {
+        assert_eq!(body, "hello world");
+    }
+    // The burst waits for one new connection; before, each of its calls opened its own.
+    let text = petra.metrics().await;
+    let accepted: usize = metric(&text, "connections_accepted_total");
+    assert!(
+        accepted <= 3,
+        "{accepted} connections for one call and a burst of 19 after the first one's age"
+    );
+    klaus.stop().await;
+    petra.stop().await;
+}
