@@ -282,6 +282,11 @@ impl transport::Watch for Opening {
         if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.busy.store(false, Ordering::Release);
             self.warm.store(false, Ordering::Release);
+            // A connection that came up between the count and the reset (on another worker
+            // thread) found the lane still warm and woke nobody: the lane is warm after all.
+            if self.live.load(Ordering::Acquire) > 0 {
+                self.warm.store(true, Ordering::Release);
+            }
             self.opened.notify_waiters();
         }
     }

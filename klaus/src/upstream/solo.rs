@@ -136,8 +136,11 @@ impl Solo {
                 // certificate, something between that drops HTTP/1.1): wait before the next.
                 state.retry_at = Some(now + RETRY_AFTER);
             } else if warm && refresh {
-                // This call keeps the HTTP/2 connection in use; the next one takes this.
+                // This call keeps the HTTP/2 connection in use; the next one takes this, and
+                // its warmth counts from now (or calls 0.5–1 s apart would find it cold after
+                // each refresh and open another).
                 state.idle = Some(sender);
+                state.idle_since = Some(now);
                 state.http2_at = Some(now);
                 return None;
             } else if warm {
