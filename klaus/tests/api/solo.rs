@@ -32,6 +32,20 @@ async fn version_recording_petra(pki: &TestPki) -> (Running, Arc<Mutex<Vec<Versi
     (spawn_fake_petra(pki, &pki.petra, router).await, seen)
 }
 
+/// Lone calls through Klaus at `url` until one reaches Petra over HTTP/1.1: the solo
+/// connection opens in the background after a few, and until it is up they go over HTTP/2.
+async fn until_a_call_goes_over_http11(url: &str, seen: &Mutex<Vec<Version>>) {
+    wait_until(
+        "a call reaches Petra over HTTP/1.1",
+        Duration::from_secs(10),
+        || async {
+            assert_eq!(http_get(url).await.2, "hello world");
+            seen.lock().expect("lock").contains(&Version::HTTP_11)
+        },
+    )
+    .await;
+}
+
 fn taken(seen: &Mutex<Vec<Version>>) -> Vec<Version> {
     std::mem::take(&mut *seen.lock().expect("lock"))
 }
@@ -42,17 +56,7 @@ async fn calls_one_at_a_time_go_over_one_http11_connection_and_overlapping_calls
     let (petra, seen) = version_recording_petra(&pki).await;
     let klaus = spawn_klaus_for(&pki, &petra).await;
     let url = klaus.http_url();
-    // The solo connection opens in the background after a few lone calls in a row; until it
-    // is up they go over HTTP/2.
-    wait_until(
-        "a call reaches Petra over HTTP/1.1",
-        Duration::from_secs(10),
-        || async {
-            assert_eq!(http_get(&url).await.2, "hello world");
-            seen.lock().expect("lock").contains(&Version::HTTP_11)
-        },
-    )
-    .await;
+    until_a_call_goes_over_http11(&url, &seen).await;
     let before = taken(&seen);
     assert_eq!(
         before[0],
@@ -106,15 +110,7 @@ async fn lone_calls_keep_the_http2_connection_in_use() {
     let (petra, seen) = version_recording_petra(&pki).await;
     let klaus = spawn_klaus_for(&pki, &petra).await;
     let url = klaus.http_url();
-    wait_until(
-        "a call reaches Petra over HTTP/1.1",
-        Duration::from_secs(10),
-        || async {
-            assert_eq!(http_get(&url).await.2, "hello world");
-            seen.lock().expect("lock").contains(&Version::HTTP_11)
-        },
-    )
-    .await;
+    until_a_call_goes_over_http11(&url, &seen).await;
     taken(&seen);
     // Without a call now and then, the HTTP/2 connection would idle out of its pool (50 s)
     // while every lone call went over HTTP/1.1, and the next burst would open connections on
@@ -146,9 +142,18 @@ async fn lone_calls_keep_the_http2_connection_in_use() {
     petra.stop().await;
 }
 
-/// A Petra whose HTTP/1.1 connections end on their first request, unanswered, and whose HTTP/2
-/// connections answer `hello`: where it listens, and how many HTTP/1.1 requests it dropped.
-async fn petra_dropping_http11(pki: &TestPki) -> (String, Arc<AtomicUsize>) {
+/// What a stand-in Petra does with an HTTP/1.1 connection.
+#[derive(Debug, Clone, Copy)]
+enum Http11 {
+    /// Reads the first request and closes the connection, unanswered; counts the request.
+    DropsTheRequest,
+    /// Closes the connection right after the TLS handshake; counts the connection.
+    ClosesAtOnce,
+}
+
+/// A Petra that breaks HTTP/1.1 as `http11` says and whose HTTP/2 connections answer `hello`:
+/// where it listens, and how many HTTP/1.1 requests or connections it broke.
+async fn petra_breaking_http11(pki: &TestPki, http11: Http11) -> (String, Arc<AtomicUsize>) {
     let acceptor = petra_acceptor(pki);
     let listener = tokio::net::TcpListener::bind(loopback())
         .await
@@ -157,8 +162,8 @@ async fn petra_dropping_http11(pki: &TestPki) -> (String, Arc<AtomicUsize>) {
         "https://localhost:{}",
         listener.local_addr().expect("addr").port()
     );
-    let dropped = Arc::new(AtomicUsize::new(0));
-    let count = Arc::clone(&dropped);
+    let broken = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&broken);
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let (acceptor, count) = (acceptor.clone(), Arc::clone(&count));
@@ -171,28 +176,39 @@ async fn petra_dropping_http11(pki: &TestPki) -> (String, Arc<AtomicUsize>) {
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tls), TowerToHyperService::new(router))
                         .await;
-                } else {
-                    let mut head = [0; 1024];
-                    if tls.read(&mut head).await.is_ok_and(|read| read > 0) {
-                        count.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                let counts = match http11 {
+                    Http11::ClosesAtOnce => true,
+                    Http11::DropsTheRequest => {
+                        let mut head = [0; 1024];
+                        tls.read(&mut head).await.is_ok_and(|read| read > 0)
                     }
+                };
+                if counts {
+                    count.fetch_add(1, Ordering::SeqCst);
                 }
             });
         }
     });
-    (url, dropped)
+    (url, broken)
+}
+
+/// Klaus calling the Petra at `url`.
+async fn klaus_for_url(pki: &TestPki, url: &str) -> Running {
+    crate::helpers::spawn_klaus(&crate::helpers::petra_args(
+        url,
+        Some(pki.ca_file.clone()),
+        Some(&pki.klaus),
+    ))
+    .await
 }
 
 #[tokio::test]
 async fn a_call_whose_solo_connection_fails_is_answered_over_http2_and_the_connection_waits() {
     let pki = TestPki::new();
-    let (petra_url, dropped) = petra_dropping_http11(&pki).await;
-    let klaus = crate::helpers::spawn_klaus(&crate::helpers::petra_args(
-        &petra_url,
-        Some(pki.ca_file.clone()),
-        Some(&pki.klaus),
-    ))
-    .await;
+    let (petra_url, dropped) = petra_breaking_http11(&pki, Http11::DropsTheRequest).await;
+    let klaus = klaus_for_url(&pki, &petra_url).await;
     let url = klaus.http_url();
     let started = Instant::now();
     let calls = AtomicUsize::new(0);
@@ -224,51 +240,11 @@ async fn a_call_whose_solo_connection_fails_is_answered_over_http2_and_the_conne
     klaus.stop().await;
 }
 
-/// A Petra whose HTTP/1.1 connections close right after the TLS handshake, before any request,
-/// and whose HTTP/2 connections answer `hello`: where it listens, and how many HTTP/1.1
-/// connections it took.
-async fn petra_closing_http11_at_once(pki: &TestPki) -> (String, Arc<AtomicUsize>) {
-    let acceptor = petra_acceptor(pki);
-    let listener = tokio::net::TcpListener::bind(loopback())
-        .await
-        .expect("bind");
-    let url = format!(
-        "https://localhost:{}",
-        listener.local_addr().expect("addr").port()
-    );
-    let opened = Arc::new(AtomicUsize::new(0));
-    let count = Arc::clone(&opened);
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, count) = (acceptor.clone(), Arc::clone(&count));
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    let router = Router::new().route("/", get(|| async { "hello" }));
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tls), TowerToHyperService::new(router))
-                        .await;
-                } else {
-                    count.fetch_add(1, Ordering::SeqCst);
-                }
-            });
-        }
-    });
-    (url, opened)
-}
-
 #[tokio::test]
 async fn a_solo_connection_closed_before_its_first_call_waits_before_the_next() {
     let pki = TestPki::new();
-    let (petra_url, opened) = petra_closing_http11_at_once(&pki).await;
-    let klaus = crate::helpers::spawn_klaus(&crate::helpers::petra_args(
-        &petra_url,
-        Some(pki.ca_file.clone()),
-        Some(&pki.klaus),
-    ))
-    .await;
+    let (petra_url, opened) = petra_breaking_http11(&pki, Http11::ClosesAtOnce).await;
+    let klaus = klaus_for_url(&pki, &petra_url).await;
     let url = klaus.http_url();
     // Lone calls for 2 s: without the wait, every call after the eighth opened one (124 in
     // 2 s, seen in review).
