@@ -128,6 +128,11 @@ impl Endpoint {
         self.solo.take()
     }
 
+    /// A request for the solo connection: [`Solo::request`].
+    pub(crate) fn solo_request(&self) -> hyper::Request<http_body_util::Empty<bytes::Bytes>> {
+        self.solo.request()
+    }
+
     /// The client that opens a fresh connection for each call.
     pub(crate) fn fresh(&self) -> &HttpClient {
         &self.fresh
@@ -295,7 +300,7 @@ impl transport::Watch for Opening {
 impl Lane {
     fn new(dial: &Dial) -> Arc<Self> {
         let opening = Arc::new(Opening::default());
-        let watch: transport::OnConnected = Arc::clone(&opening) as _;
+        let watch: transport::Watcher = Arc::clone(&opening) as _;
         Arc::new(Self {
             client: transport::client(dial.clone(), Profile::Pooled, Some(watch)),
             calls: AtomicUsize::new(0),

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::http::header::{HOST, USER_AGENT};
+use axum::http::header::USER_AGENT;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -378,8 +378,8 @@ impl PetraClient {
         if profile == Profile::Pooled
             && let Some(mut solo) = endpoint.solo()
         {
-            // Sending failed before an answer came: not the call's failure, which goes over
-            // HTTP/2 as if this had not been tried (see `solo`).
+            // Sending failed before an answer came: the call goes over HTTP/2 (a second time
+            // when Petra had read it; see `solo`).
             match solo.send(solo_request(endpoint, incoming, span)).await {
                 Ok(response) => {
                     let answer = self.answer(endpoint, response).await;
@@ -514,19 +514,9 @@ fn request(endpoint: &Endpoint, incoming: &HeaderMap, span: &Span) -> Request<Em
     request
 }
 
-/// [`request`] for the solo connection, which is a connection and not a client: the URI in
-/// origin form (the path) and the URL's authority in `host`.
+/// [`request`] for the solo connection.
 fn solo_request(endpoint: &Endpoint, incoming: &HeaderMap, span: &Span) -> Request<Empty<Bytes>> {
-    let uri = &endpoint.target.uri;
-    let mut request = Request::new(Empty::new());
-    if let Some(path) = uri.path_and_query() {
-        *request.uri_mut() = path.as_str().parse().unwrap_or_default();
-    }
-    if let Some(authority) = uri.authority()
-        && let Ok(host) = HeaderValue::from_str(authority.as_str())
-    {
-        request.headers_mut().insert(HOST, host);
-    }
+    let mut request = endpoint.solo_request();
     add_headers(request.headers_mut(), incoming, span);
     request
 }

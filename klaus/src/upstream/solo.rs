@@ -30,10 +30,11 @@
 //!   call, none is opened for [`RETRY_AFTER`].
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use axum::http::Uri;
+use axum::http::header::HOST;
+use axum::http::{HeaderValue, Uri};
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::client::conn::http1::{self, SendRequest};
@@ -63,6 +64,9 @@ pub(crate) struct Solo {
     dial: Arc<Dial>,
     /// The endpoint's URL, which the connector reads the port from.
     uri: Uri,
+    /// Its path (origin form) and authority (`host`), as an HTTP/1.1 connection sends them.
+    path: Uri,
+    host: Option<HeaderValue>,
     /// Lone calls in a row, each within [`WARM_FOR`] of the one before.
     streak: AtomicU32,
     state: Arc<Mutex<State>>,
@@ -86,12 +90,32 @@ struct State {
 
 impl Solo {
     pub(crate) fn new(dial: Dial, uri: Uri) -> Self {
+        let path = uri
+            .path_and_query()
+            .and_then(|path| path.as_str().parse().ok())
+            .unwrap_or_default();
+        let host = uri
+            .authority()
+            .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok());
         Self {
             dial: Arc::new(dial),
             uri,
+            path,
+            host,
             streak: AtomicU32::new(0),
             state: Arc::default(),
         }
+    }
+
+    /// A `GET` of the URL's path with its authority in `host`: this is a connection, not a
+    /// client, so the request names what a client would have filled in.
+    pub(crate) fn request(&self) -> hyper::Request<Empty<Bytes>> {
+        let mut request = hyper::Request::new(Empty::new());
+        *request.uri_mut() = self.path.clone();
+        if let Some(host) = &self.host {
+            request.headers_mut().insert(HOST, host.clone());
+        }
+        request
     }
 
     /// A call started while another was in flight: lone calls count from the start again.
@@ -183,7 +207,7 @@ impl Solo {
             };
             let opened = opened.await;
             opening.finish();
-            let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut state = lock(&state);
             state.busy = false;
             match opened {
                 Ok(sender) => {
@@ -198,9 +222,15 @@ impl Solo {
         });
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
     }
+}
+
+/// The state, also when a thread panicked while it held it: every write to it is one whole
+/// step, so what a panic leaves is consistent.
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The opening of the solo connection, until it ends: dropped before (the task was dropped
@@ -220,7 +250,7 @@ impl Opening {
 impl Drop for Opening {
     fn drop(&mut self) {
         if let Some(state) = self.state.take() {
-            let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut state = lock(&state);
             state.busy = false;
             state.retry_at = Some(Instant::now() + RETRY_AFTER);
         }
@@ -235,8 +265,7 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    /// Sends `request` (an origin-form URI and a `host` header: this is a connection, not a
-    /// client) once the connection takes one.
+    /// Sends `request` ([`Solo::request`]) once the connection takes one.
     pub(crate) async fn send(
         &mut self,
         request: hyper::Request<Empty<Bytes>>,
@@ -252,7 +281,7 @@ impl Lease {
     /// Gives the connection back for the next lone call, once this call has read the answer
     /// to its end.
     pub(crate) fn give_back(mut self) {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = lock(&self.state);
         state.idle = self.sender.take();
         state.idle_since = Some(Instant::now());
     }
@@ -262,7 +291,7 @@ impl Drop for Lease {
     /// Not given back: the call failed or was cut short, and the connection closes with the
     /// sender. None is opened for [`RETRY_AFTER`].
     fn drop(&mut self) {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = lock(&self.state);
         state.busy = false;
         if self.sender.is_some() {
             state.retry_at = Some(Instant::now() + RETRY_AFTER);

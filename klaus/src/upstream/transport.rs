@@ -75,16 +75,12 @@ pub(crate) trait Watch: Send + Sync {
 }
 
 /// A client's [`Watch`], if it has one.
-pub(crate) type OnConnected = Arc<dyn Watch>;
+pub(crate) type Watcher = Arc<dyn Watch>;
 
 /// Builds the client of `profile` for one endpoint, for requests whose URI names the
-/// endpoint's URL; `on_connected` is told of each connection made.
-pub(crate) fn client(
-    dial: Dial,
-    profile: Profile,
-    on_connected: Option<OnConnected>,
-) -> HttpClient {
-    let connector = connector(dial, profile, on_connected);
+/// endpoint's URL; `watch` is told of each connection made and gone.
+pub(crate) fn client(dial: Dial, profile: Profile, watch: Option<Watcher>) -> HttpClient {
+    let connector = connector(dial, profile, watch);
     let pooled = profile == Profile::Pooled;
     let mut builder = Client::builder(TokioExecutor::new());
     builder
@@ -108,12 +104,8 @@ pub(crate) fn client(
 }
 
 /// The connector of `profile` for one endpoint: TCP (no delay, keep-alive) to its address,
-/// then TLS; `on_connected` is told of each connection made.
-pub(crate) fn connector(
-    dial: Dial,
-    profile: Profile,
-    on_connected: Option<OnConnected>,
-) -> EndpointConnector {
+/// then TLS; `watch` is told of each connection made and gone.
+pub(crate) fn connector(dial: Dial, profile: Profile, watch: Option<Watcher>) -> EndpointConnector {
     let mut tcp = HttpConnector::new_with_resolver(Fixed(dial.ip));
     // TLS is added below; the request's scheme is https.
     tcp.enforce_http(false);
@@ -127,7 +119,7 @@ pub(crate) fn connector(
         tcp,
         dial: Arc::new(dial),
         profile,
-        on_connected,
+        watch,
     }
 }
 
@@ -159,7 +151,7 @@ pub(crate) struct EndpointConnector {
     tcp: HttpConnector<Fixed>,
     dial: Arc<Dial>,
     profile: Profile,
-    on_connected: Option<OnConnected>,
+    watch: Option<Watcher>,
 }
 
 impl std::fmt::Debug for EndpointConnector {
@@ -185,7 +177,7 @@ impl tower_service::Service<Uri> for EndpointConnector {
         let dial = Arc::clone(&self.dial);
         let tls = tokio_rustls::TlsConnector::from(dial.tls.config(self.profile));
         let (name, timeout) = (dial.server_name.clone(), dial.connect_timeout);
-        let on_connected = self.on_connected.clone();
+        let watch = self.watch.clone();
         Box::pin(async move {
             let connecting = async move {
                 if dial.host.parse::<IpAddr>().is_err() {
@@ -206,12 +198,12 @@ impl tower_service::Service<Uri> for EndpointConnector {
             let connected = tokio::time::timeout(timeout, connecting)
                 .await
                 .unwrap_or_else(|_| Err(ConnectTimeout(timeout).into()))?;
-            if let Some(watch) = &on_connected {
+            if let Some(watch) = &watch {
                 watch.connected();
             }
             Ok(Watched {
                 io: connected,
-                watch: on_connected,
+                watch,
             })
         })
     }
@@ -235,7 +227,7 @@ where
 /// A connection's stream that tells its client's [`Watch`] when it is dropped.
 pub(crate) struct Watched {
     io: MaybeHttpsStream<TokioIo<TcpStream>>,
-    watch: Option<OnConnected>,
+    watch: Option<Watcher>,
 }
 
 impl Drop for Watched {
