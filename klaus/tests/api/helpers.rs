@@ -116,19 +116,19 @@ pub(crate) async fn spawn_klaus(petra: &PetraArgs) -> Running {
 /// CA and Klaus's client certificate: the URL it calls, and Klaus.
 pub(crate) async fn spawn_klaus_without_petra(pki: &TestPki) -> (String, Running) {
     let url = refused_url();
-    let klaus = spawn_klaus(&petra_args(
-        &url,
-        Some(pki.ca_file.clone()),
-        Some(&pki.klaus),
-    ))
-    .await;
+    let klaus = spawn_klaus_calling(pki, &url).await;
     (url, klaus)
 }
 
 /// Klaus wired to `petra` with `pki`'s CA and Klaus's client certificate.
 pub(crate) async fn spawn_klaus_for(pki: &TestPki, petra: &Running) -> Running {
+    spawn_klaus_calling(pki, &petra.https_url()).await
+}
+
+/// Klaus calling the Petra at `url` with `pki`'s CA and Klaus's client certificate.
+pub(crate) async fn spawn_klaus_calling(pki: &TestPki, url: &str) -> Running {
     spawn_klaus(&petra_args(
-        &petra.https_url(),
+        url,
         Some(pki.ca_file.clone()),
         Some(&pki.klaus),
     ))

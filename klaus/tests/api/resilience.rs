@@ -10,7 +10,7 @@ use serving::testing::{TestPki, loopback, spawn, wait_until};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
 
-use crate::helpers::{get as http_get, petra_args, serve_args, spawn_fake_petra, spawn_klaus};
+use crate::helpers::{get as http_get, petra_args, serve_args, spawn_fake_petra};
 
 /// How a flaky Petra treats its first connection.
 #[derive(Clone, Copy)]
@@ -79,12 +79,7 @@ async fn retried_once(first: FirstConnection) {
     let pki = TestPki::new();
     let addr = spawn_flaky_petra(&pki, first).await;
     let url = format!("https://localhost:{}", addr.port());
-    let klaus = spawn_klaus(&petra_args(
-        &url,
-        Some(pki.ca_file.clone()),
-        Some(&pki.klaus),
-    ))
-    .await;
+    let klaus = crate::helpers::spawn_klaus_calling(&pki, &url).await;
     let (status, _, body) = http_get(&klaus.http_url()).await;
     assert_eq!((status, body.as_str()), (200, "hello world"));
     let text = klaus.metrics().await;

@@ -15,7 +15,8 @@ use serving::testing::{Running, TestPki, loopback, wait_until};
 use tokio::io::AsyncReadExt;
 
 use crate::helpers::{
-    concurrent_gets, get as http_get, petra_acceptor, spawn_fake_petra, spawn_klaus_for,
+    concurrent_gets, get as http_get, petra_acceptor, spawn_fake_petra, spawn_klaus_calling,
+    spawn_klaus_for,
 };
 
 /// A Petra stand-in that answers `hello` and keeps the protocol version of every request.
@@ -194,21 +195,11 @@ async fn petra_breaking_http11(pki: &TestPki, http11: Http11) -> (String, Arc<At
     (url, broken)
 }
 
-/// Klaus calling the Petra at `url`.
-async fn klaus_for_url(pki: &TestPki, url: &str) -> Running {
-    crate::helpers::spawn_klaus(&crate::helpers::petra_args(
-        url,
-        Some(pki.ca_file.clone()),
-        Some(&pki.klaus),
-    ))
-    .await
-}
-
 #[tokio::test]
 async fn a_call_whose_solo_connection_fails_is_answered_over_http2_and_the_connection_waits() {
     let pki = TestPki::new();
     let (petra_url, dropped) = petra_breaking_http11(&pki, Http11::DropsTheRequest).await;
-    let klaus = klaus_for_url(&pki, &petra_url).await;
+    let klaus = spawn_klaus_calling(&pki, &petra_url).await;
     let url = klaus.http_url();
     let started = Instant::now();
     let calls = AtomicUsize::new(0);
@@ -244,7 +235,7 @@ async fn a_call_whose_solo_connection_fails_is_answered_over_http2_and_the_conne
 async fn a_solo_connection_closed_before_its_first_call_waits_before_the_next() {
     let pki = TestPki::new();
     let (petra_url, opened) = petra_breaking_http11(&pki, Http11::ClosesAtOnce).await;
-    let klaus = klaus_for_url(&pki, &petra_url).await;
+    let klaus = spawn_klaus_calling(&pki, &petra_url).await;
     let url = klaus.http_url();
     // Lone calls for 2 s: without the wait, every call after the eighth opened one (124 in
     // 2 s, seen in review).
