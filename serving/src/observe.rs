@@ -3,7 +3,7 @@
 //! one log line per request.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
@@ -17,6 +17,7 @@ use opentelemetry::trace::Status;
 use crate::admission::Admission;
 use crate::metrics::{HttpMetrics, method_label};
 use crate::propagate;
+use crate::telemetry::{self, RequestLine, Route};
 use crate::trace::{Span, Tracer};
 
 pub use crate::propagate::{REQUEST_ID, TRACEPARENT, TRACESTATE};
@@ -62,16 +63,18 @@ async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: 
     let request_id = propagate::sanitize(request.headers_mut());
     let method = method_label(request.method());
     // A clone of the matched path shares its string (an `Arc`): nothing is copied per request.
-    let matched = request.extensions().get::<MatchedPath>().cloned();
-    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let route = match request.extensions().get::<MatchedPath>() {
+        Some(matched) => Route::Matched(matched.clone()),
+        None => Route::Unmatched,
+    };
     let version = request.version();
     let span = state.tracer.server(
         request.headers(),
-        || format!("{method} {route}").into(),
+        || format!("{method} {}", route.as_str()).into(),
         || {
             vec![
                 KeyValue::new("http.request.method", method),
-                KeyValue::new("http.route", route.to_owned()),
+                KeyValue::new("http.route", route.as_str().to_owned()),
                 KeyValue::new("network.protocol.version", protocol_version(version)),
             ]
         },
@@ -96,19 +99,18 @@ async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: 
     let elapsed = started.elapsed().as_secs_f64();
     let status = response.status().as_u16();
     end_span(&span, status);
-    let ids = span.hex_ids();
-    tracing::info!(
-        target: "http",
+    state
+        .metrics
+        .record(route.as_str(), method, status, elapsed);
+    telemetry::log_request(RequestLine {
+        at: SystemTime::now(),
         method,
         route,
         status,
-        latency_ms = elapsed * 1000.0,
-        request_id = request_id.to_str().unwrap_or_default(),
-        trace_id = ids.trace_id(),
-        span_id = ids.span_id(),
-        "request"
-    );
-    state.metrics.record(route, method, status, elapsed);
+        latency_ms: elapsed * 1000.0,
+        request_id,
+        ids: span.hex_ids(),
+    });
     response
 }
 

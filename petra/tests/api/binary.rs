@@ -602,6 +602,54 @@ async fn a_flood_of_404s_logs_a_bounded_number_of_lines_and_a_summary() {
     println!("{FLOOD} 404s in {took:?}: {logged} logged, {summarised} summarised");
 }
 
+/// The JSON request line is formatted off the request's path (`serving::telemetry`), but
+/// RUST_LOG still decides whether it is written, and the line says what the request was.
+#[tokio::test(flavor = "multi_thread")]
+async fn rust_log_decides_whether_request_lines_are_written() {
+    let pki = TestPki::new();
+    for (filter, logged) in [("info", true), ("info,http=warn", false)] {
+        let mut env = tls_env(&pki).to_vec();
+        env.extend([("RUST_LOG", filter), ("SHUTDOWN_DELAY_SECONDS", "0")]);
+        let mut petra = Binary::start(EXE, &env);
+        let url = format!("https://localhost:{}/", petra.main_addr.port());
+        let hello = client(&pki.ca_file, Some(&pki.klaus))
+            .get(&url)
+            .header("x-request-id", "rust-log-test")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(hello.status(), StatusCode::OK);
+        petra.signal("TERM");
+        let status = tokio::task::block_in_place(|| petra.wait_exit(Duration::from_secs(10)));
+        assert_eq!(status.code(), Some(0));
+        let mut lines = Vec::new();
+        while let Ok(line) = petra.lines.recv_timeout(Duration::from_secs(5)) {
+            lines.push(line);
+        }
+        let requests: Vec<&String> = lines
+            .iter()
+            .filter(|line| line.contains("rust-log-test"))
+            .collect();
+        assert_eq!(requests.len(), usize::from(logged), "{filter}: {lines:?}");
+        assert!(
+            lines.iter().any(|line| line.contains("stopped")),
+            "{filter}: {lines:?}"
+        );
+        if logged {
+            let line: serde_json::Value = serde_json::from_str(requests[0]).expect("JSON line");
+            assert_eq!(line["message"], "request", "{line}");
+            assert_eq!(line["target"], "http", "{line}");
+            assert_eq!(line["route"], "/", "{line}");
+            assert_eq!(line["status"], 200, "{line}");
+            assert!(
+                line["latency_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+                "{line}"
+            );
+            assert_eq!(line["trace_id"].as_str().map(str::len), Some(32), "{line}");
+        }
+    }
+}
+
 /// Petra's TLS files from `pki` as its environment: mutual TLS, as the manifests run it.
 fn tls_env(pki: &TestPki) -> [(&'static str, &str); 3] {
     [

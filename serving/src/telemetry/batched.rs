@@ -1,6 +1,7 @@
 //! The batched stdout: log lines collect in a bounded buffer that the `log-flush` thread writes
 //! out, so that a thread that logs never writes.
 
+use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, LazyLock, Mutex, MutexGuard, Once, OnceLock};
@@ -9,11 +10,17 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::counter::Counter;
 use tracing_subscriber::fmt::MakeWriter;
 
+use super::request::{self, RequestLine};
+
 /// The longest an info or debug line waits in the buffer before it is written.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 
 /// A buffer that holds this many bytes is written out at once.
 const FLUSH_BYTES: usize = 64 * 1024;
+
+/// What a request line held as values counts for in the buffer's bounds: about its length
+/// once written.
+const REQUEST_LINE_BYTES: usize = 256;
 
 /// The most bytes the buffer holds while stdout does not take them: four full batches, about
 /// a thousand request lines. Beyond it lines are dropped and counted, never waited for.
@@ -23,6 +30,12 @@ static STDOUT: OnceLock<Batched> = OnceLock::new();
 
 /// `log_lines_dropped_total`.
 pub(super) static DROPPED: LazyLock<Counter> = LazyLock::new(Counter::default);
+
+/// Hands a request line, as values, to the batched stdout, which writes it out in its place
+/// among the other lines ([`request`]).
+pub(super) fn take_request(line: RequestLine) {
+    Batched::stdout().take_request(line);
+}
 
 /// Writes out what the batched stdout still holds, waiting at most `limit` for stdout.
 pub(super) fn flush_stdout(limit: Duration) {
@@ -50,7 +63,9 @@ pub(super) fn flush_stdout_after_panic(limit: Duration) {
 /// `log_lines_dropped_total`. [`super::flush`] runs before the process exits, and a panic
 /// writes the buffer out before it aborts. What a SIGKILL can lose is at most the last 50 ms
 /// of info lines, as with nginx's `access_log buffer= flush=`. While no line arrives the
-/// thread sleeps on a condvar.
+/// thread sleeps on a condvar. Request lines can come as values rather than text
+/// ([`take_request`]): the flushing thread writes them out, in their place among the others,
+/// when it writes the batch.
 ///
 /// tracing-appender's `non_blocking` writer was the other candidate: it also hands lines to a
 /// thread and can drop them (lossy mode), but it sends every line as a message of its own and
@@ -59,7 +74,7 @@ pub(super) fn flush_stdout_after_panic(limit: Duration) {
 /// bounded in bytes, its dropped-lines counter, warnings written at once and the panic flush.
 struct Batched {
     /// Lines not yet written. Lock order: `lines`, then `out`.
-    lines: Mutex<Vec<u8>>,
+    lines: Mutex<Pending>,
     /// Wakes the flushing thread: a first line arrived, or one that must go out at once.
     arrived: Condvar,
     /// Whether a line that must go out at once (a warning, an error, a full batch, a flush)
@@ -74,39 +89,92 @@ struct Batched {
     dropped: Counter,
 }
 
-/// The sink, and a spare buffer that the pending lines are swapped into for writing.
+/// Lines not yet written: text, and request lines as values, each to go out where it came.
+#[derive(Debug, Default)]
+struct Pending {
+    text: Vec<u8>,
+    /// Request lines, each with the length `text` had when it came.
+    requests: Vec<(usize, RequestLine)>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.text.is_empty() && self.requests.is_empty()
+    }
+
+    /// The bytes it holds, a request line counted as [`REQUEST_LINE_BYTES`].
+    fn size(&self) -> usize {
+        self.text.len() + self.requests.len() * REQUEST_LINE_BYTES
+    }
+
+    fn clear(&mut self) {
+        self.text.clear();
+        self.requests.clear();
+    }
+
+    /// The lines in the order they came, request lines written out, appended to `out`.
+    fn render(&self, out: &mut Vec<u8>) {
+        let mut from = 0;
+        for (at, line) in &self.requests {
+            out.extend_from_slice(&self.text[from..*at]);
+            from = *at;
+            // Cannot fail: the writer only appends.
+            let _ = request::write_json(&mut Appender(out), line);
+        }
+        out.extend_from_slice(&self.text[from..]);
+    }
+}
+
+/// Appends formatted text to a byte buffer.
+struct Appender<'a>(&'a mut Vec<u8>);
+
+impl fmt::Write for Appender<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// The sink, a spare buffer that the pending lines are swapped into for writing, and the
+/// bytes of a batch with request lines written out.
 struct Output {
     sink: Box<dyn io::Write + Send>,
-    batch: Vec<u8>,
+    batch: Pending,
+    bytes: Vec<u8>,
 }
 
 impl Output {
     /// Swaps the pending lines out, releases `lines`' lock (after this one was taken, so
     /// batches go out in order) and writes them.
-    fn write(&mut self, mut pending: MutexGuard<'_, Vec<u8>>) {
+    fn write(&mut self, mut pending: MutexGuard<'_, Pending>) {
         if pending.is_empty() {
             return;
         }
         std::mem::swap(&mut *pending, &mut self.batch);
         drop(pending);
+        let bytes = if self.batch.requests.is_empty() {
+            &self.batch.text
+        } else {
+            self.batch.render(&mut self.bytes);
+            &self.bytes
+        };
         // A closed or broken stdout must not take the service down; the lines are dropped.
-        let _ = self
-            .sink
-            .write_all(&self.batch)
-            .and_then(|()| self.sink.flush());
+        let _ = self.sink.write_all(bytes).and_then(|()| self.sink.flush());
         self.batch.clear();
+        self.bytes.clear();
     }
 }
 
 impl Batched {
     fn new(sink: Box<dyn io::Write + Send>, dropped: Counter) -> Self {
         Self {
-            lines: Mutex::new(Vec::new()),
+            lines: Mutex::new(Pending::default()),
             arrived: Condvar::new(),
             urgent: AtomicBool::new(false),
             out: Mutex::new(Output {
                 sink,
-                batch: Vec::new(),
+                batch: Pending::default(),
+                bytes: Vec::new(),
             }),
             flusher: AtomicBool::new(false),
             dropped,
@@ -114,7 +182,7 @@ impl Batched {
     }
 
     /// Writes out what `pending` holds, on this thread.
-    fn write_out(&self, pending: MutexGuard<'_, Vec<u8>>) {
+    fn write_out(&self, pending: MutexGuard<'_, Pending>) {
         if pending.is_empty() {
             return;
         }
@@ -192,7 +260,7 @@ impl Batched {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
         // A panic while the lock was held leaves lines that are still worth writing.
         self.lines
             .lock()
@@ -231,19 +299,45 @@ impl Batched {
     fn take(&self, line: &[u8], urgent: bool) {
         let mut pending = self.lock();
         if !self.flusher.load(Ordering::Acquire) {
-            pending.extend_from_slice(line);
+            pending.text.extend_from_slice(line);
             self.write_out(pending);
             return;
         }
-        if pending.len() + line.len() > MAX_PENDING_BYTES {
+        if pending.size() + line.len() > MAX_PENDING_BYTES {
             drop(pending);
             let lines = line.iter().filter(|&&b| b == b'\n').count().max(1);
             self.dropped.inc_by(lines as u64);
             return;
         }
         let was_empty = pending.is_empty();
-        pending.extend_from_slice(line);
-        if urgent || pending.len() >= FLUSH_BYTES {
+        pending.text.extend_from_slice(line);
+        self.arrived(&pending, was_empty, urgent);
+    }
+
+    /// Takes a request line as values, as [`Batched::take`] takes an info line.
+    fn take_request(&self, line: RequestLine) {
+        let mut pending = self.lock();
+        if !self.flusher.load(Ordering::Acquire) {
+            let at = pending.text.len();
+            pending.requests.push((at, line));
+            self.write_out(pending);
+            return;
+        }
+        if pending.size() + REQUEST_LINE_BYTES > MAX_PENDING_BYTES {
+            drop(pending);
+            self.dropped.inc();
+            return;
+        }
+        let was_empty = pending.is_empty();
+        let at = pending.text.len();
+        pending.requests.push((at, line));
+        self.arrived(&pending, was_empty, false);
+    }
+
+    /// Wakes the flushing thread for what just arrived in `pending`: at once for an urgent
+    /// line or a full batch, to start its flush interval for a first line.
+    fn arrived(&self, pending: &Pending, was_empty: bool, urgent: bool) {
+        if urgent || pending.size() >= FLUSH_BYTES {
             self.urgent.store(true, Ordering::Release);
             self.arrived.notify_one();
         } else if was_empty {
@@ -295,7 +389,7 @@ pub(super) mod tests {
 
     use prometheus_client::metrics::counter::Counter;
 
-    use super::{Batched, FLUSH_INTERVAL, MAX_PENDING_BYTES};
+    use super::{Batched, FLUSH_INTERVAL, MAX_PENDING_BYTES, REQUEST_LINE_BYTES, RequestLine};
 
     /// A sink that records what it was given and how many writes it took.
     #[derive(Clone, Default)]
@@ -371,6 +465,69 @@ pub(super) mod tests {
             "100 lines took {} writes",
             writes_after - writes
         );
+    }
+
+    #[test]
+    fn request_lines_taken_as_values_go_out_in_their_place_among_the_others() {
+        let sink = Counting::default();
+        let batched: &'static Batched = Box::leak(Box::new(Batched::new(
+            Box::new(sink.clone()),
+            Counter::default(),
+        )));
+        batched.start_flusher();
+        batched.take(b"first\n", false);
+        batched.take_request(RequestLine::for_tests("one"));
+        batched.take_request(RequestLine::for_tests("two"));
+        batched.take(b"between\n", false);
+        batched.take_request(RequestLine::for_tests("three"));
+        batched.take(b"last\n", true);
+        wait_for_lines(&sink, 6);
+        let text = String::from_utf8(sink.0.lock().expect("lock").0.clone()).expect("UTF-8");
+        let lines: Vec<&str> = text.lines().collect();
+        let id = |line: &str| {
+            let line: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            line["request_id"]
+                .as_str()
+                .expect("a request id")
+                .to_owned()
+        };
+        assert_eq!(lines.len(), 6, "{text}");
+        assert_eq!((lines[0], lines[3], lines[5]), ("first", "between", "last"));
+        assert_eq!(
+            [id(lines[1]), id(lines[2]), id(lines[4])],
+            ["one", "two", "three"]
+        );
+    }
+
+    #[test]
+    fn request_lines_count_against_the_bound_and_are_dropped_beyond_it() {
+        let (release, blocked) = std::sync::mpsc::channel();
+        let dropped = Counter::default();
+        let batched: &'static Batched = Box::leak(Box::new(Batched::new(
+            Box::new(Blocked(blocked)),
+            dropped.clone(),
+        )));
+        batched.start_flusher();
+        // The first line goes into the write that blocks; the next fill the buffer.
+        batched.take(b"stuck\n", true);
+        while !batched.lock().is_empty() {
+            std::thread::yield_now();
+        }
+        let lines = 2 * MAX_PENDING_BYTES / REQUEST_LINE_BYTES;
+        for _ in 0..lines {
+            batched.take_request(RequestLine::for_tests("x"));
+        }
+        assert_eq!(
+            batched.lock().requests.len(),
+            MAX_PENDING_BYTES / REQUEST_LINE_BYTES
+        );
+        assert_eq!(
+            dropped.get() as usize,
+            lines - MAX_PENDING_BYTES / REQUEST_LINE_BYTES
+        );
+        drop(release);
+        batched.flush_within(Duration::from_secs(5));
+        assert!(batched.lock().is_empty());
     }
 
     /// A sink whose writes block until the test lets them go, as a pipe nobody reads.

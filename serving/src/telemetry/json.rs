@@ -55,17 +55,7 @@ impl<W: fmt::Write> JsonFields<'_, W> {
     fn field(&mut self, field: &Field, value: impl FnOnce(&mut W) -> fmt::Result) {
         if self.result.is_ok() {
             self.result = (|| {
-                // A field name is almost always an identifier: one check, then one write.
-                let name = field.name();
-                if needs_escaping(name) {
-                    self.out.write_str(",")?;
-                    write_json_str(self.out, name)?;
-                    self.out.write_str(":")?;
-                } else {
-                    self.out.write_str(",\"")?;
-                    self.out.write_str(name)?;
-                    self.out.write_str("\":")?;
-                }
+                write_field_name(self.out, field.name())?;
                 value(self.out)
             })();
         }
@@ -122,8 +112,22 @@ impl<W: fmt::Write> Visit for JsonFields<'_, W> {
     }
 }
 
+/// `,"name":`, which starts a field after the one before it. A field name is almost always an
+/// identifier: one check, then one write.
+pub(super) fn write_field_name(out: &mut impl fmt::Write, name: &str) -> fmt::Result {
+    if needs_escaping(name) {
+        out.write_str(",")?;
+        write_json_str(out, name)?;
+        out.write_str(":")
+    } else {
+        out.write_str(",\"")?;
+        out.write_str(name)?;
+        out.write_str("\":")
+    }
+}
+
 /// `value` as a JSON string, quotes included.
-fn write_json_str(out: &mut impl fmt::Write, value: &str) -> fmt::Result {
+pub(super) fn write_json_str(out: &mut impl fmt::Write, value: &str) -> fmt::Result {
     out.write_str("\"")?;
     Escaped(out).write_str(value)?;
     out.write_str("\"")

@@ -12,10 +12,13 @@
 //!
 //! Logging never blocks serving: lines go to a bounded buffer that a thread of its own writes
 //! out (`batched`), and request lines with an error status are sampled (`sampler`). The JSON
-//! line is written in `json`, its timestamp in `timestamp`.
+//! line is written in `json`, its timestamp in `timestamp`. The request line, one per request,
+//! goes to that buffer as values and is formatted by the writing thread, off the request's path
+//! (`request`).
 
 mod batched;
 mod json;
+mod request;
 mod sampler;
 mod timestamp;
 
@@ -31,6 +34,7 @@ use crate::error::ConfigError;
 
 pub use batched::{BatchedLine, BatchedStdout, FLUSH_INTERVAL, MAX_PENDING_BYTES};
 pub use json::JsonLine;
+pub use request::{RequestLine, Route, log as log_request};
 pub use sampler::{SAMPLED_LINES_PER_SECOND, StatusLabel};
 
 use batched::DROPPED;
@@ -64,7 +68,8 @@ pub fn init(format: LogFormat) -> Result<(), ConfigError> {
             .event_format(JsonLine)
             .finish()
             .with(sampler)
-            .try_init(),
+            .try_init()
+            .inspect(|()| request::take_as_values()),
         LogFormat::Text => builder.with_ansi(false).finish().with(sampler).try_init(),
     };
     if installed.is_ok() {

@@ -55,7 +55,7 @@ impl Sampler {
     }
 
     /// Whether a request line with `status` is logged at `now`.
-    fn admit(&self, status: u16, now: Instant) -> bool {
+    pub(super) fn admit(&self, status: u16, now: Instant) -> bool {
         if status < 400 {
             return true;
         }

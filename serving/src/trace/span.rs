@@ -153,6 +153,21 @@ impl HexIds {
     pub fn span_id(&self) -> &str {
         std::str::from_utf8(&self.span).unwrap_or_default()
     }
+
+    /// Fixed ids, for tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Self {
+        let mut ids = Self {
+            trace: [b'0'; 32],
+            span: [b'0'; 16],
+        };
+        hex(&mut ids.trace, &[0x4b; 16]);
+        hex(
+            &mut ids.span,
+            &[0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7],
+        );
+        ids
+    }
 }
 
 /// Writes `bytes` as lowercase hex into `out`, two digits a byte.
