@@ -43,6 +43,7 @@ pub use metrics::PetraMetrics;
 use balance::{Endpoints, NoEndpoint};
 use endpoint::{Endpoint, OutlierSettings};
 use error::Chain;
+use solo::Lease;
 use tls::{ClientTls, Profile};
 
 /// Headers of the incoming request that Klaus passes on to Petra. The middleware has checked
@@ -291,6 +292,17 @@ impl PetraClient {
         retry: usize,
     ) -> Result<String, PetraError> {
         let first = retry == 0;
+        let in_flight = endpoint.start();
+        // A pooled call alone on its endpoint goes over the solo connection when it is warm.
+        let solo = match profile {
+            Profile::Pooled => endpoint.solo(),
+            Profile::Fresh => None,
+        };
+        let connection = match (&solo, profile) {
+            (Some(_), _) => "solo",
+            (None, Profile::Pooled) => "pooled",
+            (None, Profile::Fresh) => "fresh",
+        };
         let span = call.child(
             SpanKind::Client,
             || "GET".into(),
@@ -302,14 +314,7 @@ impl PetraClient {
                     KeyValue::new("network.peer.address", endpoint.addr.ip().to_string()),
                     KeyValue::new("network.peer.port", i64::from(endpoint.addr.port())),
                     KeyValue::new("petra.priority", endpoint.target.priority as i64),
-                    KeyValue::new(
-                        "petra.connection",
-                        if profile == Profile::Pooled {
-                            "pooled"
-                        } else {
-                            "fresh"
-                        },
-                    ),
+                    KeyValue::new("petra.connection", connection),
                 ];
                 if retry > 0 {
                     attributes.push(KeyValue::new("http.request.resend_count", retry as i64));
@@ -317,10 +322,9 @@ impl PetraClient {
                 attributes
             },
         );
-        let in_flight = endpoint.start();
         let result = match tokio::time::timeout_at(
             deadline,
-            self.exchange(endpoint, profile, incoming, &span),
+            self.exchange(endpoint, profile, solo, incoming, &span),
         )
         .await
         {
@@ -368,16 +372,16 @@ impl PetraClient {
         result
     }
 
+    /// The call over `solo` when the attempt holds it, otherwise over the client of `profile`.
     async fn exchange(
         &self,
         endpoint: &Endpoint,
         profile: Profile,
+        solo: Option<Lease>,
         incoming: &HeaderMap,
         span: &Span,
     ) -> Result<String, PetraError> {
-        if profile == Profile::Pooled
-            && let Some(mut solo) = endpoint.solo()
-        {
+        if let Some(mut solo) = solo {
             // Sending failed before an answer came: the call goes over HTTP/2 (a second time
             // when Petra had read it; see `solo`).
             match solo.send(solo_request(endpoint, incoming, span)).await {
@@ -389,7 +393,13 @@ impl PetraClient {
                     return answer;
                 }
                 Err(err) => {
-                    tracing::debug!(endpoint = %endpoint.addr, error = %Chain(&err), "a call over the solo connection to Petra failed; sending it over HTTP/2")
+                    tracing::debug!(endpoint = %endpoint.addr, error = %Chain(&err), "a call over the solo connection to Petra failed; sending it over HTTP/2");
+                    span.record(|span| {
+                        span.add_event(
+                            "solo connection failed, sent over HTTP/2",
+                            vec![KeyValue::new("error.message", Chain(&err).to_string())],
+                        );
+                    });
                 }
             }
         }

@@ -165,6 +165,7 @@ async fn klaus_and_petra_spans_share_one_trace_through_a_real_otlp_export() {
         petra.main_addr.port().to_string()
     );
     assert_eq!(attempt.attributes["petra.priority"], "0");
+    assert_eq!(attempt.attributes["petra.connection"], "pooled");
     assert_eq!(call.attributes["petra.outcome"], "ok");
     assert_eq!(call.attributes["petra.attempts"], "1");
     assert_eq!(call.attributes["petra.priority"], "0");
@@ -185,6 +186,20 @@ async fn klaus_and_petra_spans_share_one_trace_through_a_real_otlp_export() {
         one(&spans, "petra", "GET /").parent_span_id,
         one(&spans, "klaus", "GET").span_id
     );
+
+    // Calls one at a time soon go over the solo connection, and their attempts say so.
+    let traces: Vec<String> = (0..20)
+        .map(|i| format!("{:032x}", 0xc0ffee_u64 + i))
+        .collect();
+    for trace in &traces {
+        hello_world(&klaus, Some(&format!("00-{trace}-00f067aa0ba902b7-01"))).await;
+    }
+    let mut connections = Vec::new();
+    for trace in &traces[10..] {
+        let spans = spans_of(&store, trace, 4).await;
+        connections.push(one(&spans, "klaus", "GET").attributes["petra.connection"].clone());
+    }
+    assert!(connections.iter().any(|c| c == "solo"), "{connections:?}");
 }
 
 #[tokio::test]
