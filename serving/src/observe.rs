@@ -17,7 +17,7 @@ use opentelemetry::trace::Status;
 use crate::admission::Admission;
 use crate::metrics::{HttpMetrics, method_label};
 use crate::propagate;
-use crate::telemetry::{self, RequestLine, Route};
+use crate::telemetry::{self, RequestId, RequestLine, Route};
 use crate::trace::{Span, Tracer};
 
 pub use crate::propagate::{REQUEST_ID, TRACEPARENT, TRACESTATE};
@@ -108,7 +108,7 @@ async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: 
         route,
         status,
         latency_ms: elapsed * 1000.0,
-        request_id,
+        request_id: RequestId::copy(&request_id),
         ids: span.hex_ids(),
     });
     response

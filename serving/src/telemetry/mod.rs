@@ -34,7 +34,7 @@ use crate::error::ConfigError;
 
 pub use batched::{BatchedLine, BatchedStdout, FLUSH_INTERVAL, MAX_PENDING_BYTES};
 pub use json::JsonLine;
-pub use request::{RequestLine, Route, log as log_request};
+pub use request::{RequestId, RequestLine, Route, log as log_request};
 pub use sampler::{SAMPLED_LINES_PER_SECOND, StatusLabel};
 
 use batched::DROPPED;

@@ -21,6 +21,7 @@ use super::batched;
 use super::json::{write_field_name, write_json_str};
 use super::sampler::Sampler;
 use super::timestamp::write_timestamp;
+use crate::propagate::MAX_REQUEST_ID_LEN;
 use crate::trace::HexIds;
 
 /// Whether request lines go to the batched stdout as values: JSON lines, through the
@@ -65,9 +66,48 @@ pub struct RequestLine {
     /// From the request's arrival to the answer, in milliseconds.
     pub latency_ms: f64,
     /// The request id, one that is safe to log.
-    pub request_id: HeaderValue,
+    pub request_id: RequestId,
     /// The request's trace and span ids.
     pub ids: HexIds,
+}
+
+/// A request id, copied out of its header. The header's bytes are a slice of the connection's
+/// read buffer: held until the line is written, they would keep the connection from reusing
+/// that buffer, and every request would allocate a new one.
+#[derive(Clone)]
+pub struct RequestId {
+    len: u8,
+    bytes: [u8; MAX_REQUEST_ID_LEN],
+}
+
+impl RequestId {
+    /// The id in `value`; empty when it is longer than a request id may be or not text (which
+    /// [`crate::propagate::sanitize`] never lets through).
+    pub fn copy(value: &HeaderValue) -> Self {
+        let mut id = Self {
+            len: 0,
+            bytes: [0; MAX_REQUEST_ID_LEN],
+        };
+        let bytes = value.as_bytes();
+        if let (Ok(text), Ok(len)) = (value.to_str(), u8::try_from(bytes.len()))
+            && let Some(slot) = id.bytes.get_mut(..text.len())
+        {
+            slot.copy_from_slice(bytes);
+            id.len = len;
+        }
+        id
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
 }
 
 /// Logs a request's line (target `http`, level INFO), unless `RUST_LOG` filters it out or
@@ -92,7 +132,7 @@ fn log_as_event(line: &RequestLine) {
         route = line.route.as_str(),
         status = line.status,
         latency_ms = line.latency_ms,
-        request_id = line.request_id.to_str().unwrap_or_default(),
+        request_id = line.request_id.as_str(),
         trace_id = line.ids.trace_id(),
         span_id = line.ids.span_id(),
         "request"
@@ -116,7 +156,7 @@ pub(super) fn write_json(out: &mut impl fmt::Write, line: &RequestLine) -> fmt::
         out.write_str("null")?;
     }
     write_field_name(out, "request_id")?;
-    write_json_str(out, line.request_id.to_str().unwrap_or_default())?;
+    write_json_str(out, line.request_id.as_str())?;
     write_field_name(out, "trace_id")?;
     write_json_str(out, line.ids.trace_id())?;
     write_field_name(out, "span_id")?;
@@ -134,7 +174,7 @@ impl RequestLine {
             route: Route::Unmatched,
             status: 404,
             latency_ms: 1.5,
-            request_id: HeaderValue::from_static(request_id),
+            request_id: RequestId::copy(&HeaderValue::from_static(request_id)),
             ids: HexIds::for_tests(),
         }
     }
@@ -164,6 +204,18 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || log_as_event(line));
         let bytes = sink.0.lock().expect("lock").0.clone();
         String::from_utf8(bytes).expect("UTF-8")
+    }
+
+    #[test]
+    fn a_request_id_is_copied_whole_or_not_at_all() {
+        let longest = "a".repeat(MAX_REQUEST_ID_LEN);
+        let id = RequestId::copy(&HeaderValue::from_str(&longest).expect("a header value"));
+        assert_eq!(id.as_str(), longest);
+        let longer = format!("{longest}b");
+        let id = RequestId::copy(&HeaderValue::from_str(&longer).expect("a header value"));
+        assert_eq!(id.as_str(), "");
+        let id = RequestId::copy(&HeaderValue::from_bytes(b"caf\xe9").expect("a header value"));
+        assert_eq!(id.as_str(), "");
     }
 
     #[test]
