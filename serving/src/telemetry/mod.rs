@@ -22,7 +22,8 @@ mod request;
 mod sampler;
 mod timestamp;
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use prometheus_client::registry::Registry;
 use tracing_subscriber::EnvFilter;
@@ -34,7 +35,7 @@ use crate::error::ConfigError;
 
 pub use batched::{BatchedLine, BatchedStdout, FLUSH_INTERVAL, MAX_PENDING_BYTES};
 pub use json::JsonLine;
-pub use request::{RequestId, RequestLine, Route, log as log_request};
+pub use request::{RequestId, RequestLine, Route};
 pub use sampler::{SAMPLED_LINES_PER_SECOND, StatusLabel};
 
 use batched::DROPPED;
@@ -69,13 +70,31 @@ pub fn init(format: LogFormat) -> Result<(), ConfigError> {
             .finish()
             .with(sampler)
             .try_init()
-            .inspect(|()| request::take_as_values()),
+            .inspect(|()| REQUEST_LINES_AS_VALUES.store(true, Ordering::Release)),
         LogFormat::Text => builder.with_ansi(false).finish().with(sampler).try_init(),
     };
     if installed.is_ok() {
         sampler.start_summaries();
     }
     Ok(())
+}
+
+/// Whether request lines go to the batched stdout as values ([`request`]): JSON lines, through
+/// the subscriber [`init`] installed.
+static REQUEST_LINES_AS_VALUES: AtomicBool = AtomicBool::new(false);
+
+/// Logs a request's line (target `http`, level INFO), unless `RUST_LOG` filters it out or
+/// sampling leaves it out (error statuses beyond the first few each second).
+pub fn log_request(line: RequestLine) {
+    if !REQUEST_LINES_AS_VALUES.load(Ordering::Acquire) {
+        return request::log_as_event(&line);
+    }
+    if !tracing::enabled!(target: "http", tracing::Level::INFO) {
+        return;
+    }
+    if Sampler::global().admit(line.status, Instant::now()) {
+        batched::take_request(line);
+    }
 }
 
 /// Registers the logging metrics in `registry`: `log_lines_dropped_total` and

@@ -3,35 +3,23 @@
 //! Every request gets one line (target `http`, message `request`). Formatting it through
 //! `tracing` costs the request's own thread the event's dispatch, the JSON and a copy into the
 //! buffer: at one request at a time that was about a twentieth of Klaus's CPU and a thirteenth
-//! of Petra's (perf), on the path of every answer. With JSON lines, [`log`] therefore takes the
-//! line's values as they are (a clock reading, the status, the ids) and hands them to the
-//! batched stdout, whose thread formats them when it writes the batch: the request's thread
-//! only checks the filter, samples and appends. The line is the same, byte for byte, as the one
-//! `tracing` writes; with text lines, or where this crate's subscriber is not installed (tests
-//! with a subscriber of their own), [`log`] goes through `tracing` as before.
+//! of Petra's (perf), on the path of every answer. With JSON lines, [`super::log_request`]
+//! therefore takes the line's values as they are (a clock reading, the status, the ids) and
+//! hands them to the batched stdout, whose thread formats them when it writes the batch: the
+//! request's thread only checks the filter, samples and appends. The line is the same, byte
+//! for byte, as the one `tracing` writes; with text lines, or where this crate's subscriber is
+//! not installed (tests with a subscriber of their own), it goes through `tracing` as before.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use axum::extract::MatchedPath;
 use http::HeaderValue;
 
-use super::batched;
 use super::json::{write_field_name, write_json_str};
-use super::sampler::Sampler;
 use super::timestamp::write_timestamp;
 use crate::propagate::MAX_REQUEST_ID_LEN;
 use crate::trace::HexIds;
-
-/// Whether request lines go to the batched stdout as values: JSON lines, through the
-/// subscriber [`super::init`] installed.
-static AS_VALUES: AtomicBool = AtomicBool::new(false);
-
-/// From now on, request lines are handed to the batched stdout as values.
-pub(super) fn take_as_values() {
-    AS_VALUES.store(true, Ordering::Release);
-}
 
 /// The route a request matched: a template such as `/`, or `unmatched`.
 #[derive(Debug, Clone)]
@@ -110,22 +98,8 @@ impl fmt::Debug for RequestId {
     }
 }
 
-/// Logs a request's line (target `http`, level INFO), unless `RUST_LOG` filters it out or
-/// sampling leaves it out (error statuses beyond the first few each second).
-pub fn log(line: RequestLine) {
-    if !AS_VALUES.load(Ordering::Acquire) {
-        return log_as_event(&line);
-    }
-    if !tracing::enabled!(target: "http", tracing::Level::INFO) {
-        return;
-    }
-    if Sampler::global().admit(line.status, Instant::now()) {
-        batched::take_request(line);
-    }
-}
-
 /// The line as a `tracing` event, which the installed subscriber filters, samples and formats.
-fn log_as_event(line: &RequestLine) {
+pub(super) fn log_as_event(line: &RequestLine) {
     tracing::info!(
         target: "http",
         method = line.method,
