@@ -501,13 +501,7 @@ pub(super) mod tests {
 
     #[test]
     fn request_lines_count_against_the_bound_and_are_dropped_beyond_it() {
-        let (release, blocked) = std::sync::mpsc::channel();
-        let dropped = Counter::default();
-        let batched: &'static Batched = Box::leak(Box::new(Batched::new(
-            Box::new(Blocked(blocked)),
-            dropped.clone(),
-        )));
-        batched.start_flusher();
+        let (batched, release, dropped) = blocked();
         // The first line goes into the write that blocks; the next fill the buffer.
         batched.take(b"stuck\n", true);
         while !batched.lock().is_empty() {
@@ -543,8 +537,9 @@ pub(super) mod tests {
         }
     }
 
-    #[test]
-    fn a_blocked_stdout_drops_and_counts_lines_instead_of_blocking() {
+    /// A batched stdout whose writes block until the sender is dropped, and its dropped-lines
+    /// counter.
+    fn blocked() -> (&'static Batched, std::sync::mpsc::Sender<()>, Counter) {
         let (release, blocked) = std::sync::mpsc::channel();
         let dropped = Counter::default();
         let batched: &'static Batched = Box::leak(Box::new(Batched::new(
@@ -552,6 +547,12 @@ pub(super) mod tests {
             dropped.clone(),
         )));
         batched.start_flusher();
+        (batched, release, dropped)
+    }
+
+    #[test]
+    fn a_blocked_stdout_drops_and_counts_lines_instead_of_blocking() {
+        let (batched, release, dropped) = blocked();
         let line = format!("{}\n", "x".repeat(199));
         let lines = 3 * MAX_PENDING_BYTES / line.len();
         let since = Instant::now();

@@ -174,7 +174,7 @@ impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::batched::tests::Counting;
     use super::*;
 
@@ -198,7 +198,7 @@ mod tests {
     }
 
     /// What `emit` logs, as JSON lines.
-    fn one_line(emit: impl FnOnce()) -> String {
+    pub(in crate::telemetry) fn one_line(emit: impl FnOnce()) -> String {
         let sink = Counting::default();
         let writer = sink.clone();
         let subscriber = tracing_subscriber::fmt()

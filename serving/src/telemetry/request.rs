@@ -157,8 +157,7 @@ impl RequestLine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::JsonLine;
-    use crate::telemetry::batched::tests::Counting;
+    use crate::telemetry::json::tests::one_line;
 
     fn line(request_id: &'static str, latency_ms: f64) -> RequestLine {
         RequestLine {
@@ -167,17 +166,9 @@ mod tests {
         }
     }
 
-    /// The line as `tracing` and [`JsonLine`] write it, with its timestamp.
+    /// The line as `tracing` and [`super::super::JsonLine`] write it, with its timestamp.
     fn as_event(line: &RequestLine) -> String {
-        let sink = Counting::default();
-        let writer = sink.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .event_format(JsonLine)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || log_as_event(line));
-        let bytes = sink.0.lock().expect("lock").0.clone();
-        String::from_utf8(bytes).expect("UTF-8")
+        one_line(|| log_as_event(line))
     }
 
     #[test]
