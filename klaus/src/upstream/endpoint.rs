@@ -128,6 +128,11 @@ impl Endpoint {
         self.solo.take()
     }
 
+    /// A call over the solo connection reached its deadline: [`Solo::pause`].
+    pub(crate) fn solo_pause(&self) {
+        self.solo.pause();
+    }
+
     /// A request for the solo connection: [`Solo::request`].
     pub(crate) fn solo_request(&self) -> hyper::Request<http_body_util::Empty<bytes::Bytes>> {
         self.solo.request()

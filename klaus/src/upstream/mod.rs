@@ -329,11 +329,16 @@ impl PetraClient {
         .await
         {
             Ok(result) => result,
-            Err(elapsed) => Err(PetraError::Timeout {
-                timeout_ms: self.timeout_ms(),
-                connecting: false,
-                source: Box::new(elapsed),
-            }),
+            Err(elapsed) => {
+                if connection == "solo" {
+                    endpoint.solo_pause();
+                }
+                Err(PetraError::Timeout {
+                    timeout_ms: self.timeout_ms(),
+                    connecting: false,
+                    source: Box::new(elapsed),
+                })
+            }
         };
         drop(in_flight);
         match &result {
@@ -389,10 +394,13 @@ impl PetraClient {
                     let answer = self.answer(endpoint, response).await;
                     if answer.is_ok() {
                         solo.give_back();
+                    } else {
+                        solo.fail();
                     }
                     return answer;
                 }
                 Err(err) => {
+                    solo.fail();
                     tracing::debug!(endpoint = %endpoint.addr, error = %Chain(&err), "a call over the solo connection to Petra failed; sending it over HTTP/2");
                     span.record(|span| {
                         span.add_event(

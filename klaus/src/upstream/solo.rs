@@ -27,7 +27,13 @@
 //!   connection closed under it does; the pause below bounds it to once per [`RETRY_AFTER`].
 //!   An answer that came over it is the call's answer, an error status too.
 //! - After a connection could not be opened, closed before a call used it, or failed under a
-//!   call, none is opened for [`RETRY_AFTER`].
+//!   call (no answer, an error status, the call's deadline), none is opened for
+//!   [`RETRY_AFTER`].
+//! - A call cut short from outside (its client went away) closes the connection too, since its
+//!   answer may still be on the way, but says nothing about Petra: the next lone calls may open
+//!   another at once, once they are again [`OPEN_AFTER`] in a row. A load generator that stops
+//!   mid-call, as every timed benchmark does, would otherwise keep the next run's first second
+//!   off the connection.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -68,7 +74,7 @@ pub(crate) struct Solo {
     path: Uri,
     host: Option<HeaderValue>,
     /// Lone calls in a row, each within [`WARM_FOR`] of the one before.
-    streak: AtomicU32,
+    streak: Arc<AtomicU32>,
     state: Arc<Mutex<State>>,
 }
 
@@ -102,7 +108,7 @@ impl Solo {
             uri,
             path,
             host,
-            streak: AtomicU32::new(0),
+            streak: Arc::default(),
             state: Arc::default(),
         }
     }
@@ -172,6 +178,7 @@ impl Solo {
                 return Some(Lease {
                     sender: Some(sender),
                     state: Arc::clone(&self.state),
+                    streak: Arc::clone(&self.streak),
                 });
             }
             // Cold or closed: dropping the sender closes it.
@@ -222,6 +229,12 @@ impl Solo {
         });
     }
 
+    /// A call over the connection failed where the lease no longer was (its deadline passed):
+    /// none is opened for [`RETRY_AFTER`].
+    pub(crate) fn pause(&self) {
+        self.lock().retry_at = Some(Instant::now() + RETRY_AFTER);
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
     }
@@ -262,6 +275,8 @@ impl Drop for Opening {
 pub(crate) struct Lease {
     sender: Option<SendRequest<Empty<Bytes>>>,
     state: Arc<Mutex<State>>,
+    /// The endpoint's streak, which a call cut short starts again.
+    streak: Arc<AtomicU32>,
 }
 
 impl Lease {
@@ -285,16 +300,21 @@ impl Lease {
         state.idle = self.sender.take();
         state.idle_since = Some(Instant::now());
     }
+
+    /// The call failed over it: the connection closes, and none is opened for [`RETRY_AFTER`].
+    pub(crate) fn fail(mut self) {
+        self.sender = None;
+        lock(&self.state).retry_at = Some(Instant::now() + RETRY_AFTER);
+    }
 }
 
 impl Drop for Lease {
-    /// Not given back: the call failed or was cut short, and the connection closes with the
-    /// sender. None is opened for [`RETRY_AFTER`].
+    /// Given back, failed, or cut short (neither): a call cut short closes the connection with
+    /// the sender, as its answer may still come, and the streak starts again.
     fn drop(&mut self) {
-        let mut state = lock(&self.state);
-        state.busy = false;
+        lock(&self.state).busy = false;
         if self.sender.is_some() {
-            state.retry_at = Some(Instant::now() + RETRY_AFTER);
+            self.streak.store(0, Ordering::Relaxed);
         }
     }
 }

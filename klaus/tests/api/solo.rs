@@ -11,6 +11,7 @@ use axum::http::Version;
 use axum::routing::get;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
+use klaus::PetraArgs;
 use serving::testing::{Running, TestPki, loopback, wait_until};
 use tokio::io::AsyncReadExt;
 
@@ -19,7 +20,8 @@ use crate::helpers::{
     spawn_klaus_for,
 };
 
-/// A Petra stand-in that answers `hello` and keeps the protocol version of every request.
+/// A Petra stand-in that answers `hello` and keeps the protocol version of every request. A
+/// request whose id is `slow` is answered after 1.5 s.
 async fn version_recording_petra(pki: &TestPki) -> (Running, Arc<Mutex<Vec<Version>>>) {
     let seen: Arc<Mutex<Vec<Version>>> = Arc::default();
     let record = Arc::clone(&seen);
@@ -27,7 +29,16 @@ async fn version_recording_petra(pki: &TestPki) -> (Running, Arc<Mutex<Vec<Versi
         "/",
         get(move |request: Request| {
             record.lock().expect("lock").push(request.version());
-            async { "hello" }
+            let slow = request
+                .headers()
+                .get("x-request-id")
+                .is_some_and(|id| id == "slow");
+            async move {
+                if slow {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                }
+                "hello"
+            }
         }),
     );
     (spawn_fake_petra(pki, &pki.petra, router).await, seen)
@@ -106,6 +117,35 @@ async fn calls_one_at_a_time_go_over_one_http11_connection_and_overlapping_calls
 }
 
 #[tokio::test]
+async fn a_call_its_client_gave_up_on_does_not_keep_lone_calls_off_the_solo_connection() {
+    let pki = TestPki::new();
+    let (petra, seen) = version_recording_petra(&pki).await;
+    let klaus = spawn_klaus_for(&pki, &petra).await;
+    let url = klaus.http_url();
+    until_a_call_goes_over_http11(&url, &seen).await;
+    // A client gives up on a call that Petra answers slowly, as a timed load generator does
+    // at the end of its run: Klaus drops the call, and with it the solo connection.
+    let gave_up = serving::testing::plain_client()
+        .get(&url)
+        .header("x-request-id", "slow")
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "{gave_up:?}");
+    let since = Instant::now();
+    taken(&seen);
+    // The next lone calls open another at once: the call said nothing about Petra.
+    until_a_call_goes_over_http11(&url, &seen).await;
+    assert!(
+        since.elapsed() < Duration::from_millis(900),
+        "lone calls went over HTTP/2 for {:?} after a call was cut short: {:?}",
+        since.elapsed(),
+        taken(&seen)
+    );
+    klaus.stop().await;
+}
+
+#[tokio::test]
 async fn lone_calls_keep_the_http2_connection_in_use() {
     let pki = TestPki::new();
     let (petra, seen) = version_recording_petra(&pki).await;
@@ -148,6 +188,9 @@ async fn lone_calls_keep_the_http2_connection_in_use() {
 enum Http11 {
     /// Reads the first request and closes the connection, unanswered; counts the request.
     DropsTheRequest,
+    /// Reads the first request and never answers it, the connection left open; counts the
+    /// request.
+    HangsOnTheRequest,
     /// Closes the connection right after the TLS handshake; counts the connection.
     ClosesAtOnce,
 }
@@ -181,13 +224,18 @@ async fn petra_breaking_http11(pki: &TestPki, http11: Http11) -> (String, Arc<At
                 }
                 let counts = match http11 {
                     Http11::ClosesAtOnce => true,
-                    Http11::DropsTheRequest => {
+                    Http11::DropsTheRequest | Http11::HangsOnTheRequest => {
                         let mut head = [0; 1024];
                         tls.read(&mut head).await.is_ok_and(|read| read > 0)
                     }
                 };
                 if counts {
                     count.fetch_add(1, Ordering::SeqCst);
+                }
+                if let Http11::HangsOnTheRequest = http11 {
+                    // Until Klaus closes it.
+                    let mut rest = [0; 1024];
+                    while tls.read(&mut rest).await.is_ok_and(|read| read > 0) {}
                 }
             });
         }
@@ -227,6 +275,41 @@ async fn a_call_whose_solo_connection_fails_is_answered_over_http2_and_the_conne
     assert!(
         text.contains(&format!(r#"petra_calls_total{{outcome="ok"}} {calls}"#)),
         "every call succeeded: {text}"
+    );
+    klaus.stop().await;
+}
+
+#[tokio::test]
+async fn a_solo_call_that_reaches_its_deadline_keeps_the_connection_shut_for_a_second() {
+    let pki = TestPki::new();
+    let (petra_url, hung) = petra_breaking_http11(&pki, Http11::HangsOnTheRequest).await;
+    let klaus = crate::helpers::spawn_klaus(&PetraArgs {
+        petra_timeout_ms: 300,
+        ..crate::helpers::petra_args(&petra_url, Some(pki.ca_file.clone()), Some(&pki.klaus))
+    })
+    .await;
+    let url = klaus.http_url();
+    // Lone calls for 2.5 s: a call over the hanging connection ends at its 300 ms deadline
+    // (504); the others go over HTTP/2.
+    let started = Instant::now();
+    let mut statuses = Vec::new();
+    while started.elapsed() < Duration::from_millis(2500) {
+        statuses.push(http_get(&url).await.0);
+    }
+    let hung = hung.load(Ordering::SeqCst);
+    let timeouts = statuses.iter().filter(|&&status| status == 504).count();
+    assert!(
+        statuses
+            .iter()
+            .all(|&status| status == 200 || status == 504),
+        "{statuses:?}"
+    );
+    // Each hang is followed by a second without the connection: without it, a new one was
+    // opened after the next eight calls, and every ninth call hung (7 in 2.5 s).
+    assert!(
+        (1..=3).contains(&hung) && timeouts <= hung,
+        "{hung} calls hung on the solo connection, {timeouts} timed out, in {} calls",
+        statuses.len()
     );
     klaus.stop().await;
 }
