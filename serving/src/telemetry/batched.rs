@@ -382,37 +382,14 @@ impl<'a> MakeWriter<'a> for BatchedStdout {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use std::io;
-    use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
     use prometheus_client::metrics::counter::Counter;
 
+    use super::super::sink::Counting;
     use super::{Batched, FLUSH_INTERVAL, MAX_PENDING_BYTES, REQUEST_LINE_BYTES, RequestLine};
-
-    /// A sink that records what it was given and how many writes it took.
-    #[derive(Clone, Default)]
-    pub(crate) struct Counting(pub(crate) std::sync::Arc<Mutex<(Vec<u8>, usize)>>);
-
-    impl io::Write for Counting {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            let mut seen = self.0.lock().expect("lock");
-            seen.0.extend_from_slice(buf);
-            seen.1 += 1;
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Counting {
-        fn lines(&self) -> (usize, usize) {
-            let seen = self.0.lock().expect("lock");
-            (seen.0.iter().filter(|&&b| b == b'\n').count(), seen.1)
-        }
-    }
 
     /// Waits up to 5 s until `sink` has seen `lines` lines.
     fn wait_for_lines(sink: &Counting, lines: usize) {

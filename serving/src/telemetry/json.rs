@@ -175,7 +175,7 @@ impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
 
 #[cfg(test)]
 pub(super) mod tests {
-    use super::super::batched::tests::Counting;
+    use super::super::sink::Counting;
     use super::*;
 
     #[test]

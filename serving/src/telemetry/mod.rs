@@ -20,6 +20,8 @@ mod batched;
 mod json;
 mod request;
 mod sampler;
+#[cfg(test)]
+mod sink;
 mod timestamp;
 
 use std::sync::atomic::{AtomicBool, Ordering};
