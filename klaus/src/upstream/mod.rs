@@ -298,10 +298,11 @@ impl PetraClient {
             Profile::Pooled => endpoint.solo(),
             Profile::Fresh => None,
         };
-        let connection = match (&solo, profile) {
-            (Some(_), _) => "solo",
-            (None, Profile::Pooled) => "pooled",
-            (None, Profile::Fresh) => "fresh",
+        let over_solo = solo.is_some();
+        let connection = match (over_solo, profile) {
+            (true, _) => "solo",
+            (false, Profile::Pooled) => "pooled",
+            (false, Profile::Fresh) => "fresh",
         };
         let span = call.child(
             SpanKind::Client,
@@ -330,7 +331,7 @@ impl PetraClient {
         {
             Ok(result) => result,
             Err(elapsed) => {
-                if connection == "solo" {
+                if over_solo {
                     endpoint.solo_pause();
                 }
                 Err(PetraError::Timeout {

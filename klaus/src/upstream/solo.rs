@@ -30,10 +30,13 @@
 //!   call (no answer, an error status, the call's deadline), none is opened for
 //!   [`RETRY_AFTER`].
 //! - A call cut short from outside (its client went away) closes the connection too, since its
-//!   answer may still be on the way, but says nothing about Petra: the next lone calls may open
-//!   another at once, once they are again [`OPEN_AFTER`] in a row. A load generator that stops
-//!   mid-call, as every timed benchmark does, would otherwise keep the next run's first second
-//!   off the connection.
+//!   answer may still be on the way. When it had waited less than [`PATIENT_FOR`] for the
+//!   answer, that says nothing about Petra: the next lone calls may open another at once, once
+//!   they are again [`OPEN_AFTER`] in a row. A load generator that stops mid-call, as every
+//!   timed benchmark does, would otherwise keep the next run's first second off the
+//!   connection. A call that had waited longer may have been given up on because the answer
+//!   never came (a client whose timeout is shorter than `PETRA_TIMEOUT_MS`, a Petra or a
+//!   middlebox that takes HTTP/1.1 requests and never answers): that pauses, as a failure does.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -63,6 +66,10 @@ pub(crate) const OPEN_AFTER: u32 = 8;
 /// How long after a failed attempt to open the connection, or a failed call over it, no other
 /// is opened.
 pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a call cut short from outside may have waited for its answer and still say nothing
+/// about Petra.
+pub(crate) const PATIENT_FOR: Duration = Duration::from_millis(250);
 
 /// One endpoint's solo connection.
 #[derive(Debug)]
@@ -179,6 +186,7 @@ impl Solo {
                     sender: Some(sender),
                     state: Arc::clone(&self.state),
                     streak: Arc::clone(&self.streak),
+                    waiting_since: None,
                 });
             }
             // Cold or closed: dropping the sender closes it.
@@ -277,6 +285,8 @@ pub(crate) struct Lease {
     state: Arc<Mutex<State>>,
     /// The endpoint's streak, which a call cut short starts again.
     streak: Arc<AtomicU32>,
+    /// Since when the call has waited for its answer's head, until it came.
+    waiting_since: Option<Instant>,
 }
 
 impl Lease {
@@ -289,8 +299,11 @@ impl Lease {
             .sender
             .as_mut()
             .expect("a lease holds its sender until dropped");
+        self.waiting_since = Some(Instant::now());
         sender.ready().await?;
-        sender.send_request(request).await
+        let response = sender.send_request(request).await;
+        self.waiting_since = None;
+        response
     }
 
     /// Gives the connection back for the next lone call, once this call has read the answer
@@ -310,11 +323,19 @@ impl Lease {
 
 impl Drop for Lease {
     /// Given back, failed, or cut short (neither): a call cut short closes the connection with
-    /// the sender, as its answer may still come, and the streak starts again.
+    /// the sender, as its answer may still come, and the streak starts again; after waiting for
+    /// its answer longer than [`PATIENT_FOR`], none is opened for [`RETRY_AFTER`].
     fn drop(&mut self) {
-        lock(&self.state).busy = false;
+        let mut state = lock(&self.state);
+        state.busy = false;
         if self.sender.is_some() {
             self.streak.store(0, Ordering::Relaxed);
+            if self
+                .waiting_since
+                .is_some_and(|since| since.elapsed() >= PATIENT_FOR)
+            {
+                state.retry_at = Some(Instant::now() + RETRY_AFTER);
+            }
         }
     }
 }

@@ -116,31 +116,55 @@ async fn calls_one_at_a_time_go_over_one_http11_connection_and_overlapping_calls
     petra.stop().await;
 }
 
+/// A slow call through Klaus at `url` that its client gives up on after `patience`; it went
+/// over the solo connection.
+async fn give_up_on_a_slow_call(url: &str, patience: Duration, seen: &Mutex<Vec<Version>>) {
+    taken(seen);
+    let gave_up = serving::testing::plain_client()
+        .get(url)
+        .header("x-request-id", "slow")
+        .timeout(patience)
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "{gave_up:?}");
+    assert_eq!(
+        taken(seen),
+        [Version::HTTP_11],
+        "the slow call went over HTTP/1.1"
+    );
+}
+
 #[tokio::test]
-async fn a_call_its_client_gave_up_on_does_not_keep_lone_calls_off_the_solo_connection() {
+async fn a_call_its_client_gave_up_on_pauses_the_solo_connection_only_after_a_long_wait() {
     let pki = TestPki::new();
     let (petra, seen) = version_recording_petra(&pki).await;
     let klaus = spawn_klaus_for(&pki, &petra).await;
     let url = klaus.http_url();
     until_a_call_goes_over_http11(&url, &seen).await;
-    // A client gives up on a call that Petra answers slowly, as a timed load generator does
-    // at the end of its run: Klaus drops the call, and with it the solo connection.
-    let gave_up = serving::testing::plain_client()
-        .get(&url)
-        .header("x-request-id", "slow")
-        .timeout(Duration::from_millis(200))
-        .send()
-        .await;
-    assert!(gave_up.is_err(), "{gave_up:?}");
+    // A client gives up on a call 50 ms in, as a timed load generator does at the end of its
+    // run: Klaus drops the call and the solo connection, and the next lone calls open another
+    // at once. With a pause for every call dropped, the calls of the next second went over
+    // HTTP/2 (dozens of them).
+    give_up_on_a_slow_call(&url, Duration::from_millis(50), &seen).await;
+    let mut calls = 0;
+    while !seen.lock().expect("lock").contains(&Version::HTTP_11) {
+        assert_eq!(http_get(&url).await.2, "hello world");
+        calls += 1;
+        assert!(
+            calls <= 20,
+            "{calls} lone calls went over HTTP/2 after a call was cut short"
+        );
+    }
+    // A client that gave up after waiting 600 ms for an answer that never came may be telling
+    // of a Petra that does not answer HTTP/1.1: no solo connection for a second.
+    until_a_call_goes_over_http11(&url, &seen).await;
+    give_up_on_a_slow_call(&url, Duration::from_millis(600), &seen).await;
     let since = Instant::now();
-    taken(&seen);
-    // The next lone calls open another at once: the call said nothing about Petra.
     until_a_call_goes_over_http11(&url, &seen).await;
     assert!(
-        since.elapsed() < Duration::from_millis(900),
-        "lone calls went over HTTP/2 for {:?} after a call was cut short: {:?}",
-        since.elapsed(),
-        taken(&seen)
+        since.elapsed() >= Duration::from_millis(900),
+        "a solo connection again {:?} after a call that waited 600 ms was cut short",
+        since.elapsed()
     );
     klaus.stop().await;
 }

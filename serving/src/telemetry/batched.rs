@@ -19,8 +19,8 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 const FLUSH_BYTES: usize = 64 * 1024;
 
 /// What a request line held as values counts for in the buffer's bounds: about its length
-/// once written.
-const REQUEST_LINE_BYTES: usize = 256;
+/// once written with the longest request id (128 bytes); most are shorter.
+const REQUEST_LINE_BYTES: usize = 384;
 
 /// The most bytes the buffer holds while stdout does not take them: four full batches, about
 /// a thousand request lines. Beyond it lines are dropped and counted, never waited for.
