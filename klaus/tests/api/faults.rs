@@ -27,14 +27,22 @@ pub(crate) fn petra_exe() -> String {
 }
 
 fn start_petra(pki: &TestPki, listen: &str) -> Binary {
-    crate::traces::start_petra(
-        pki,
-        &[
-            ("LISTEN_ADDR", listen),
-            ("SHUTDOWN_DELAY_SECONDS", "1"),
-            ("RUST_LOG", "warn,serving=info"),
-        ],
-    )
+    crate::traces::start_petra(pki, &petra_extra(listen))
+}
+
+/// [`start_petra`] again on the port a killed Petra listened on: tried again for up to 5 s
+/// while something else still holds the port (seen once in CI: `Address already in use`).
+fn restart_petra(pki: &TestPki, listen: &str) -> Binary {
+    let env = crate::traces::petra_env(pki, &petra_extra(listen));
+    Binary::start_within(&petra_exe(), &env, Duration::from_secs(5))
+}
+
+fn petra_extra(listen: &str) -> [(&'static str, &str); 3] {
+    [
+        ("LISTEN_ADDR", listen),
+        ("SHUTDOWN_DELAY_SECONDS", "1"),
+        ("RUST_LOG", "warn,serving=info"),
+    ]
 }
 
 /// One response seen by the load: when it ended, its status (0 for a client error) and how
@@ -111,7 +119,7 @@ async fn petra_killed_under_load_gives_fast_502s_and_klaus_recovers_within_2_s()
     )
     .await;
 
-    let back = start_petra(&pki, &format!("127.0.0.1:{port}"));
+    let back = restart_petra(&pki, &format!("127.0.0.1:{port}"));
     let returned = Instant::now();
     wait_until(
         "Klaus answers 200 again",

@@ -32,6 +32,14 @@ pub(crate) fn path(p: &std::path::Path) -> &str {
 /// A Petra binary with mutual TLS from `pki`, and `extra` in its environment (a variable set
 /// again in `extra` wins).
 pub(crate) fn start_petra(pki: &TestPki, extra: &[(&str, &str)]) -> Binary {
+    Binary::start(&petra_exe(), &petra_env(pki, extra))
+}
+
+/// The Petra binary's environment for [`start_petra`].
+pub(crate) fn petra_env<'a>(
+    pki: &'a TestPki,
+    extra: &[(&'a str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
     let mut env = vec![
         ("TLS_CERT_FILE", path(&pki.petra.cert)),
         ("TLS_KEY_FILE", path(&pki.petra.key)),
@@ -39,7 +47,7 @@ pub(crate) fn start_petra(pki: &TestPki, extra: &[(&str, &str)]) -> Binary {
         ("SHUTDOWN_DELAY_SECONDS", "0"),
     ];
     env.extend_from_slice(extra);
-    Binary::start(&petra_exe(), &env)
+    env
 }
 
 /// A Klaus binary calling `petra_url`, with `extra` in its environment.

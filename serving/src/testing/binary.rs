@@ -39,6 +39,30 @@ impl Binary {
     /// Starts `exe` with JSON logs, both listeners on free loopback ports and `env`, and waits
     /// for its `serving` log line.
     pub fn start(exe: &str, env: &[(&str, &str)]) -> Self {
+        Self::try_start(exe, env)
+            .unwrap_or_else(|| panic!("{exe} did not log `serving` within 20 s"))
+    }
+
+    /// [`Binary::start`], tried again every 100 ms for up to `within` while the binary exits
+    /// without serving: for a restart on a port that another socket may hold for a moment (a
+    /// killed process's connections closing, a client's ephemeral port).
+    pub fn start_within(exe: &str, env: &[(&str, &str)], within: Duration) -> Self {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(binary) = Self::try_start(exe, env) {
+                return binary;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{exe} did not start serving within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// [`Binary::start`], or `None` when the binary exited or did not log `serving` within
+    /// 20 s (it is then killed).
+    pub fn try_start(exe: &str, env: &[(&str, &str)]) -> Option<Self> {
         use std::io::BufRead;
         let mut child = Self::command(exe, env).spawn().expect("start the binary");
         let stdout = child.stdout.take().expect("stdout");
@@ -54,16 +78,16 @@ impl Binary {
             }
         });
         match serving_addrs(&lines, Duration::from_secs(20)) {
-            Some((main_addr, admin_addr)) => Self {
+            Some((main_addr, admin_addr)) => Some(Self {
                 child,
                 main_addr,
                 admin_addr,
                 lines,
-            },
+            }),
             None => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("{exe} did not log `serving` within 20 s");
+                None
             }
         }
     }
