@@ -102,7 +102,7 @@ async fn observe(State(state): State<Arc<Observe>>, mut request: Request, next: 
     state
         .metrics
         .record(route.as_str(), method, status, elapsed);
-    telemetry::log_request(RequestLine {
+    telemetry::log_request(status, || RequestLine {
         at: SystemTime::now(),
         method,
         route,

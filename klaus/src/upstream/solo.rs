@@ -101,6 +101,13 @@ struct State {
     retry_at: Option<Instant>,
 }
 
+impl State {
+    /// No attempt to open the connection for [`RETRY_AFTER`] from `now`.
+    fn pause(&mut self, now: Instant) {
+        self.retry_at = Some(now + RETRY_AFTER);
+    }
+}
+
 impl Solo {
     pub(crate) fn new(dial: Dial, uri: Uri) -> Self {
         let path = uri
@@ -171,7 +178,7 @@ impl Solo {
             if sender.is_closed() {
                 // Closed before a call used it (Petra's idle close or age, a refused
                 // certificate, something between that drops HTTP/1.1): wait before the next.
-                state.retry_at = Some(now + RETRY_AFTER);
+                state.pause(now);
             } else if warm && refresh {
                 // This call keeps the HTTP/2 connection in use; the next one takes this, and
                 // its warmth counts from now (or calls 0.5–1 s apart would find it cold after
@@ -231,7 +238,7 @@ impl Solo {
                 }
                 Err(err) => {
                     tracing::debug!(%endpoint, error = %err, "could not open the solo connection to Petra");
-                    state.retry_at = Some(Instant::now() + RETRY_AFTER);
+                    state.pause(Instant::now());
                 }
             }
         });
@@ -240,7 +247,7 @@ impl Solo {
     /// A call over the connection failed where the lease no longer was (its deadline passed):
     /// none is opened for [`RETRY_AFTER`].
     pub(crate) fn pause(&self) {
-        self.lock().retry_at = Some(Instant::now() + RETRY_AFTER);
+        self.lock().pause(Instant::now());
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -273,7 +280,7 @@ impl Drop for Opening {
         if let Some(state) = self.state.take() {
             let mut state = lock(&state);
             state.busy = false;
-            state.retry_at = Some(Instant::now() + RETRY_AFTER);
+            state.pause(Instant::now());
         }
     }
 }
@@ -317,7 +324,7 @@ impl Lease {
     /// The call failed over it: the connection closes, and none is opened for [`RETRY_AFTER`].
     pub(crate) fn fail(mut self) {
         self.sender = None;
-        lock(&self.state).retry_at = Some(Instant::now() + RETRY_AFTER);
+        lock(&self.state).pause(Instant::now());
     }
 }
 
@@ -334,7 +341,7 @@ impl Drop for Lease {
                 .waiting_since
                 .is_some_and(|since| since.elapsed() >= PATIENT_FOR)
             {
-                state.retry_at = Some(Instant::now() + RETRY_AFTER);
+                state.pause(Instant::now());
             }
         }
     }
