@@ -8,13 +8,36 @@ use anyhow::Context;
 use serde_json::{Value, json};
 
 use super::{
-    LINK_CONNECTIONS, OVERLOAD_BASE_CONNECTIONS, OVERLOAD_CONNECTIONS, Placement, Point, budget,
+    LINK_CONNECTIONS, OVERLOAD_BASE_CONNECTIONS, OVERLOAD_CONNECTIONS, Placement, Point, Round,
+    budget,
 };
-use crate::bench::budget::{Check, budget_table};
+use crate::bench::budget::{Check, budget_table, median};
 use crate::bench::plot;
 use crate::util::root;
 
 impl Placement {
+    /// The median of the rounds' goodput ratios (NaN with no round).
+    fn goodput(&self) -> f64 {
+        let mut ratios: Vec<f64> = self.rounds.iter().map(Round::goodput).collect();
+        ratios.sort_by(f64::total_cmp);
+        median(&ratios)
+    }
+
+    /// The storms' worst p99 of the 200s (NaN when a storm had no 200, or with no round).
+    fn storm_p99_ms(&self) -> f64 {
+        self.rounds
+            .iter()
+            .map(|r| r.storm.ok_p99_ms)
+            .reduce(|a, b| {
+                if a.is_nan() || b.is_nan() {
+                    f64::NAN
+                } else {
+                    a.max(b)
+                }
+            })
+            .unwrap_or(f64::NAN)
+    }
+
     fn at(&self, rtt_ms: u64) -> Option<&Point> {
         self.distances
             .iter()
@@ -57,33 +80,39 @@ impl Placement {
             ),
             pass: far.map(|f| f.saturated() || f.status_503 == 0),
         });
-        let (base, storm) = (&self.base, &self.storm);
+        let goodput = self.goodput();
+        let ratios = self
+            .rounds
+            .iter()
+            .map(|r| format!("{:.2}", r.goodput()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let storms_503: u64 = self.rounds.iter().map(|r| r.storm.status_503).sum();
         checks.push(Check {
             line: format!(
-                "Goodput under overload, co-located: 200s at {OVERLOAD_CONNECTIONS} vs {OVERLOAD_BASE_CONNECTIONS} conns"
+                "Goodput under overload, co-located: 200s at {OVERLOAD_CONNECTIONS} vs {OVERLOAD_BASE_CONNECTIONS} conns, median of {} rounds",
+                self.rounds.len()
             ),
-            figure: format!(
-                "{:.0} vs {:.0} × 200/s ({:.2}×; {} × 503)",
-                storm.ok_rps,
-                base.ok_rps,
-                storm.ok_rps / base.ok_rps,
-                storm.status_503
-            ),
+            figure: format!("{goodput:.2}× (rounds {ratios}; {storms_503} × 503)"),
             limit: format!("≥ {:.1}×", budget::GOODPUT_RATIO),
-            pass: Some(storm.ok_rps >= budget::GOODPUT_RATIO * base.ok_rps),
+            // NaN (no round, or no 200 at 64 connections) fails.
+            pass: Some(goodput >= budget::GOODPUT_RATIO),
         });
+        let p99 = self.storm_p99_ms();
         checks.push(Check {
-            line: format!("p99 of the 200s under overload, {OVERLOAD_CONNECTIONS} conns"),
-            figure: format!("{:.1} ms", storm.ok_p99_ms),
+            line: format!(
+                "p99 of the 200s under overload, {OVERLOAD_CONNECTIONS} conns, worst round"
+            ),
+            figure: format!("{p99:.1} ms"),
             limit: format!("< {:.0} ms", budget::OVERLOAD_P99_MS),
             // NaN (no 200 at all) fails.
-            pass: Some(storm.ok_p99_ms < budget::OVERLOAD_P99_MS),
+            pass: Some(p99 < budget::OVERLOAD_P99_MS),
         });
         let peak = self
             .distances
             .iter()
             .map(|(_, p)| p.klaus_peak_mb)
-            .chain([storm.klaus_peak_mb])
+            .chain(self.rounds.iter().map(|r| r.storm.klaus_peak_mb))
             .reduce(f64::max);
         checks.push(Check {
             line: "Klaus peak RSS, 2,000 conns, any distance and under overload".into(),
@@ -105,8 +134,16 @@ impl Placement {
         for (distance, point) in &self.distances {
             point.row(md, &format!("Klaus → link → Petra, {}", distance.label));
         }
-        self.base.row(md, "Klaus beside Petra, no link");
-        self.storm.row(md, "Klaus beside Petra, no link (overload)");
+        for (i, round) in self.rounds.iter().enumerate() {
+            let n = i + 1;
+            round
+                .base
+                .row(md, &format!("Klaus beside Petra, no link, round {n}"));
+            round.storm.row(
+                md,
+                &format!("Klaus beside Petra, no link (overload), round {n}"),
+            );
+        }
     }
 
     /// Writes `placement.md`, `placement.json` and `placement.svg` into `out`, and the plot to
@@ -156,7 +193,14 @@ impl Placement {
                 "jitter_ms": d.jitter_ms,
                 "measured": p.json(),
             })).collect::<Vec<_>>(),
-            "overload": { "base": self.base.json(), "storm": self.storm.json() },
+            "overload": {
+                "rounds": self.rounds.iter().map(|r| json!({
+                    "base": r.base.json(),
+                    "storm": r.storm.json(),
+                    "goodput_ratio": r.goodput(),
+                })).collect::<Vec<_>>(),
+                "goodput_ratio_median": self.goodput(),
+            },
             "saturated_at_percent": budget::SATURATED * 100.0,
         })
     }
@@ -202,13 +246,13 @@ mod tests {
         }
     }
 
-    /// Co-located, 50 ms and 150 ms, then the overload's 64 and 2,000 connections.
+    /// Co-located, 50 ms and 150 ms, then the overload's 64 and 2,000 connections, the same
+    /// in each of three rounds.
     fn placement(points: [Point; 5]) -> Placement {
         let [near, far, farther, base, storm] = points;
         Placement {
             distances: DISTANCES.into_iter().zip([near, far, farther]).collect(),
-            base,
-            storm,
+            rounds: vec![Round { base, storm }; 3],
         }
     }
 
@@ -270,6 +314,24 @@ mod tests {
             verdicts(&placement(points))[2..4],
             [Some(false), Some(false)]
         );
+    }
+
+    #[test]
+    fn goodput_is_the_median_of_the_rounds_and_the_p99_the_worst_round() {
+        let mut run = placement(good());
+        // One round of three below the line (0.5×): the median (0.8×) passes.
+        run.rounds[1].storm = point(7_500.0, 400.0, 0, 95.0);
+        assert_eq!(verdicts(&run)[2..4], [Some(true), Some(true)]);
+        // Two of three below it: the median misses.
+        run.rounds[2].base = point(20_000.0, 10.0, 0, 95.0);
+        assert_eq!(verdicts(&run)[2], Some(false));
+        // One storm's p99 over a second misses, whatever the others.
+        let mut run = placement(good());
+        run.rounds[0].storm.ok_p99_ms = 1_200.0;
+        assert_eq!(verdicts(&run)[2..4], [Some(true), Some(false)]);
+        // No round at all: nothing to pass on.
+        run.rounds.clear();
+        assert_eq!(verdicts(&run)[2..4], [Some(false), Some(false)]);
     }
 
     #[test]
