@@ -16,9 +16,13 @@ use crate::bench::plot;
 use crate::util::root;
 
 impl Placement {
-    /// The median of the rounds' goodput ratios (NaN with no round).
+    /// The median of the rounds' goodput ratios; NaN with no round, or when a round has no
+    /// ratio (not one 200 at 64 connections): a broken round is not noise to outvote.
     fn goodput(&self) -> f64 {
         let mut ratios: Vec<f64> = self.rounds.iter().map(Round::goodput).collect();
+        if ratios.iter().any(|r| !r.is_finite()) {
+            return f64::NAN;
+        }
         ratios.sort_by(f64::total_cmp);
         median(&ratios)
     }
@@ -329,6 +333,10 @@ mod tests {
         let mut run = placement(good());
         run.rounds[0].storm.ok_p99_ms = 1_200.0;
         assert_eq!(verdicts(&run)[2..4], [Some(true), Some(false)]);
+        // A round without one 200 at 64 connections has no ratio: a miss, not an outlier.
+        let mut run = placement(good());
+        run.rounds[0].base = point(0.0, f64::NAN, 0, 95.0);
+        assert_eq!(verdicts(&run)[2], Some(false));
         // No round at all: nothing to pass on.
         run.rounds.clear();
         assert_eq!(verdicts(&run)[2..4], [Some(false), Some(false)]);
