@@ -106,6 +106,13 @@ pub(crate) fn status_kib(pid: u32, key: &str) -> Option<u64> {
         .ok()
 }
 
+/// Resets a process's peak resident memory (`VmHWM`) to what it holds now (Linux 4.0 and
+/// later: `5` into `/proc/PID/clear_refs`), so that the next peak read is that of what follows.
+pub(crate) fn reset_peak_rss(pid: u32) -> anyhow::Result<()> {
+    fs::write(format!("/proc/{pid}/clear_refs"), "5")
+        .with_context(|| format!("resetting the peak resident memory of process {pid}"))
+}
+
 /// Whether this task runs as root (real user ID 0).
 pub(crate) fn is_root() -> anyhow::Result<bool> {
     let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
@@ -203,6 +210,24 @@ pub(crate) fn cgroup_memory_peak(pid: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peak_rss_reset_brings_the_peak_down_to_what_is_held_now() {
+        let me = std::process::id();
+        // 64 MiB touched and given back (glibc maps an allocation this large on its own and
+        // unmaps it when freed): the peak stays up, the resident memory comes down.
+        let block = vec![1u8; 64 << 20];
+        assert_eq!(std::hint::black_box(&block)[12_345], 1);
+        drop(block);
+        let peak = status_kib(me, "VmHWM").expect("VmHWM");
+        assert!(peak >= 64 << 10, "peak {peak} KiB after touching 64 MiB");
+        reset_peak_rss(me).expect("clear_refs");
+        let after = status_kib(me, "VmHWM").expect("VmHWM");
+        assert!(
+            after + (32 << 10) < peak,
+            "peak {after} KiB after the reset, {peak} KiB before"
+        );
+    }
 
     #[test]
     fn host_ticks_leave_idle_and_iowait_out_of_busy() {

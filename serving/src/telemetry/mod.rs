@@ -86,14 +86,26 @@ pub fn init(format: LogFormat) -> Result<(), ConfigError> {
 static REQUEST_LINES_AS_VALUES: AtomicBool = AtomicBool::new(false);
 
 /// Logs a request's line (target `http`, level INFO), unless `RUST_LOG` filters it out or
-/// sampling leaves it out (error statuses beyond the first few each second). `line` is called
-/// only once both have let it through, so a filtered-out line costs no clock reading or copy.
+/// sampling leaves it out (error statuses beyond the first few each second).
 pub fn log_request(status: u16, line: impl FnOnce() -> RequestLine) {
+    log_request_as(
+        REQUEST_LINES_AS_VALUES.load(Ordering::Acquire),
+        status,
+        line,
+    );
+}
+
+/// [`log_request`], with the lines going to the batched stdout as values (`as_values`) or as
+/// `tracing` events. As values, `line` is called only once `RUST_LOG` and sampling have let the
+/// line through, so a line left out costs no clock reading or copy. As an event, the subscriber
+/// decides on the event itself: a `RUST_LOG` rule on a field (`http[{error}]=off`) is only
+/// checked against a real event, not against `tracing::enabled!`'s field-less hint.
+fn log_request_as(as_values: bool, status: u16, line: impl FnOnce() -> RequestLine) {
+    if !as_values {
+        return request::log_as_event(&line());
+    }
     if !tracing::enabled!(target: "http", tracing::Level::INFO) {
         return;
-    }
-    if !REQUEST_LINES_AS_VALUES.load(Ordering::Acquire) {
-        return request::log_as_event(&line());
     }
     if Sampler::global().admit(status, Instant::now()) {
         batched::take_request(line());
@@ -126,7 +138,8 @@ mod tests {
     use super::*;
     use tracing_subscriber::{EnvFilter, fmt};
 
-    /// Calls `log_request` under a subscriber with `filter` and tells whether it built the line.
+    /// Calls `log_request_as` (lines as values) under a subscriber with `filter` and tells
+    /// whether it built the line.
     fn builds_the_line_under(filter: &str) -> bool {
         let subscriber = fmt()
             .with_env_filter(EnvFilter::new(filter))
@@ -134,7 +147,7 @@ mod tests {
             .finish();
         let mut built = false;
         tracing::subscriber::with_default(subscriber, || {
-            log_request(404, || {
+            log_request_as(true, 200, || {
                 built = true;
                 RequestLine::for_tests("id")
             });

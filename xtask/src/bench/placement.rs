@@ -32,7 +32,7 @@ use super::process::{Proc, free_ports, loopback};
 use super::services::{klaus_env, petra_env};
 use super::stack::{Group, Stack};
 use crate::oha;
-use crate::procfs::thread_demand_ns;
+use crate::procfs::{reset_peak_rss, thread_demand_ns};
 use crate::util::{root, step};
 
 mod report;
@@ -418,6 +418,8 @@ fn measure_point(
         .pids
         .first()
         .context("Klaus has no process")?;
+    // The overload rounds share one Klaus: each case's peak is its own, warm-up included.
+    reset_peak_rss(klaus)?;
     let demand_before = thread_demand_ns(klaus);
     let (busy_before, since) = (machine_busy_ticks()?, Instant::now());
     let measured = step(label, || {
