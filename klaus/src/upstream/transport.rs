@@ -88,8 +88,9 @@ pub(crate) fn client(dial: Dial, profile: Profile, watch: Option<Watcher>) -> Ht
         .pool_timer(TokioTimer::new())
         // HTTP/2 when Petra offers it (ALPN), else HTTP/1.1: one multiplexed connection
         // costs less CPU per request under load than a pool of HTTP/1.1 connections (fewer
-        // system calls), measured twice (BENCHMARKS.md, "Where one request's time goes"). Petra closes connections gracefully after
-        // MAX_CONNECTION_AGE_SECONDS, so that a rotated certificate is used in time.
+        // system calls), measured twice (BENCHMARKS.md, "Where one request's time goes").
+        // Petra closes connections gracefully after MAX_CONNECTION_AGE_SECONDS, so that a
+        // rotated certificate is used in time.
         .pool_idle_timeout(Duration::from_secs(50))
         .pool_max_idle_per_host(if pooled { usize::MAX } else { 0 })
         // A connection whose peer went silent (a cut link, a replica gone without a FIN)
